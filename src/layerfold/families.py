@@ -1,0 +1,120 @@
+"""Where each supported architecture keeps its stack of blocks and the linear projections inside a block.
+
+Adding a family is one ``register(...)`` call: the ``model_type`` from its config, the path of the block
+list relative to ``model.base_model``, and the projection paths relative to one block, split into attention
+and MLP. Projections may be ``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored transposed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import LayerfoldError
+
+ATTENTION = "attention"
+MLP = "mlp"
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    layers: str  # path of the nn.ModuleList of blocks, relative to model.base_model
+    attention: tuple[str, ...]  # projection paths relative to a block
+    mlp: tuple[str, ...]
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return self.attention + self.mlp
+
+    def kind_of(self, projection: str) -> str:
+        return ATTENTION if projection in self.attention else MLP
+
+    def shared_projections(self, share: str) -> tuple[str, ...]:
+        """The projections a plan's ``share`` setting ties across a group."""
+        return {"all": self.projections, ATTENTION: self.attention, MLP: self.mlp}[share]
+
+    def layer_list(self, model: nn.Module) -> nn.ModuleList:
+        return model.base_model.get_submodule(self.layers)
+
+    def set_layer_list(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        parent_path, _, name = self.layers.rpartition(".")
+        parent = model.base_model.get_submodule(parent_path) if parent_path else model.base_model
+        setattr(parent, name, layers)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(model_type: str, layers: str, attention: tuple[str, ...], mlp: tuple[str, ...]) -> Family:
+    family = Family(model_type, layers, tuple(attention), tuple(mlp))
+    FAMILIES[model_type] = family
+    return family
+
+
+_LLAMA_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+for _model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"):
+    register(_model_type, "layers", _LLAMA_ATTENTION, _LLAMA_MLP)
+register("phi3", "layers", ("self_attn.qkv_proj", "self_attn.o_proj"), ("mlp.gate_up_proj", "mlp.down_proj"))
+register("gpt2", "h", ("attn.c_attn", "attn.c_proj"), ("mlp.c_fc", "mlp.c_proj"))
+register(
+    "gpt_neox",
+    "layers",
+    ("attention.query_key_value", "attention.dense"),
+    ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+)
+register(
+    "opt",
+    "decoder.layers",
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
+    ("fc1", "fc2"),
+)
+_BERT_ATTENTION = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+)
+_BERT_MLP = ("intermediate.dense", "output.dense")
+for _model_type in ("bert", "roberta"):
+    register(_model_type, "encoder.layer", _BERT_ATTENTION, _BERT_MLP)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def family_for_model_type(model_type: str) -> Family:
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise LayerfoldError(
+            f"unsupported architecture: model type '{model_type}' "
+            f"(supported: {', '.join(supported_model_types())})"
+        ) from None
+
+
+def family_of(model: nn.Module) -> Family:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "base_model"):
+        raise LayerfoldError(f"not a Hugging Face transformers model: {type(model).__name__}")
+    return family_for_model_type(config.model_type)
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """GPT-2's Conv1D keeps its weight as (in, out); nn.Linear as (out, in)."""
+    return isinstance(module, Conv1D)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The projection's weight in nn.Linear layout (out, in)."""
+    return module.weight.t() if is_transposed(module) else module.weight
+
+
+def projection_shape(module: nn.Module) -> tuple[int, int]:
+    out_features, in_features = linear_weight(module).shape
+    return out_features, in_features

@@ -1,0 +1,23 @@
+"""Relaxed Recursive Transformers' relaxation: a per-layer LoRA initialised from the truncated SVD of
+(original - shared), so that at full rank the layer is exactly the original again."""
+
+from __future__ import annotations
+
+import torch
+
+# Below this many elements the SVD runs in float64, which keeps a full-rank relaxation exact to ~1e-7.
+_FLOAT64_LIMIT = 1 << 24
+
+
+def resolve_rank(rank: int | str, shape: tuple[int, int]) -> int:
+    return min(shape) if rank == "full" else int(rank)
+
+
+def lora_from_delta(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r factors (A: r×in, B: out×r) with B @ A ≈ delta (out×in), singular values split evenly."""
+    work = delta.double() if delta.numel() <= _FLOAT64_LIMIT else delta.float()
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    root = s[:rank].sqrt()
+    lora_b = u[:, :rank] * root
+    lora_a = root[:, None] * vh[:rank]
+    return lora_a.to(delta.dtype).contiguous(), lora_b.to(delta.dtype).contiguous()
