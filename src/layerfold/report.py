@@ -90,8 +90,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "| " + " | ".join("-" * w for w in widths) + " |", *map(line, rows)])
 
 
-def size_table(before: dict, after: dict) -> str:
-    """Markdown table comparing two size reports ({"parameters": breakdown, "bytes_on_disk": n})."""
+def size_rows(before: dict, after: dict) -> list[list[str]]:
+    """Rows comparing two size reports ({"parameters": breakdown, "bytes_on_disk": n})."""
     rows = []
     for key, label in (("total", "unique parameters"), ("embeddings", "- embeddings"), ("blocks", "- blocks"), ("other", "- other")):
         b, a = before["parameters"][key], after["parameters"][key]
@@ -100,4 +100,11 @@ def size_table(before: dict, after: dict) -> str:
     b, a = before.get("bytes_on_disk"), after.get("bytes_on_disk")
     if b and a:
         rows.append(["size on disk", human_bytes(b), human_bytes(a), f"{a / b:.1%}"])
-    return markdown_table(["", "original", "folded", "kept"], rows)
+    return rows
+
+
+SIZE_HEADER = ["", "original", "folded", "kept"]
+
+
+def size_table(before: dict, after: dict) -> str:
+    return markdown_table(SIZE_HEADER, size_rows(before, after))

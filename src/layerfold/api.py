@@ -1,0 +1,106 @@
+"""Whole jobs behind the CLI commands, callable from Python too."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from .errors import LayerfoldError
+from .families import family_of
+from .fold import fold
+from .io import load, load_source, read_checkpoint_config, save
+from .plan import FoldPlan
+from .report import human_count, markdown_table, parameter_breakdown, size_table, weight_bytes
+
+
+def size_report(model, path: str | Path | None = None) -> dict:
+    """Unique parameters split by role, and the bytes of the weight files at ``path`` if given."""
+    return {"parameters": parameter_breakdown(model), "bytes_on_disk": weight_bytes(path) if path else None}
+
+
+def check_output_path(out: str | Path, source: str | Path, overwrite: bool) -> None:
+    """Fail before any slow work if the output cannot be written as asked."""
+    out, source = Path(out), Path(source)
+    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        raise LayerfoldError(f"--out must be outside the original model: {out}")
+    if out.exists() and not overwrite:
+        raise LayerfoldError(f"output directory already exists: {out} (pass --overwrite to replace it)")
+
+
+def fold_model_dir(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    plan_for: FoldPlan | Callable[[int], FoldPlan],
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Load an original model, fold it with a plan (or a function of the layer count), save it, report sizes."""
+    start = time.perf_counter()
+    check_output_path(out, model_dir, overwrite)
+    model = load_source(model_dir)
+    num_layers = len(family_of(model).layer_list(model))
+    plan = plan_for if isinstance(plan_for, FoldPlan) else plan_for(num_layers)
+    plan.validate(model)
+    before = size_report(model, model_dir)
+    fold(model, plan, progress=progress)
+    save(model, out, source=model_dir, overwrite=overwrite)
+    after = size_report(model, out)
+    return {
+        "model": str(model_dir),
+        "model_type": model.config.model_type,
+        "out": str(out),
+        "plan": plan.to_dict(),
+        "plan_summary": plan.describe(),
+        "before": before,
+        "after": after,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def fold_report_markdown(report: dict) -> str:
+    return "\n".join(
+        [
+            f"Folded {report['model']} ({report['model_type']}) -> {report['out']}",
+            f"Plan: {report['plan_summary']}",
+            "",
+            size_table(report["before"], report["after"]),
+            "",
+            f"Done in {report['seconds']:.1f} s.",
+        ]
+    )
+
+
+def checkpoint_info(path: str | Path) -> dict:
+    """Describe a folded checkpoint: base model, plan, unique parameters, bytes on disk."""
+    config = read_checkpoint_config(path)
+    plan = FoldPlan.from_dict(config["fold_plan"])
+    model = load(path)
+    return {
+        "path": str(path),
+        "base_architecture": config["base_architecture"],
+        "model_type": config["base_config"]["model_type"],
+        "layerfold_version": config.get("layerfold_version"),
+        "layers": plan.num_layers,
+        "layers_kept": len(plan.kept_layers()),
+        "unique_blocks": plan.unique_blocks(),
+        "plan": plan.to_dict(),
+        "plan_summary": plan.describe(),
+        "parameters": parameter_breakdown(model),
+        "bytes_on_disk": weight_bytes(path),
+    }
+
+
+def info_markdown(info: dict) -> str:
+    params = info["parameters"]
+    rows = [
+        ["base model", f"{info['base_architecture']} ({info['model_type']})"],
+        ["layers", f"{info['layers']} -> {info['layers_kept']} kept, {info['unique_blocks']} unique blocks"],
+        ["plan", info["plan_summary"]],
+        ["unique parameters", human_count(params["total"])],
+        ["- embeddings / blocks / other", " / ".join(human_count(params[k]) for k in ("embeddings", "blocks", "other"))],
+        ["weights on disk", f"{info['bytes_on_disk']:,} bytes"],
+        ["written by", f"layerfold {info['layerfold_version']}"],
+    ]
+    return markdown_table(["", info["path"]], rows)
