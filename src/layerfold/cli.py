@@ -8,7 +8,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 
 from .errors import LayerfoldError
@@ -167,15 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     except LayerfoldError as err:
         typer.echo(f"layerfold: error: {err}", err=True)
         return 2
-    except click.exceptions.Abort:
-        typer.echo("layerfold: aborted", err=True)
-        return 130
-    except click.ClickException as err:
-        typer.echo(f"layerfold: error: {err.format_message()}", err=True)
-        return err.exit_code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("layerfold: interrupted", err=True)
         return 130
+    except Exception as err:
+        # Usage errors (click's, or the copy of click that newer typer vendors) explain themselves.
+        if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):
+            raise
+        if type(err).__name__ == "NoArgsIsHelpError":
+            typer.echo(err.ctx.get_help() if getattr(err, "ctx", None) else err.format_message())
+            return 0
+        typer.echo(f"layerfold: error: {err.format_message()}", err=True)
+        return err.exit_code
     return result if isinstance(result, int) else 0
 
 

