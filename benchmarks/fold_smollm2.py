@@ -64,7 +64,9 @@ def main() -> None:
                     logits = model(ids).logits
                 diffs[how] = (logits - reference).abs().max().item()
                 agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-            same_generation = bool(torch.equal(model.generate(prompt, max_new_tokens=24, do_sample=False), reference_tokens))
+            same_generation = bool(
+                torch.equal(model.generate(prompt, max_new_tokens=24, do_sample=False), reference_tokens)
+            )
             diff64 = None
             if rank == "full":
                 with torch.no_grad():
@@ -84,24 +86,45 @@ def main() -> None:
             runs.append(run)
             print(run, flush=True)
             before, after = report["before"], report["after"]
-            rows.append([
-                f"cycle 30->15, rank {rank}",
-                human_count(after["parameters"]["total"]),
-                f"{after['parameters']['blocks'] / before['parameters']['blocks']:.1%}",
-                human_bytes(after["bytes_on_disk"]),
-                f"{max(diffs.values()):.2e}",
-                f"{diff64:.2e}" if diff64 is not None else "-",
-                f"{agreement:.1%}",
-                "yes" if same_generation else "no",
-                f"{fold_seconds:.0f} s",
-            ])
+            rows.append(
+                [
+                    f"cycle 30->15, rank {rank}",
+                    human_count(after["parameters"]["total"]),
+                    f"{after['parameters']['blocks'] / before['parameters']['blocks']:.1%}",
+                    human_bytes(after["bytes_on_disk"]),
+                    f"{max(diffs.values()):.2e}",
+                    f"{diff64:.2e}" if diff64 is not None else "-",
+                    f"{agreement:.1%}",
+                    "yes" if same_generation else "no",
+                    f"{fold_seconds:.0f} s",
+                ]
+            )
     before = runs[0]["before"]
-    header = ["model", "unique params", "block params kept", "on disk", "max abs logit diff", "same in float64",
-              "top-1 agreement",
-              "same greedy text", "fold+save"]
-    rows.insert(0, ["original SmolLM2-135M", human_count(before["parameters"]["total"]), "100.0%",
-                    human_bytes(before["bytes_on_disk"]), f"{noise_floor:.2e} (fp32 vs float64)", "0", "100.0%",
-                    "yes", "-"])
+    header = [
+        "model",
+        "unique params",
+        "block params kept",
+        "on disk",
+        "max abs logit diff",
+        "same in float64",
+        "top-1 agreement",
+        "same greedy text",
+        "fold+save",
+    ]
+    rows.insert(
+        0,
+        [
+            "original SmolLM2-135M",
+            human_count(before["parameters"]["total"]),
+            "100.0%",
+            human_bytes(before["bytes_on_disk"]),
+            f"{noise_floor:.2e} (fp32 vs float64)",
+            "0",
+            "100.0%",
+            "yes",
+            "-",
+        ],
+    )
     table = markdown_table(header, rows)
     markdown = (
         f"# Fold SmolLM2-135M, reload, compare logits\n\nWikiText-2 test, first {ids.shape[1]} tokens, one window; "

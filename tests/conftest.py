@@ -36,15 +36,38 @@ TINY = {
         T.Gemma3ForCausalLM,
     ),
     "phi3": (lambda: T.Phi3Config(**_DECODER, num_key_value_heads=2, **_SPECIAL), T.Phi3ForCausalLM),
-    "gpt2": (lambda: T.GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=128, n_positions=64, **_SPECIAL), T.GPT2LMHeadModel),
+    "gpt2": (
+        lambda: T.GPT2Config(n_embd=64, n_layer=4, n_head=4, vocab_size=128, n_positions=64, **_SPECIAL),
+        T.GPT2LMHeadModel,
+    ),
     "gpt_neox": (lambda: T.GPTNeoXConfig(**_DECODER, **_SPECIAL), T.GPTNeoXForCausalLM),
     "opt": (
-        lambda: T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4, vocab_size=128, word_embed_proj_dim=64, **_SPECIAL),
+        lambda: T.OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            vocab_size=128,
+            word_embed_proj_dim=64,
+            **_SPECIAL,
+        ),
         T.OPTForCausalLM,
     ),
-    "bert": (lambda: T.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, vocab_size=128), T.BertModel),
+    "bert": (
+        lambda: T.BertConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, vocab_size=128
+        ),
+        T.BertModel,
+    ),
     "roberta": (
-        lambda: T.RobertaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, vocab_size=128, pad_token_id=1),
+        lambda: T.RobertaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            vocab_size=128,
+            pad_token_id=1,
+        ),
         T.RobertaModel,
     ),
 }

@@ -32,7 +32,9 @@ def assert_one_line_error(code: int, err: str, message: str) -> None:
 
 
 def test_fold_prints_a_size_table_and_writes_a_loadable_model(capsys, tiny_dir, tmp_path):
-    code, out, _ = run(capsys, "fold", tiny_dir, "--out", tmp_path / "f", "--strategy", "cycle", "--unique", "2", "--rank", "4")
+    code, out, _ = run(
+        capsys, "fold", tiny_dir, "--out", tmp_path / "f", "--strategy", "cycle", "--unique", "2", "--rank", "4"
+    )
     assert code == 0
     assert "| unique parameters" in out and "| size on disk" in out
     code, out, _ = run(capsys, "info", tmp_path / "f", "--json")
@@ -42,8 +44,24 @@ def test_fold_prints_a_size_table_and_writes_a_loadable_model(capsys, tiny_dir, 
 
 
 def test_fold_json_report(capsys, tiny_dir, tmp_path):
-    code, out, _ = run(capsys, "fold", tiny_dir, "--out", tmp_path / "f", "--strategy", "sequence", "--unique", "2",
-                       "--rank", "attention=2,mlp=full", "--share", "attention", "--init", "lower", "--json")
+    code, out, _ = run(
+        capsys,
+        "fold",
+        tiny_dir,
+        "--out",
+        tmp_path / "f",
+        "--strategy",
+        "sequence",
+        "--unique",
+        "2",
+        "--rank",
+        "attention=2,mlp=full",
+        "--share",
+        "attention",
+        "--init",
+        "lower",
+        "--json",
+    )
     report = json.loads(out)
     assert code == 0
     assert report["plan"]["share"] == "attention" and report["plan"]["rank"] == {"attention": 2, "mlp": "full"}
@@ -68,7 +86,10 @@ def test_fold_with_a_plan_file_then_export(capsys, tiny_dir, tmp_path):
         (["{missing}", "--strategy", "cycle", "--unique", "2"], "model path not found"),
         (["{model}", "--strategy", "cycle", "--unique", "9"], "unique: must be between 1 and the number of layers (4)"),
         (["{model}", "--strategy", "cycle", "--unique", "2", "--rank", "999"], "plan.rank: rank 999 is larger than"),
-        (["{model}", "--strategy", "cycle", "--unique", "2", "--rank", "lots"], "--rank: must be a non-negative integer or 'full'"),
+        (
+            ["{model}", "--strategy", "cycle", "--unique", "2", "--rank", "lots"],
+            "--rank: must be a non-negative integer or 'full'",
+        ),
         (["{model}", "--strategy", "cycle"], "--strategy cycle needs --unique K"),
         (["{model}"], "say how to fold"),
         (["{model}", "--plan", "{bad_plan}"], "plan.num_layers: the plan is for 6 layers but the model has 4"),
@@ -85,8 +106,13 @@ def test_bad_input_is_one_line_and_leaves_no_output(capsys, tiny_dir, tmp_path, 
     T.T5Config(d_model=32, num_layers=1).save_pretrained(tmp_path / "t5")
     FoldPlan.cycle(6, 3).save(tmp_path / "six.yaml")
     (tmp_path / "garbage.yaml").write_text("num_layers: [1\n")
-    values = dict(model=tiny_dir, missing=tmp_path / "missing", bad_plan=tmp_path / "six.yaml",
-                  garbage=tmp_path / "garbage.yaml", t5=tmp_path / "t5")
+    values = dict(
+        model=tiny_dir,
+        missing=tmp_path / "missing",
+        bad_plan=tmp_path / "six.yaml",
+        garbage=tmp_path / "garbage.yaml",
+        t5=tmp_path / "t5",
+    )
     out = tmp_path / "out"
     code, _, err = run(capsys, "fold", *[a.format(**values) for a in args], "--out", out)
     assert_one_line_error(code, err, message)
@@ -107,7 +133,9 @@ def test_existing_output_needs_overwrite(capsys, tiny_dir, tmp_path):
 
 def test_unwritable_output(capsys, tiny_dir, tmp_path):
     (tmp_path / "file").write_text("x")
-    code, _, err = run(capsys, "fold", tiny_dir, "--out", tmp_path / "file" / "out", "--strategy", "cycle", "--unique", "2")
+    code, _, err = run(
+        capsys, "fold", tiny_dir, "--out", tmp_path / "file" / "out", "--strategy", "cycle", "--unique", "2"
+    )
     assert_one_line_error(code, err, "cannot write output directory")
 
 
@@ -118,8 +146,21 @@ def test_info_on_a_plain_model_is_one_line(capsys, tiny_dir):
 
 def test_console_script_exit_code_and_message(tiny_dir, tmp_path):
     script = Path(sys.executable).with_name("layerfold")
-    result = subprocess.run([str(script), "fold", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"),
-                             "--strategy", "cycle", "--unique", "2"], capture_output=True, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    result = subprocess.run(
+        [
+            str(script),
+            "fold",
+            str(tmp_path / "nothing"),
+            "--out",
+            str(tmp_path / "o"),
+            "--strategy",
+            "cycle",
+            "--unique",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == f"layerfold: error: model path not found: {tmp_path / 'nothing'}"

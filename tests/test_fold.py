@@ -44,9 +44,7 @@ def test_tied_weights_are_held_once(family):
     folded = layerfold.fold(copy.deepcopy(model), FoldPlan.cycle(4, 2), progress=False)
     after = layerfold.unique_parameters(folded)
     blocks = family_of(model).layer_list(model)
-    projection_params = sum(
-        blocks[0].get_submodule(p).weight.numel() for p in family_of(model).projections
-    )
+    projection_params = sum(blocks[0].get_submodule(p).weight.numel() for p in family_of(model).projections)
     # Two of the four layers' projection weights are gone (biases stay per layer).
     assert before - after == 2 * projection_params
     # A shared weight is one Parameter object, reached from every layer of its group.
@@ -88,9 +86,7 @@ def test_dropping_layers_renumbers_the_cache(decoder_family):
     folded = layerfold.fold(copy.deepcopy(model), plan, progress=False)
     assert folded.config.num_hidden_layers == 3
     assert len(family_of(folded).layer_list(folded)) == 3
-    indices = [
-        m.layer_idx for m in folded.modules() if isinstance(getattr(m, "layer_idx", None), int)
-    ]
+    indices = [m.layer_idx for m in folded.modules() if isinstance(getattr(m, "layer_idx", None), int)]
     assert sorted(set(indices)) == [0, 1, 2]
     layer_types = getattr(folded.config, "layer_types", None)
     if layer_types is not None:

@@ -33,7 +33,7 @@ def test_full_rank_fold_of_minilm_keeps_its_embeddings(minilm, tmp_path):
     assert embedding_fidelity(reference, sentence_embeddings(folded, tokenizer, texts))["min"] > 0.99999
     # The checkpoint carries its tokenizer and loads through transformers' Auto classes.
     auto = AutoModel.from_pretrained(folded_dir, trust_remote_code=True)
-    auto_tokenizer = AutoTokenizer.from_pretrained(folded_dir)
+    auto_tokenizer = AutoTokenizer.from_pretrained(folded_dir, trust_remote_code=True)
     assert torch.equal(sentence_embeddings(auto, auto_tokenizer, texts), sentence_embeddings(folded, tokenizer, texts))
 
 
@@ -55,7 +55,10 @@ def test_low_rank_fold_of_minilm_is_smaller_on_disk_and_in_parameters(minilm, tm
 def test_demo_command_prints_its_table():
     result = subprocess.run(
         [sys.executable, "-m", "layerfold.cli", "demo", "--json"],
-        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=600,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     import json

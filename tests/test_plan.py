@@ -50,8 +50,15 @@ def test_rank_for_resolves_path_then_name_then_kind():
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml"])
 def test_plan_round_trips_through_files(tmp_path, suffix):
-    plan = FoldPlan.from_groups([[0, 3], [1, 2]], drop=[4], num_layers=6, share="attention", init="lower",
-                                rank={"attention": 4, "mlp": "full"}, share_bias=True)
+    plan = FoldPlan.from_groups(
+        [[0, 3], [1, 2]],
+        drop=[4],
+        num_layers=6,
+        share="attention",
+        init="lower",
+        rank={"attention": 4, "mlp": "full"},
+        share_bias=True,
+    )
     path = tmp_path / f"plan{suffix}"
     plan.save(path)
     assert FoldPlan.load(path) == plan
@@ -62,9 +69,18 @@ def test_plan_round_trips_through_files(tmp_path, suffix):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: FoldPlan.from_groups([[0, 9]], num_layers=4), r"plan.groups\[0\]: layer 9 is out of range for a 4-layer model"),
-        (lambda: FoldPlan.from_groups([[0, 1], [1, 2]], num_layers=4), r"plan.groups\[1\]: layer 1 is already in plan.groups\[0\]"),
-        (lambda: FoldPlan.from_groups([[0, 1]], drop=[1], num_layers=4), r"plan.groups\[0\]: layer 1 is also in plan.drop"),
+        (
+            lambda: FoldPlan.from_groups([[0, 9]], num_layers=4),
+            r"plan.groups\[0\]: layer 9 is out of range for a 4-layer model",
+        ),
+        (
+            lambda: FoldPlan.from_groups([[0, 1], [1, 2]], num_layers=4),
+            r"plan.groups\[1\]: layer 1 is already in plan.groups\[0\]",
+        ),
+        (
+            lambda: FoldPlan.from_groups([[0, 1]], drop=[1], num_layers=4),
+            r"plan.groups\[0\]: layer 1 is also in plan.drop",
+        ),
         (lambda: FoldPlan.from_groups([], drop=[0, 1, 2, 3], num_layers=4), r"plan.drop: drops all 4 layers"),
         (lambda: FoldPlan.from_groups([], drop=[1, 1], num_layers=4), r"plan.drop: layer 1 is listed twice"),
         (lambda: FoldPlan.cycle(4, 2, share="everything"), r"plan.share: must be one of all, attention, mlp"),

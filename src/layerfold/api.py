@@ -67,6 +67,11 @@ def fold_report_markdown(report: dict) -> str:
             "",
             size_table(report["before"], report["after"]),
             "",
+            *(
+                ["The original is a quantised GGUF file; the folded model is stored in full precision."]
+                if report["model"].endswith(".gguf")
+                else []
+            ),
             f"Done in {report['seconds']:.1f} s.",
         ]
     )
@@ -99,7 +104,10 @@ def info_markdown(info: dict) -> str:
         ["layers", f"{info['layers']} -> {info['layers_kept']} kept, {info['unique_blocks']} unique blocks"],
         ["plan", info["plan_summary"]],
         ["unique parameters", human_count(params["total"])],
-        ["- embeddings / blocks / other", " / ".join(human_count(params[k]) for k in ("embeddings", "blocks", "other"))],
+        [
+            "- embeddings / blocks / other",
+            " / ".join(human_count(params[k]) for k in ("embeddings", "blocks", "other")),
+        ],
         ["weights on disk", f"{info['bytes_on_disk']:,} bytes"],
         ["written by", f"layerfold {info['layerfold_version']}"],
     ]

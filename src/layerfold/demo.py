@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
+from .api import check_output_path, size_report
 from .errors import LayerfoldError
 from .evaluate import embedding_fidelity, sentence_embeddings
 from .fold import fold
 from .io import load, load_source, save
 from .plan import FoldPlan
 from .report import SIZE_HEADER, markdown_table, size_rows
-from .api import check_output_path, size_report
 
 DEMO_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -95,9 +95,7 @@ def demo_markdown(report: dict) -> str:
         f"Cosine between the original's and the reloaded folded model's mean-pooled embeddings on "
         f"{report['text']} (min {fidelity['min']:.3f}).",
         f"Reloaded from disk: {'bit-identical to' if report['reload_bit_identical'] else 'DIFFERENT from'} "
-        f"the folded model in memory. Kept at {report['out']}." if report["out"] else
-        f"Reloaded from disk: {'bit-identical to' if report['reload_bit_identical'] else 'DIFFERENT from'} "
-        "the folded model in memory.",
+        "the folded model in memory." + (f" Kept at {report['out']}." if report["out"] else ""),
         "Folding without training loses quality; healing by distillation recovers it.",
         f"Done in {report['seconds']:.0f} s.",
     ]

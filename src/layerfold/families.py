@@ -93,8 +93,7 @@ def family_for_model_type(model_type: str) -> Family:
         return FAMILIES[model_type]
     except KeyError:
         raise LayerfoldError(
-            f"unsupported architecture: model type '{model_type}' "
-            f"(supported: {', '.join(supported_model_types())})"
+            f"unsupported architecture: model type '{model_type}' (supported: {', '.join(supported_model_types())})"
         ) from None
 
 

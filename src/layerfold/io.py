@@ -239,7 +239,7 @@ def _remote_class_name(base_architecture: str) -> str:
     return "LayerfoldModel"
 
 
-_REMOTE_CODE = '''\
+_REMOTE_CODE = """\
 # Written by layerfold {version}. It lets transformers' Auto classes load this folder with
 # trust_remote_code=True; the model is rebuilt by layerfold.load, so layerfold must be installed.
 from layerfold.hub import (  # noqa: F401
@@ -249,7 +249,7 @@ from layerfold.hub import (  # noqa: F401
     LayerfoldForSequenceClassification,
     LayerfoldModel,
 )
-'''
+"""
 
 
 def read_checkpoint_config(path: str | Path) -> dict:

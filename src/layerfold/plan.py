@@ -78,7 +78,12 @@ class FoldPlan:
 
     @classmethod
     def from_groups(
-        cls, groups: list[list[int]], drop: list[int] | tuple[int, ...] = (), *, num_layers: int | None = None, **options: Any
+        cls,
+        groups: list[list[int]],
+        drop: list[int] | tuple[int, ...] = (),
+        *,
+        num_layers: int | None = None,
+        **options: Any,
     ) -> "FoldPlan":
         groups = [sorted(int(i) for i in g) for g in groups]
         drop = sorted(int(i) for i in drop)
@@ -266,9 +271,7 @@ class FoldPlan:
 
 def _check_unique(num_layers: int, unique: int, minimum: int) -> None:
     if not minimum <= unique <= num_layers:
-        raise LayerfoldError(
-            f"unique: must be between {minimum} and the number of layers ({num_layers}), got {unique}"
-        )
+        raise LayerfoldError(f"unique: must be between {minimum} and the number of layers ({num_layers}), got {unique}")
 
 
 def _tied(groups: list[list[int]]) -> list[list[int]]:

@@ -93,7 +93,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def size_rows(before: dict, after: dict) -> list[list[str]]:
     """Rows comparing two size reports ({"parameters": breakdown, "bytes_on_disk": n})."""
     rows = []
-    for key, label in (("total", "unique parameters"), ("embeddings", "- embeddings"), ("blocks", "- blocks"), ("other", "- other")):
+    for key, label in (
+        ("total", "unique parameters"),
+        ("embeddings", "- embeddings"),
+        ("blocks", "- blocks"),
+        ("other", "- other"),
+    ):
         b, a = before["parameters"][key], after["parameters"][key]
         ratio = f"{a / b:.1%}" if b else "-"
         rows.append([label, human_count(b), human_count(a), ratio])

@@ -52,7 +52,10 @@ def tie_layers(
             shared[g, path] = module
 
     bar = tqdm(
-        total=sum(len(m) for _, m in plan.tie_groups()), desc="tying layers", unit="layer", disable=not progress or not plan.tie_groups()
+        total=sum(len(m) for _, m in plan.tie_groups()),
+        desc="tying layers",
+        unit="layer",
+        disable=not progress or not plan.tie_groups(),
     )
     for g, members in plan.tie_groups():
         for i in members:
