@@ -42,7 +42,6 @@ def fold_model_dir(
     model = load_source(model_dir)
     num_layers = len(family_of(model).layer_list(model))
     plan = plan_for if isinstance(plan_for, FoldPlan) else plan_for(num_layers)
-    plan.validate(model)
     before = size_report(model, model_dir)
     fold(model, plan, progress=progress)
     save(model, out, source=model_dir, overwrite=overwrite)
