@@ -58,11 +58,83 @@ def fold_model_dir(
     }
 
 
+def fold_with_method(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    method: str,
+    keep: float | None = None,
+    keep_blocks: float | None = None,
+    calib: str | Path | None = None,
+    calib_tokens: int = 65536,
+    calib_window: int | None = None,
+    options: dict | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Fold an original model with a registered method at a parameter budget, save it, report both fractions."""
+    from . import data as datasets
+    from .budget import Budget, kept_fractions
+    from .calibrate import Calibration, calibration_batches
+    from .io import load_tokenizer
+    from .methods import registry
+
+    start = time.perf_counter()
+    chosen = registry.get(method)
+    if (keep is None) == (keep_blocks is None):
+        raise LayerfoldError("give the budget as exactly one of --keep F or --keep-blocks F")
+    budget = Budget(keep if keep is not None else keep_blocks, blocks_only=keep_blocks is not None)
+    if chosen.calibrated and calib is None:
+        raise LayerfoldError(f"method {method} needs calibration text: --calib PATH")
+    check_output_path(out, model_dir, overwrite)
+    if calib is not None:
+        datasets.read_text(calib)  # missing, empty or non-UTF-8: fail before the model loads
+    model = load_source(model_dir)
+    family_of(model)
+    before = size_report(model, model_dir)
+    calibration = None
+    if calib is not None:
+        batches = calibration_batches(model, load_tokenizer(model_dir), calib, tokens=calib_tokens, window=calib_window)
+        calibration = Calibration(model, batches, {"data": str(calib)})
+    folded = registry.build(chosen, model, budget, calibration, **(options or {}))
+    if folded is model and not hasattr(model.base_model, "layerfold_shared"):
+        raise LayerfoldError(f"method {method} leaves the model as it is; nothing to save")
+    save(folded, out, source=model_dir, overwrite=overwrite)
+    after = size_report(folded, out)
+    from .modules import fold_state
+
+    plan = fold_state(folded).plan
+    return {
+        "model": str(model_dir),
+        "model_type": model.config.model_type,
+        "out": str(out),
+        "method": method,
+        "budget": {"fraction": budget.keep, "counts": "blocks" if budget.blocks_only else "all"},
+        **kept_fractions(before["parameters"], after["parameters"]),
+        "calibration": calibration.settings if calibration is not None else None,
+        "plan": plan.to_dict(),
+        "plan_summary": plan.describe(),
+        "before": before,
+        "after": after,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
 def fold_report_markdown(report: dict) -> str:
     return "\n".join(
         [
             f"Folded {report['model']} ({report['model_type']}) -> {report['out']}",
             f"Plan: {report['plan_summary']}",
+            *(
+                [
+                    f"Budget: {report['budget']['fraction']:g} of the "
+                    f"{'block' if report['budget']['counts'] == 'blocks' else 'unique'} parameters; kept "
+                    f"{report['keep']:.1%} of all unique parameters and {report['keep_blocks']:.1%} of the block "
+                    "parameters."
+                ]
+                if "budget" in report
+                else []
+            ),
             "",
             size_table(report["before"], report["after"]),
             "",

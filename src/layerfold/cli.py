@@ -61,6 +61,15 @@ def parse_rank(text: str) -> Any:
     return ranks
 
 
+def _list(text: Optional[str], kind: type, option: str) -> Optional[list]:
+    if text is None:
+        return None
+    try:
+        return [kind(item.strip()) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise LayerfoldError(f"{option}: expected a comma-separated list, got '{text}'") from None
+
+
 def _emit(as_json: bool, payload: dict, markdown: str) -> None:
     typer.echo(json.dumps(payload, indent=2, default=str) if as_json else markdown)
 
@@ -97,11 +106,63 @@ def fold_command(
     rank: Optional[str] = typer.Option(None, "--rank", help="Relaxation rank: N, full, or attention=N,mlp=M."),
     share: Optional[Share] = typer.Option(None, "--share", help="What a tie group shares [default: all]."),
     init: Optional[Init] = typer.Option(None, "--init", help="How shared weights start [default: average]."),
+    method: Optional[str] = typer.Option(
+        None, "--method", help="Fold at a budget with a method: basis, svd, shortgpt, laco, drop-even, tie-cycle, ..."
+    ),
+    keep: Optional[float] = typer.Option(None, "--keep", help="Fraction of all unique parameters to keep."),
+    keep_blocks: Optional[float] = typer.Option(
+        None, "--keep-blocks", help="Fraction of the transformer-block parameters to keep (embeddings not counted)."
+    ),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (plain, WikiText or STS-B)."),
+    calib_tokens: int = typer.Option(65536, "--calib-tokens", help="Calibration tokens to use."),
+    calib_window: Optional[int] = typer.Option(
+        None, "--calib-window", help="Tokens per calibration window [default: 2048 decoders, 128 encoders]."
+    ),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="basis: adjacent layers per shared basis."),
+    shared: Optional[str] = typer.Option(
+        None, "--shared", help="basis: projections that share a basis, e.g. q_proj,k_proj,v_proj,gate_proj,up_proj."
+    ),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="basis/svd: uniform or spectrum ranks."),
+    whole: Optional[str] = typer.Option(None, "--whole", help="basis/svd: layers left whole, e.g. 0,29."),
+    score: Optional[str] = typer.Option(None, "--score", help="shortgpt: influence or angular."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="laco: cosine threshold for a merge."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Fold a model by tying its layers (with SVD-initialised per-layer relaxations) and save it."""
-    from .api import fold_model_dir, fold_report_markdown
+    """Fold a model and save it: by a plan or tying strategy, or by a method at a parameter budget."""
+    from .api import fold_model_dir, fold_report_markdown, fold_with_method
+
+    method_options = {
+        key: value
+        for key, value in (
+            ("group_size", group_size),
+            ("shared", _list(shared, str, "--shared")),
+            ("allocation", allocation),
+            ("whole", _list(whole, int, "--whole")),
+            ("score", score),
+            ("threshold", threshold),
+        )
+        if value is not None
+    }
+    if method is not None:
+        if plan is not None or strategy is not None or unique is not None:
+            raise LayerfoldError("--method folds at a budget; it does not go with --plan, --strategy or --unique")
+        report = fold_with_method(
+            model_dir,
+            out,
+            method=method,
+            keep=keep,
+            keep_blocks=keep_blocks,
+            calib=calib,
+            calib_tokens=calib_tokens,
+            calib_window=calib_window,
+            options={**method_options, **({"rank": parse_rank(rank)} if rank is not None else {})},
+            overwrite=overwrite,
+        )
+        _emit(as_json, report, fold_report_markdown(report))
+        return
+    if method_options or keep is not None or keep_blocks is not None or calib is not None:
+        raise LayerfoldError("--keep, --calib and the method options need --method")
 
     options = {
         key: value

@@ -37,14 +37,13 @@ def wikitext_articles(text: str) -> list[str]:
 
 
 def wikitext_half(path: str | Path, half: str) -> str:
-    """The first or second half of the articles of a WikiText file. Benchmarks calibrate and heal on the first
-    half and evaluate on the second, so the two never meet."""
-    articles = wikitext_articles(read_text(path))
-    if len(articles) < 2:
-        raise LayerfoldError(f"{path}: needs at least two ' = Title = ' articles to split in halves")
-    middle = len(articles) // 2
-    chosen = {"first": articles[:middle], "second": articles[middle:]}[half]
-    return "\n".join(chosen)
+    """The first or second half of a WikiText file, cut at its middle character. Benchmarks calibrate and heal
+    on the first half and evaluate on the second, so the two never meet. (Cutting at the middle character,
+    not at an article boundary, is the protocol of the reference figures the benchmarks compare against:
+    SmolLM2-135M scores 22.89 on the first 4,096 tokens of this second half.)"""
+    text = read_text(path)
+    middle = len(text) // 2
+    return {"first": text[:middle], "second": text[middle:]}[half]
 
 
 @dataclass(frozen=True)

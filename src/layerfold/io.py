@@ -29,7 +29,7 @@ from . import __version__
 from .errors import LayerfoldError
 from .families import family_for_model_type, family_of
 from .fold import apply_structure
-from .modules import STATE_ATTRIBUTE, TiedLinear, fold_state
+from .modules import STATE_ATTRIBUTE, BasisLinear, TiedLinear, fold_state
 from .plan import FoldPlan
 
 WEIGHTS_NAME = "model.safetensors"
@@ -313,14 +313,14 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
 
 
 def materialize(model: nn.Module) -> nn.Module:
-    """Turn a folded model back into its plain architecture in place: every tied projection gets its own
-    weight (shared + relaxation merged); the layer count stays as folded."""
+    """Turn a folded model back into its plain architecture in place: every tied or factorised projection gets
+    its own weight (shared + relaxation, or coefficients × basis, merged); the layer count stays as folded."""
     if fold_state(model) is None:
         return model
     layers = family_of(model).layer_list(model)
     for block in layers:
         for name, module in list(block.named_modules()):
-            if not isinstance(module, TiedLinear):
+            if not isinstance(module, (TiedLinear, BasisLinear)):
                 continue
             weight = module.merged_weight().detach()
             bias = module._bias()

@@ -35,6 +35,16 @@ class FoldPlan:
       (original - shared): 0 for none, an int, ``"full"`` (exact), or a dict from a projection kind
       (``attention``/``mlp``), a projection name (``q_proj``) or path (``self_attn.q_proj``) to a rank.
     - ``share_bias``: tie biases too (by default every layer keeps its own).
+    - ``merges``: LaCo-style layer collapses, applied in order before dropping: ``{"into": l, "layers": [...]}``
+      sets layer l's parameters to θ_l + Σ_k (θ_k − θ_l) over the listed layers, which must also be in ``drop``.
+    - ``factors``: low-rank factorisations, each ``{"layers": [...], "projection": path, "rank": k}``: the
+      projection of those layers becomes ``coefficients_i @ basis`` with one rank-k basis shared by the
+      listed layers (Basis Sharing) or, for a single layer, its own truncated SVD. k is stored so that a
+      checkpoint can be rebuilt without calibration data.
+    - ``whiten``: factorisations start from the SVD of the weights whitened by the Cholesky factor of their
+      inputs' Gram matrix (needs calibration data), not of the bare weights.
+    - ``provenance``: free-form record of how the plan was made (method, budget, calibration); not used to
+      rebuild the model.
     """
 
     num_layers: int
@@ -44,6 +54,10 @@ class FoldPlan:
     init: str = "average"
     rank: Rank | dict[str, Rank] = 0
     share_bias: bool = False
+    merges: list[dict[str, Any]] = field(default_factory=list)
+    factors: list[dict[str, Any]] = field(default_factory=list)
+    whiten: bool = True
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     # ---- constructors -------------------------------------------------------------------------------
     @classmethod
@@ -125,6 +139,10 @@ class FoldPlan:
                 return self.rank[key]
         return 0
 
+    def factored(self) -> dict[tuple[int, str], int]:
+        """(layer, projection) -> index into ``factors``."""
+        return {(i, f["projection"]): n for n, f in enumerate(self.factors) for i in f["layers"]}
+
     def unique_blocks(self) -> int:
         """How many distinct sets of shared projections the folded model has."""
         grouped = {i for _, members in self.tie_groups() for i in members}
@@ -134,6 +152,16 @@ class FoldPlan:
         parts = [f"{self.num_layers} layers -> {len(self.kept_layers())} kept, {self.unique_blocks()} unique blocks"]
         if self.tie_groups():
             parts.append(f"share={self.share}, init={self.init}, rank={self.rank}")
+        if self.merges:
+            parts.append(f"{len(self.merges)} LaCo merges")
+        if self.factors:
+            shared = sum(1 for f in self.factors if len(f["layers"]) > 1)
+            parts.append(
+                f"{len(self.factors)} low-rank factorisations ({shared} with a basis shared across layers"
+                f"{', whitened' if self.whiten else ''})"
+            )
+        if self.provenance.get("method"):
+            parts.append(f"method={self.provenance['method']}")
         return "; ".join(parts)
 
     # ---- checks ------------------------------------------------------------------------------------
@@ -176,6 +204,51 @@ class FoldPlan:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise LayerfoldError(f"{where}: must be 0, a positive integer or 'full', got {value!r}")
+        if not isinstance(self.whiten, bool):
+            raise LayerfoldError(f"plan.whiten: must be true or false, got {self.whiten!r}")
+        if not isinstance(self.provenance, dict):
+            raise LayerfoldError(f"plan.provenance: must be a mapping, got {self.provenance!r}")
+        if not isinstance(self.merges, list):
+            raise LayerfoldError(f"plan.merges: must be a list, got {self.merges!r}")
+        for n, entry in enumerate(self.merges):
+            where = f"plan.merges[{n}]"
+            if not isinstance(entry, dict) or set(entry) != {"into", "layers"}:
+                raise LayerfoldError(f"{where}: must be a mapping with exactly into and layers")
+            self._check_index(entry["into"], f"{where}.into")
+            if entry["into"] in seen_drop:
+                raise LayerfoldError(f"{where}.into: layer {entry['into']} is dropped; merge into a kept layer")
+            if not isinstance(entry["layers"], list) or not entry["layers"]:
+                raise LayerfoldError(f"{where}.layers: must be a non-empty list of layer indices")
+            for i in entry["layers"]:
+                self._check_index(i, f"{where}.layers")
+                if i not in seen_drop:
+                    raise LayerfoldError(f"{where}.layers: layer {i} is merged away, so it must be in plan.drop")
+        if not isinstance(self.factors, list):
+            raise LayerfoldError(f"plan.factors: must be a list, got {self.factors!r}")
+        tied = {i for _, members in self.tie_groups() for i in members}
+        taken: dict[tuple[int, str], int] = {}
+        for n, entry in enumerate(self.factors):
+            where = f"plan.factors[{n}]"
+            if not isinstance(entry, dict) or set(entry) != {"layers", "projection", "rank"}:
+                raise LayerfoldError(f"{where}: must be a mapping with exactly layers, projection and rank")
+            layers, projection, rank = entry["layers"], entry["projection"], entry["rank"]
+            if not isinstance(layers, list) or not layers:
+                raise LayerfoldError(f"{where}.layers: must be a non-empty list of layer indices, got {layers!r}")
+            if not isinstance(projection, str) or not projection:
+                raise LayerfoldError(f"{where}.projection: must be a projection path such as self_attn.q_proj")
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise LayerfoldError(f"{where}.rank: must be a positive integer, got {rank!r}")
+            for i in layers:
+                self._check_index(i, f"{where}.layers")
+                if i in seen_drop:
+                    raise LayerfoldError(f"{where}.layers: layer {i} is also in plan.drop")
+                if i in tied:
+                    raise LayerfoldError(f"{where}.layers: layer {i} is tied in plan.groups; factorise untied layers")
+                if (i, projection) in taken:
+                    raise LayerfoldError(
+                        f"{where}: layer {i} {projection} is already factorised in plan.factors[{taken[i, projection]}]"
+                    )
+                taken[i, projection] = n
 
     def _check_index(self, i: Any, where: str) -> None:
         if isinstance(i, bool) or not isinstance(i, int):
@@ -201,6 +274,21 @@ class FoldPlan:
                         f"plan.rank[{key!r}]: unknown projection for {family.model_type} "
                         f"(use one of: {', '.join(sorted(allowed))})"
                     )
+        for n, entry in enumerate(self.factors):
+            if entry["projection"] not in family.projections:
+                raise LayerfoldError(
+                    f"plan.factors[{n}].projection: {entry['projection']!r} is not a projection of "
+                    f"{family.model_type} (one of: {', '.join(family.projections)})"
+                )
+            out_features, in_features = linear_weight(
+                layers[entry["layers"][0]].get_submodule(entry["projection"])
+            ).shape
+            limit = min(out_features * len(entry["layers"]), in_features)
+            if entry["rank"] > limit:
+                raise LayerfoldError(
+                    f"plan.factors[{n}].rank: {entry['rank']} is larger than {entry['projection']} of "
+                    f"{len(entry['layers'])} layer(s) allows (at most {limit})"
+                )
         if not self.tie_groups():
             return
         block = layers[self.tie_groups()[0][1][0]]
@@ -227,8 +315,9 @@ class FoldPlan:
             raise LayerfoldError(f"plan.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
         if "num_layers" not in data:
             raise LayerfoldError("plan.num_layers: missing")
-        if not isinstance(data.get("groups", []), list) or not isinstance(data.get("drop", []), list):
-            raise LayerfoldError("plan.groups and plan.drop: must be lists")
+        for name in ("groups", "drop", "merges", "factors"):
+            if not isinstance(data.get(name, []), list):
+                raise LayerfoldError(f"plan.{name}: must be a list")
         plan = cls(**data)
         plan.check()
         return plan

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..families import Family
+
+
+@torch.no_grad()
+def merge_blocks(target: nn.Module, sources: list[nn.Module]) -> None:
+    """LaCo's Reserving-Differences-while-Seeking-Common merge: θ_target ← θ_target + Σ_k (θ_k − θ_target)."""
+    source_params = [dict(source.named_parameters()) for source in sources]
+    for name, param in target.named_parameters():
+        base = param.detach().clone()
+        param.add_(sum(params[name].detach() - base for params in source_params))
+
+
+def merge_layers(family: Family, model: nn.Module, merges: list[dict]) -> None:
+    """Apply a plan's ``merges`` in order."""
+    layers = family.layer_list(model)
+    for entry in merges:
+        merge_blocks(layers[entry["into"]], [layers[i] for i in entry["layers"]])
 
 
 def drop_layers(model: nn.Module, family: Family, kept: list[int], num_layers: int) -> None:

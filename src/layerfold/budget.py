@@ -1,0 +1,52 @@
+"""One budget knob for every method: the fraction of the original's unique parameters the folded model keeps.
+
+By default the count includes embeddings (``keep``); ``blocks_only`` counts transformer-block parameters only
+(``--keep-blocks``). Reports give both fractions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import LayerfoldError
+from .report import parameter_breakdown
+
+
+@dataclass(frozen=True)
+class Budget:
+    keep: float
+    blocks_only: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
+            raise LayerfoldError(f"{self.option}: must be a fraction in (0, 1], got {self.keep!r}")
+
+    @property
+    def option(self) -> str:
+        return "--keep-blocks" if self.blocks_only else "--keep"
+
+    def describe(self) -> str:
+        return f"keep {self.keep:.0%} of the {'block' if self.blocks_only else 'unique'} parameters"
+
+    def reduction(self, model: nn.Module) -> int:
+        """How many unique parameters must go."""
+        params = parameter_breakdown(model)
+        base = params["blocks"] if self.blocks_only else params["total"]
+        return math.ceil((1 - self.keep) * base - 1e-9)
+
+    def unreachable(self, model: nn.Module, removable: int, what: str) -> LayerfoldError:
+        params = parameter_breakdown(model)
+        base = params["blocks"] if self.blocks_only else params["total"]
+        lowest = (base - removable) / base
+        return LayerfoldError(
+            f"{self.option} {self.keep:g} cannot be met: {what} can keep no less than {lowest:.1%} of the "
+            f"{'block' if self.blocks_only else 'unique'} parameters"
+        )
+
+
+def kept_fractions(original: dict, folded: dict) -> dict[str, float]:
+    """Both budget fractions, from two ``parameter_breakdown`` results."""
+    return {"keep": folded["total"] / original["total"], "keep_blocks": folded["blocks"] / original["blocks"]}

@@ -1,0 +1,123 @@
+"""LaCo (Yang et al., 2024): collapse runs of adjacent blocks into one, from the top of the stack down.
+
+A merge of layers l..l+C-1 keeps layer l with θ*_l = θ_l + Σ_k (θ_{l+k} − θ_l) (Reserving Differences while
+Seeking Common) and removes the others. It is kept only if the model's last hidden states on a few
+calibration samples stay above a cosine ``threshold`` against the original's; otherwise the next lower
+layer is tried. After a kept merge the search moves ``interval`` layers down. It stops when the budget is
+met. The result is a plan with ``merges`` and ``drop``, which ``fold`` applies to the original weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..budget import Budget
+from ..calibrate import restricted_stack
+from ..errors import LayerfoldError
+from ..evaluate import is_causal_lm
+from ..families import family_of
+from ..plan import FoldPlan
+from .drop import merge_blocks
+from .shortgpt import block_parameters
+
+
+def _last_hidden(model: nn.Module, batches: Sequence[dict]) -> list[torch.Tensor]:
+    base = model.base_model
+    extra = {"use_cache": False} if is_causal_lm(model) else {}
+    outputs = []
+    for batch in batches:
+        hidden = base(**batch, **extra).last_hidden_state
+        outputs.append(hidden[batch["attention_mask"].bool()].float())
+    return outputs
+
+
+def _similarity(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
+    cosines = torch.cat([F.cosine_similarity(r, c, dim=-1) for r, c in zip(reference, candidate)])
+    return float(cosines.mean())
+
+
+@torch.no_grad()
+def laco_plan(
+    model: nn.Module,
+    batches: Sequence[dict],
+    budget: Budget,
+    *,
+    merge: int = 3,
+    interval: int = 2,
+    threshold: float = 0.65,
+    lowest: int = 1,
+    progress: bool = False,
+) -> FoldPlan:
+    """Search merges on the (unchanged) original model and return the plan; see the module docstring."""
+    if merge < 2:
+        raise LayerfoldError(f"--merge must be at least 2 (layers collapsed into one), got {merge}")
+    if interval < 1:
+        raise LayerfoldError(f"--interval must be at least 1, got {interval}")
+    family = family_of(model)
+    layers = family.layer_list(model)
+    num_layers = len(layers)
+    sizes = block_parameters(model)
+    reduction = budget.reduction(model)
+    if sum(sorted(sizes)[1:]) < reduction:
+        raise budget.unreachable(model, sum(sorted(sizes)[1:]), "laco (merging all blocks into one)")
+    model.eval()
+    reference = _last_hidden(model, batches)
+
+    alive = list(range(num_layers))  # original indices of the current stack
+    blocks = {i: layers[i] for i in alive}  # current (possibly merged) block per original index
+    merges: list[dict] = []
+    removed = 0
+    position = num_layers - merge
+    bar = tqdm(total=reduction, desc="laco merges", unit="param", disable=not progress)
+    while position >= lowest and removed < reduction and len(alive) > 1:
+        run = alive[position : position + merge]
+        for length in range(2, len(run) + 1):  # no more layers than the budget still needs
+            if removed + sum(sizes[i] for i in run[1:length]) >= reduction:
+                run = run[:length]
+                break
+        if len(run) < 2:
+            position -= 1
+            continue
+        into, sources = run[0], run[1:]
+        run_removed = sum(sizes[i] for i in sources)
+        merged = copy.deepcopy(blocks[into])
+        merge_blocks(merged, [blocks[i] for i in sources])
+        candidate = [i for i in alive if i not in sources]
+        with restricted_stack(model, candidate, [merged if i == into else blocks[i] for i in candidate]):
+            similarity = _similarity(reference, _last_hidden(model, batches))
+        if similarity > threshold:
+            blocks[into] = merged
+            alive = candidate
+            merges.append({"into": into, "layers": sources, "similarity": round(similarity, 4)})
+            removed += run_removed
+            bar.update(run_removed)
+            position = min(position - interval, len(alive) - merge)
+        else:
+            position -= 1
+    bar.close()
+    if removed < reduction:
+        raise LayerfoldError(
+            f"laco could not meet {budget.option} {budget.keep:g}: every further merge drops the similarity of "
+            f"the last hidden states below the threshold {threshold:g} (lower --threshold, or keep more)"
+        )
+    return FoldPlan(
+        num_layers=num_layers,
+        drop=sorted(set(range(num_layers)) - set(alive)),
+        merges=[{"into": m["into"], "layers": m["layers"]} for m in merges],
+        provenance={
+            "method": "laco",
+            "keep": budget.keep,
+            "blocks_only": budget.blocks_only,
+            "merge": merge,
+            "interval": interval,
+            "threshold": threshold,
+            "similarities": [m["similarity"] for m in merges],
+            "samples": len(batches),
+        },
+    )
