@@ -107,3 +107,18 @@ def family(request) -> str:
 @pytest.fixture(params=DECODERS)
 def decoder_family(request) -> str:
     return request.param
+
+
+def save_tiny_with_tokenizer(root, names=("llama", "bert")):
+    """Save tiny models with a real tokenizer (all-MiniLM-L6-v2's 30k WordPiece) under ``root/<family>``."""
+    from transformers import AutoTokenizer
+
+    from layerfold.demo import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    for name in names:
+        model = build_tiny(name)
+        model.resize_token_embeddings(len(tokenizer))
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny
+from conftest import build_tiny, save_tiny_with_tokenizer
 
 import layerfold
 from layerfold import LayerfoldError
@@ -125,15 +125,7 @@ def test_bad_data_files(tmp_path, content, message):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())  # a real 30k-vocab WordPiece
-    for name in ("llama", "bert"):
-        model = build_tiny(name)
-        model.resize_token_embeddings(len(tokenizer))
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
+    root = save_tiny_with_tokenizer(tmp_path_factory.mktemp("eval"))
     (root / "text.txt").write_text(
         "The quick brown fox jumps over the lazy dog.\n\nA second paragraph of text here.\n" * 20
     )

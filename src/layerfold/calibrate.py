@@ -83,7 +83,7 @@ def calibration_batches(
             text = "\n".join(source)
         limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_DECODER_WINDOW
         window = min(window or DEFAULT_DECODER_WINDOW, limit)
-        ids = tokenizer(text, return_tensors="pt").input_ids[0][:tokens]
+        ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0][:tokens]  # long on purpose
         if ids.numel() < MIN_CALIBRATION_TOKENS:
             raise LayerfoldError(
                 f"calibration data too short: {where} has {ids.numel()} tokens, "
