@@ -240,6 +240,27 @@ def test_plan_with_factors_and_merges_round_trips():
     assert FoldPlan.from_json(plan.to_json()) == plan == FoldPlan.from_yaml(plan.to_yaml())
     with pytest.raises(LayerfoldError, match="must be in plan.drop"):
         FoldPlan(num_layers=4, merges=[{"into": 2, "layers": [3]}]).check()
+    # LaCo may merge an already merged layer again: then it is dropped, absorbed by the later merge.
+    nested = [{"into": 2, "layers": [3]}, {"into": 1, "layers": [2]}]
+    FoldPlan(num_layers=4, drop=[2, 3], merges=nested).check()
+    with pytest.raises(LayerfoldError, match="no later merge absorbs it"):
+        FoldPlan(num_layers=4, drop=[2, 3], merges=nested[:1] + [{"into": 0, "layers": [3]}]).check()
+
+
+def test_laco_merges_into_merged_layers_on_a_deep_model():
+    model = build_tiny("llama")
+    model.model.layers.extend(copy.deepcopy(model.model.layers))  # 8 layers
+    model.config.num_hidden_layers = 8
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = i
+    calibration = Calibration(model, calibration_batches())
+    budget = Budget(0.5, blocks_only=True)
+    folded = registry.build(registry.get("laco"), copy.deepcopy(model), budget, calibration, threshold=-1.0)
+    plan = layerfold.modules.fold_state(folded).plan
+    assert any(m["into"] in plan.drop for m in plan.merges)  # a merged layer was merged again
+    replayed = layerfold.fold(copy.deepcopy(model), FoldPlan.from_yaml(plan.to_yaml()))
+    inputs = sample_inputs()
+    assert torch.equal(outputs(replayed, inputs), outputs(folded, inputs))
 
 
 def test_method_options_are_checked(llama):

@@ -215,8 +215,12 @@ class FoldPlan:
             if not isinstance(entry, dict) or set(entry) != {"into", "layers"}:
                 raise LayerfoldError(f"{where}: must be a mapping with exactly into and layers")
             self._check_index(entry["into"], f"{where}.into")
-            if entry["into"] in seen_drop:
-                raise LayerfoldError(f"{where}.into: layer {entry['into']} is dropped; merge into a kept layer")
+            absorbed_later = any(entry["into"] in later.get("layers", []) for later in self.merges[n + 1 :])
+            if entry["into"] in seen_drop and not absorbed_later:
+                raise LayerfoldError(
+                    f"{where}.into: layer {entry['into']} is dropped and no later merge absorbs it; "
+                    "merge into a kept layer"
+                )
             if not isinstance(entry["layers"], list) or not entry["layers"]:
                 raise LayerfoldError(f"{where}.layers: must be a non-empty list of layer indices")
             for i in entry["layers"]:
