@@ -28,7 +28,7 @@ from common import DATA, RESULTS, machine, smollm2_dir
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
-from layerfold.budget import Budget
+from layerfold.budget import Budget, kept_fractions
 from layerfold.calibrate import Calibration, calibration_batches
 from layerfold.data import read_sts, wikitext_half
 from layerfold.demo import default_model_path
@@ -162,8 +162,7 @@ def sweep(task_name: str, quick: bool) -> tuple[list[dict], str, dict]:
         rows.append(
             {
                 **row,
-                "keep": params["total"] / base["total"],
-                "keep_blocks": params["blocks"] / base["blocks"],
+                **kept_fractions(base, params),
                 "unique_params": params["total"],
                 "value": value,
                 "seconds": round(time.perf_counter() - start, 1),

@@ -179,14 +179,21 @@ def test_save_load_round_trip(llama, method, tmp_path):
     assert (outputs(exported, inputs) - outputs(folded, inputs)).abs().max().item() < 1e-4
 
 
-def test_laco_plan_replays_on_the_original(llama):
-    model, calibration = llama
-    folded = registry.build(registry.get("laco"), copy.deepcopy(model), Budget(0.6), calibration, threshold=-1.0)
+def laco_replayed(model, calibration, budget, serialise):
+    """Fold with LaCo (every merge accepted), then fold the original again from the serialised plan; return the
+    plan after checking that both models compute the same."""
+    folded = registry.build(registry.get("laco"), copy.deepcopy(model), budget, calibration, threshold=-1.0)
     plan = layerfold.modules.fold_state(folded).plan
-    assert plan.merges and set(plan.drop) == {i for m in plan.merges for i in m["layers"]}
-    replayed = layerfold.fold(copy.deepcopy(model), FoldPlan.from_json(plan.to_json()))
+    replayed = layerfold.fold(copy.deepcopy(model), serialise(plan))
     inputs = sample_inputs()
     assert torch.equal(outputs(replayed, inputs), outputs(folded, inputs))
+    return plan
+
+
+def test_laco_plan_replays_on_the_original(llama):
+    model, calibration = llama
+    plan = laco_replayed(model, calibration, Budget(0.6), lambda p: FoldPlan.from_json(p.to_json()))
+    assert plan.merges and set(plan.drop) == {i for m in plan.merges for i in m["layers"]}
 
 
 def test_laco_threshold_that_rejects_every_merge_is_a_clear_error(llama):
@@ -254,13 +261,8 @@ def test_laco_merges_into_merged_layers_on_a_deep_model():
     for i, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = i
     calibration = Calibration(model, calibration_batches())
-    budget = Budget(0.5, blocks_only=True)
-    folded = registry.build(registry.get("laco"), copy.deepcopy(model), budget, calibration, threshold=-1.0)
-    plan = layerfold.modules.fold_state(folded).plan
+    plan = laco_replayed(model, calibration, Budget(0.5, blocks_only=True), lambda p: FoldPlan.from_yaml(p.to_yaml()))
     assert any(m["into"] in plan.drop for m in plan.merges)  # a merged layer was merged again
-    replayed = layerfold.fold(copy.deepcopy(model), FoldPlan.from_yaml(plan.to_yaml()))
-    inputs = sample_inputs()
-    assert torch.equal(outputs(replayed, inputs), outputs(folded, inputs))
 
 
 def test_method_options_are_checked(llama):

@@ -10,6 +10,7 @@ from .errors import LayerfoldError
 from .families import family_of
 from .fold import fold
 from .io import load, load_source, read_checkpoint_config, save
+from .modules import fold_state
 from .plan import FoldPlan
 from .report import human_count, markdown_table, parameter_breakdown, size_table, weight_bytes
 
@@ -90,20 +91,19 @@ def fold_with_method(
     if calib is not None:
         datasets.read_text(calib)  # missing, empty or non-UTF-8: fail before the model loads
     model = load_source(model_dir)
-    family_of(model)
+    family_of(model)  # an unsupported architecture fails here, before calibration
     before = size_report(model, model_dir)
     calibration = None
     if calib is not None:
         batches = calibration_batches(model, load_tokenizer(model_dir), calib, tokens=calib_tokens, window=calib_window)
         calibration = Calibration(model, batches, {"data": str(calib)})
     folded = registry.build(chosen, model, budget, calibration, **(options or {}))
-    if folded is model and not hasattr(model.base_model, "layerfold_shared"):
+    state = fold_state(folded)
+    if state is None:
         raise LayerfoldError(f"method {method} leaves the model as it is; nothing to save")
     save(folded, out, source=model_dir, overwrite=overwrite)
     after = size_report(folded, out)
-    from .modules import fold_state
-
-    plan = fold_state(folded).plan
+    plan = state.plan
     return {
         "model": str(model_dir),
         "model_type": model.config.model_type,

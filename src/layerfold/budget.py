@@ -28,18 +28,17 @@ class Budget:
     def option(self) -> str:
         return "--keep-blocks" if self.blocks_only else "--keep"
 
-    def describe(self) -> str:
-        return f"keep {self.keep:.0%} of the {'block' if self.blocks_only else 'unique'} parameters"
+    def counted(self, model: nn.Module) -> int:
+        """The parameters the budget is a fraction of: the blocks', or all unique parameters."""
+        params = parameter_breakdown(model)
+        return params["blocks"] if self.blocks_only else params["total"]
 
     def reduction(self, model: nn.Module) -> int:
         """How many unique parameters must go."""
-        params = parameter_breakdown(model)
-        base = params["blocks"] if self.blocks_only else params["total"]
-        return math.ceil((1 - self.keep) * base - 1e-9)
+        return math.ceil((1 - self.keep) * self.counted(model) - 1e-9)
 
     def unreachable(self, model: nn.Module, removable: int, what: str) -> LayerfoldError:
-        params = parameter_breakdown(model)
-        base = params["blocks"] if self.blocks_only else params["total"]
+        base = self.counted(model)
         lowest = (base - removable) / base
         return LayerfoldError(
             f"{self.option} {self.keep:g} cannot be met: {what} can keep no less than {lowest:.1%} of the "

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .data import is_sts_file, read_sts, read_text, text_units
 from .errors import LayerfoldError
 from .evaluate import is_causal_lm
-from .families import family_of
+from .families import family_of, projection_shape
 
 MIN_CALIBRATION_TOKENS = 256
 DEFAULT_DECODER_WINDOW = 2048
@@ -76,11 +76,12 @@ def calibration_batches(
         raise LayerfoldError(f"--calib-tokens must be at least {MIN_CALIBRATION_TOKENS}, got {tokens}")
     where = str(source) if isinstance(source, (str, Path)) else "the calibration texts"
     if is_causal_lm(model):
-        if isinstance(source, (str, Path)):
-            text = "\n".join(p.first + "\n" + p.second for p in read_sts(source)) if is_sts_file(source) else None
-            text = text if text is not None else read_text(source)
-        else:
+        if not isinstance(source, (str, Path)):
             text = "\n".join(source)
+        elif is_sts_file(source):
+            text = "\n".join(p.first + "\n" + p.second for p in read_sts(source))
+        else:
+            text = read_text(source)
         limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_DECODER_WINDOW
         window = min(window or DEFAULT_DECODER_WINDOW, limit)
         ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0][:tokens]  # long on purpose
@@ -271,8 +272,7 @@ def collect_sensitivity(
     for i, block in enumerate(layers):
         for p in projections:
             module = block.get_submodule(p)
-            out_features = module.weight.shape[1 if type(module).__name__ == "Conv1D" else 0]
-            handles.append(module.register_full_backward_hook(hook((i, p), out_features)))
+            handles.append(module.register_full_backward_hook(hook((i, p), projection_shape(module)[0])))
     flags = [param.requires_grad for param in model.parameters()]
     model.requires_grad_(False)
     embeddings = model.get_input_embeddings()
