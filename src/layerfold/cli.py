@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -240,6 +242,90 @@ def eval_command(
         stride=stride,
     )
     _emit(as_json, result, evaluation_markdown(result))
+
+
+class Train(str, Enum):
+    relax = "relax"
+    relax_shared = "relax+shared"
+    all = "all"
+
+
+@app.command("heal")
+def heal_command(
+    folded_dir: Path = typer.Argument(..., help="A folded model (layerfold checkpoint)."),
+    teacher: Path = typer.Option(..., "--teacher", help="The original model: a Hugging Face folder or .gguf file."),
+    data: Path = typer.Option(..., "--data", help="Text, .jsonl, STS-B file, or a datasets folder (save_to_disk)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the healed model to."),
+    steps: int = typer.Option(200, "--steps", help="Optimizer steps."),
+    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (cosine schedule, 5% warm-up)."),
+    batch: int = typer.Option(8, "--batch", help="Examples per step and device."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation steps."),
+    seq_len: Optional[int] = typer.Option(
+        None, "--seq-len", help="Tokens per example [default: 512-token windows for decoders, 128 for encoders]."
+    ),
+    loss: Optional[str] = typer.Option(
+        None,
+        "--loss",
+        help="Loss weights, e.g. kl=1,hidden=0.5 (kl, lm, hidden, cosine) [default: kl for "
+        "decoders; cosine=1,hidden=1 for encoders].",
+    ),
+    temperature: float = typer.Option(1.0, "--temperature", help="Temperature of the kl loss."),
+    hidden_layers: str = typer.Option("-1", "--hidden-layers", help="Layers for the hidden loss, e.g. -1,-2,-3."),
+    train: Train = typer.Option(Train.all, "--train", help="What trains."),
+    norms: Optional[bool] = typer.Option(
+        None, "--norms/--no-norms", help="Train the norm weights [default: with --train all only]."
+    ),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Held-out fidelity every N steps."),
+    eval_examples: Optional[int] = typer.Option(None, "--eval-examples", help="Held-out windows or sentences."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps."),
+    max_examples: Optional[int] = typer.Option(None, "--max-examples", help="Use at most N training examples."),
+    seed: int = typer.Option(0, "--seed"),
+    teacher_cache: Optional[Path] = typer.Option(
+        None, "--teacher-cache", help="Folder for the teacher's top-k logits, reused by later runs (kl loss only)."
+    ),
+    top_k: int = typer.Option(64, "--top-k", help="Logits per token kept in --teacher-cache."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT.checkpoints."),
+    keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep OUT.checkpoints at the end."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out and earlier checkpoints."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Heal a folded model by distillation from its original (HF Trainer; runs under accelerate launch)."""
+    from .heal import HealConfig, LossWeights, heal, heal_markdown
+
+    config = HealConfig(
+        steps=steps,
+        lr=lr,
+        batch=batch,
+        grad_accum=grad_accum,
+        seq_len=seq_len,
+        loss=LossWeights.parse(loss) if loss is not None else None,
+        temperature=temperature,
+        hidden_layers=_list(hidden_layers, int, "--hidden-layers") or [-1],
+        train=train.value,
+        norms=norms,
+        eval_every=eval_every,
+        eval_examples=eval_examples,
+        save_every=save_every,
+        max_examples=max_examples,
+        seed=seed,
+        teacher_cache=str(teacher_cache) if teacher_cache else None,
+        top_k=top_k,
+    )
+    # Trainer prints its progress and logs on stdout; keep stdout for the report (e.g. --json).
+    with contextlib.redirect_stdout(sys.stderr):
+        report = heal(
+            folded_dir,
+            teacher,
+            data,
+            out,
+            config,
+            resume=resume,
+            overwrite=overwrite,
+            keep_checkpoints=keep_checkpoints,
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        report = {k: v for k, v in report.items() if k != "log_history"}
+        _emit(as_json, report, heal_markdown(report))
 
 
 @app.command("demo")

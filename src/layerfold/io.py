@@ -197,35 +197,65 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, aliases
 
 
-def save(model: nn.Module, path: str | Path, *, source: str | Path | None = None, overwrite: bool = False) -> Path:
+def save(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    source: str | Path | None = None,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Write a folded model to ``path`` (atomically). ``source`` is the original model's folder or .gguf file,
-    whose tokenizer is copied along."""
-    state = fold_state(model)
-    if state is None:
+    whose tokenizer is copied along; ``extra_files`` (name -> text) are written beside it, e.g. a report."""
+    if fold_state(model) is None:
         raise LayerfoldError("the model is not folded: call layerfold.fold(model, plan) first")
     path = Path(path)
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
-        tensors, aliases = _unique_state(model)
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", ALIASES_KEY: json.dumps(aliases)})
-        config = {
-            "model_type": "layerfold",
-            "architectures": [_remote_class_name(state.base_architecture)],
-            "auto_map": _auto_classes(state.base_architecture),
-            "base_architecture": state.base_architecture,
-            "base_config": state.base_config,
-            "fold_plan": state.plan.to_dict(),
-            "layerfold_version": __version__,
-            "transformers_version": transformers.__version__,
-        }
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
-        state.plan.save(tmp / PLAN_NAME)
-        (tmp / REMOTE_CODE_NAME).write_text(_REMOTE_CODE.format(version=__version__))
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None and model.can_generate():
-            generation_config.save_pretrained(tmp)
-        if source is not None:
-            copy_tokenizer(source, tmp)
+        write_folded(model, tmp, source=source)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return path
+
+
+def write_folded(model: nn.Module, directory: str | Path, *, source: str | Path | None = None) -> None:
+    """Write a folded model's files into an existing ``directory`` (not atomically: ``save`` wraps this)."""
+    state = fold_state(model)
+    directory = Path(directory)
+    tensors, aliases = _unique_state(model)
+    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt", ALIASES_KEY: json.dumps(aliases)})
+    config = {
+        "model_type": "layerfold",
+        "architectures": [_remote_class_name(state.base_architecture)],
+        "auto_map": _auto_classes(state.base_architecture),
+        "base_architecture": state.base_architecture,
+        "base_config": state.base_config,
+        "fold_plan": state.plan.to_dict(),
+        "layerfold_version": __version__,
+        "transformers_version": transformers.__version__,
+    }
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+    state.plan.save(directory / PLAN_NAME)
+    (directory / REMOTE_CODE_NAME).write_text(_REMOTE_CODE.format(version=__version__))
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and model.can_generate():
+        generation_config.save_pretrained(directory)
+    if source is not None:
+        copy_tokenizer(source, directory)
+
+
+def _aliases(path: Path) -> dict[str, str]:
+    with safe_open(path / WEIGHTS_NAME, framework="pt") as handle:
+        return json.loads((handle.metadata() or {}).get(ALIASES_KEY, "{}"))
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a folded checkpoint's weights file, each stored tensor also under its aliases' names."""
+    path = Path(path)
+    aliases = _aliases(path)
+    tensors = load_file(path / WEIGHTS_NAME)
+    for alias, name in aliases.items():
+        tensors[alias] = tensors[name]
+    return tensors
 
 
 def _remote_class_name(base_architecture: str) -> str:
@@ -289,16 +319,13 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
         base_architecture=config["base_architecture"],
         initialize=False,
     )
-    with safe_open(path / WEIGHTS_NAME, framework="pt") as handle:
-        aliases = json.loads((handle.metadata() or {}).get(ALIASES_KEY, "{}"))
-    tensors = load_file(path / WEIGHTS_NAME)
-    for alias, name in aliases.items():
-        tensors[alias] = tensors[name]
+    tensors = read_weights(path)
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as err:
         raise LayerfoldError(f"{path / WEIGHTS_NAME} does not match its config: {str(err).splitlines()[0]}") from None
     # Re-tie: each alias becomes the very same Parameter object as its source, as in the original model.
+    aliases = _aliases(path)
     parameters = dict(model.named_parameters(remove_duplicate=False))
     for alias, name in aliases.items():
         if alias in parameters and name in parameters:

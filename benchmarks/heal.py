@@ -1,0 +1,275 @@
+"""Healed rows: each tie, removal and basis method at 50 % of the block parameters, before and after the same
+healing budget, on the real models; and heal throughput next to a plain Trainer fine-tune of the original.
+
+    python benchmarks/heal.py            # make bench
+    python benchmarks/heal.py --quick    # make bench-quick (MiniLM, two methods, a few steps)
+
+MiniLM: heal data STS-B train sentences (never the test set), STS-B test Spearman × 100. SmolLM2: heal data
+the first half of the WikiText-2 test file, perplexity on the first 4,096 tokens of the second half (the
+sweep's protocol). Calibration (for the calibrated methods) uses the same heal data. Every method gets the
+same budget: steps × batch × tokens, stated in the table. Writes benchmarks/results/heal.{json,md} (--quick:
+benchmarks/results/quick/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from common import DATA, RESULTS, machine, smollm2_dir, write_results
+from tqdm.auto import tqdm
+
+import layerfold.methods.registry as registry
+from layerfold.budget import Budget, kept_fractions
+from layerfold.calibrate import Calibration, calibration_batches
+from layerfold.data import read_sts, wikitext_half
+from layerfold.demo import default_model_path
+from layerfold.evaluate import perplexity, sts_spearman, tokenize_text
+from layerfold.heal import HealConfig, heal
+from layerfold.io import load, load_source, load_tokenizer, save
+from layerfold.report import markdown_table, parameter_breakdown
+
+ENDS_WHOLE = {"allocation": "sensitivity", "whole": [0, -1]}
+
+
+@dataclass
+class HealTask:
+    model: str
+    path: Path
+    metric: str
+    higher_is_better: bool
+    cap: str
+    measure: Callable[[torch.nn.Module], float]
+    heal_data: Path
+    calibration_source: list[str]
+    calibration_tokens: int
+    config: HealConfig
+    methods: list[tuple[str, dict]] = field(default_factory=list)
+
+
+def minilm(quick: bool, work: Path) -> HealTask:
+    path = default_model_path()
+    tokenizer = load_tokenizer(path)
+    pairs = read_sts(DATA / "stsbenchmark" / "sts-test.csv", limit=300 if quick else None)
+    train_file = DATA / "stsbenchmark" / "sts-train.csv"
+    methods = [("tie-cycle", {"rank": 0}), ("drop-even", {}), ("svd", ENDS_WHOLE)]
+    if not quick:
+        methods = [
+            ("tie-cycle", {"rank": 0}),
+            ("drop-even", {}),
+            ("shortgpt", {"score": "influence"}),
+            ("basis", ENDS_WHOLE),
+            ("svd", ENDS_WHOLE),
+        ]
+    return HealTask(
+        "all-MiniLM-L6-v2",
+        path,
+        "spearman",
+        True,
+        f"STS-B test, {len(pairs)} pairs",
+        lambda model: sts_spearman(model, tokenizer, pairs)["value"],
+        train_file,
+        [s for p in read_sts(train_file) for s in (p.first, p.second)],
+        8192 if quick else 32768,
+        HealConfig(steps=20 if quick else 150, batch=64, lr=2e-4, eval_every=10 if quick else 50, seed=0),
+        methods[:2] if quick else methods,
+    )
+
+
+def smollm2(quick: bool, work: Path) -> HealTask:
+    path = smollm2_dir()
+    wikitext = DATA / "wikitext-2-raw" / "wiki.test.raw"
+    ids = tokenize_text(load_tokenizer(path), wikitext_half(wikitext, "second"), 4096)
+    first_half = work / "wikitext-test-first-half.txt"
+    first_half.write_text(wikitext_half(wikitext, "first"))
+    return HealTask(
+        "SmolLM2-135M",
+        path,
+        "perplexity",
+        False,
+        f"WikiText-2 test, second half, first {ids.numel()} tokens, non-overlapping 1,024-token windows",
+        lambda model: perplexity(model, ids, max_length=1024, stride=1024)["value"],
+        first_half,
+        [wikitext_half(wikitext, "first")],
+        32768,
+        HealConfig(steps=24, batch=4, seq_len=512, lr=1e-4, eval_every=12, save_every=1000, seed=0),
+        [("tie-cycle", {"rank": 0}), ("shortgpt", {"score": "influence"}), ("svd", ENDS_WHOLE)],
+    )
+
+
+def plain_finetune_throughput(task: HealTask, steps: int, work: Path) -> dict:
+    """Tokens/s of a plain Trainer fine-tune (LM loss) of the original with the heal's batch and window."""
+    from transformers import Trainer, TrainingArguments
+
+    from layerfold.heal import prepare_data
+
+    model = load_source(task.path, dtype=torch.float32)
+    data = prepare_data(
+        load_tokenizer(task.path), task.heal_data, causal=True, seq_len=task.config.seq_len, held_out=1, limit=None
+    )
+    examples = [{"input_ids": t, "labels": t} for t in data.train]
+    args = TrainingArguments(
+        output_dir=str(work / "plain"),
+        max_steps=steps,
+        per_device_train_batch_size=task.config.batch,
+        learning_rate=task.config.lr,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=steps,
+        dataloader_pin_memory=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=examples)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    tokens = steps * task.config.batch * task.config.seq_len
+    return {"steps": steps, "tokens": tokens, "seconds": round(seconds, 1), "tokens_per_second": tokens / seconds}
+
+
+def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
+    original = load_source(task.path, dtype=torch.float32)
+    base = parameter_breakdown(original)
+    rows = [
+        {
+            "model": task.model,
+            "method": "original",
+            "options": {},
+            "keep_blocks": 1.0,
+            "keep": 1.0,
+            "training_free": task.measure(original),
+            "healed": None,
+        }
+    ]
+    calibration = None
+    if any(registry.get(name).calibrated for name, _ in task.methods):
+        batches = calibration_batches(
+            original, load_tokenizer(task.path), task.calibration_source, tokens=task.calibration_tokens
+        )
+        calibration = Calibration(original, batches, {"data": str(task.heal_data)})
+    for name, options in tqdm(task.methods, desc=f"{task.model} heal", unit="method"):
+        method = registry.get(name)
+        folded = registry.build(method, copy.deepcopy(original), Budget(0.5, blocks_only=True), calibration, **options)
+        fractions = kept_fractions(base, parameter_breakdown(folded))
+        folded_dir, healed_dir = work / f"{task.model}-{name}", work / f"{task.model}-{name}-healed"
+        save(folded, folded_dir, source=task.path, overwrite=True)
+        before = task.measure(folded)
+        del folded
+        report = heal(folded_dir, task.path, task.heal_data, healed_dir, task.config, overwrite=True)
+        after = task.measure(load(healed_dir))
+        rows.append(
+            {
+                "model": task.model,
+                "method": name,
+                "options": options,
+                **fractions,
+                "training_free": before,
+                "healed": after,
+                "heal_seconds": round(report["seconds_this_run"], 1),
+                "heal_tokens": report["tokens_this_run"],
+                "heal_tokens_per_second": report["tokens_per_second"],
+                "held_out_before": report["fidelity_before"],
+                "held_out_after": report["fidelity_after"],
+            }
+        )
+        tqdm.write(json.dumps(rows[-1], default=str))
+    config = task.config.resolved(task.metric == "perplexity")
+    budget = {
+        "steps": config.steps,
+        "batch": config.batch,
+        "seq_len": config.seq_len,
+        "lr": config.lr,
+        "loss": {k: v for k, v in config.to_dict()["loss"].items() if v},
+        "train": config.train,
+        "data": str(task.heal_data),
+        "calibration_tokens": task.calibration_tokens,
+    }
+    return rows, budget
+
+
+def render(payload: dict) -> str:
+    parts = [f"# Healed rows ({payload['date']})", "", payload["protocol"], ""]
+    for model, info in payload["models"].items():
+        budget = info["budget"]
+        parts += [
+            f"## {model} — {info['metric']} ({info['cap']})",
+            "",
+            f"Heal budget, the same for every row: {budget['steps']} steps × batch {budget['batch']}"
+            + (f" × {budget['seq_len']} tokens" if budget.get("seq_len") and info["metric"] == "perplexity" else "")
+            + f", lr {budget['lr']}, losses {budget['loss']}, trains {budget['train']}; data {budget['data']}.",
+            "",
+        ]
+        rows = []
+        for row in info["rows"]:
+            keep = f"{row['keep_blocks']:.1%} / {row['keep']:.1%}" if row.get("keep") is not None else ""
+            rows.append(
+                [
+                    row["method"],
+                    ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "",
+                    keep,
+                    f"{row['training_free']:.2f}",
+                    f"{row['healed']:.2f}" if row["healed"] is not None else "",
+                    f"{row['heal_seconds']:.0f}" if "heal_seconds" in row else "",
+                    f"{row['heal_tokens_per_second']:.0f}" if "heal_tokens_per_second" in row else "",
+                ]
+            )
+        parts.append(
+            markdown_table(
+                ["method", "options", "kept (blocks / all)", "training-free", "healed", "heal s", "tokens/s"], rows
+            )
+        )
+        if info.get("plain_finetune"):
+            plain = info["plain_finetune"]
+            parts += [
+                "",
+                f"Plain Trainer fine-tune of the original (LM loss, same batch and window), {plain['tokens']:,} "
+                f"tokens: "
+                f"{plain['tokens_per_second']:.0f} tokens/s.",
+            ]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="MiniLM only, two methods, a few steps")
+    parser.add_argument("--models", default=None, help="comma-separated: minilm, smollm2")
+    args = parser.parse_args()
+    names = (args.models or ("minilm" if args.quick else "minilm,smollm2")).split(",")
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    payload = {
+        "quick": args.quick,
+        "protocol": "Each method folds the original to 50 % of its transformer-block parameters, is measured "
+        "(training-free), healed by distillation from the original with the same budget, and measured again.",
+        "models": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="layerfold-heal-") as tmp:
+        work = Path(tmp)
+        for name in names:
+            task = {"minilm": minilm, "smollm2": smollm2}[name](args.quick, work)
+            rows, budget = run(task, work)
+            info = {"metric": task.metric, "cap": task.cap, "budget": budget, "rows": rows}
+            if task.metric == "perplexity":
+                info["plain_finetune"] = plain_finetune_throughput(task, task.config.steps, work)
+            payload["models"][task.model] = info
+    payload["seconds"] = round(time.perf_counter() - start)
+    markdown = render({**payload, "date": time.strftime("%Y-%m-%d")})
+    if args.quick:
+        out = RESULTS / "quick"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "heal.json").write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str) + "\n")
+        (out / "heal.md").write_text(markdown + "\n")
+    else:
+        write_results("heal", payload, markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

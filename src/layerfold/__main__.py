@@ -1,0 +1,7 @@
+"""``python -m layerfold``: the same command as ``layerfold`` (what ``accelerate launch -m layerfold`` runs)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
