@@ -37,6 +37,17 @@ from layerfold.io import load, load_source, load_tokenizer, save
 from layerfold.report import markdown_table, parameter_breakdown
 
 ENDS_WHOLE = {"allocation": "sensitivity", "whole": [0, -1]}
+# Every tie, removal and basis method, with the options that did best training-free in the sweep.
+METHODS = [
+    ("tie-cycle", {"rank": 0}),
+    ("tie-sequence", {"rank": 0}),
+    ("drop-even", {}),
+    ("shortgpt", {"score": "influence"}),
+    ("laco", {"merge": 3, "threshold": 0.0}),
+    ("basis", ENDS_WHOLE),
+    ("svd", ENDS_WHOLE),
+]
+QUICK_METHODS = [("tie-cycle", {"rank": 0}), ("drop-even", {})]
 
 
 @dataclass
@@ -59,15 +70,6 @@ def minilm(quick: bool, work: Path) -> HealTask:
     tokenizer = load_tokenizer(path)
     pairs = read_sts(DATA / "stsbenchmark" / "sts-test.csv", limit=300 if quick else None)
     train_file = DATA / "stsbenchmark" / "sts-train.csv"
-    methods = [("tie-cycle", {"rank": 0}), ("drop-even", {}), ("svd", ENDS_WHOLE)]
-    if not quick:
-        methods = [
-            ("tie-cycle", {"rank": 0}),
-            ("drop-even", {}),
-            ("shortgpt", {"score": "influence"}),
-            ("basis", ENDS_WHOLE),
-            ("svd", ENDS_WHOLE),
-        ]
     return HealTask(
         "all-MiniLM-L6-v2",
         path,
@@ -79,7 +81,7 @@ def minilm(quick: bool, work: Path) -> HealTask:
         [s for p in read_sts(train_file) for s in (p.first, p.second)],
         8192 if quick else 32768,
         HealConfig(steps=20 if quick else 150, batch=64, lr=2e-4, eval_every=10 if quick else 50, seed=0),
-        methods[:2] if quick else methods,
+        QUICK_METHODS if quick else METHODS,
     )
 
 
@@ -100,7 +102,7 @@ def smollm2(quick: bool, work: Path) -> HealTask:
         [wikitext_half(wikitext, "first")],
         32768,
         HealConfig(steps=24, batch=4, seq_len=512, lr=1e-4, eval_every=12, save_every=1000, seed=0),
-        [("tie-cycle", {"rank": 0}), ("shortgpt", {"score": "influence"}), ("svd", ENDS_WHOLE)],
+        METHODS,
     )
 
 
@@ -193,6 +195,27 @@ def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
     return rows, budget
 
 
+def merged(old: dict, new: dict) -> dict:
+    """``new``'s rows replace the rows of the same model and method in ``old``; the rest of ``old`` stays."""
+    models = dict(old.get("models", {}))
+    for model, info in new["models"].items():
+        before = models.get(model, {"rows": []})
+        methods = {row["method"] for row in info["rows"]}
+        rows = info["rows"][:1] + [r for r in before["rows"] if r["method"] not in methods]
+        rows += [r for r in info["rows"][1:]]
+        order = ["original"] + [m for m, _ in METHODS]
+        rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+        models[model] = {**before, **info, "rows": rows}
+        if "plain_finetune" in before and "plain_finetune" not in info:
+            models[model]["plain_finetune"] = before["plain_finetune"]
+    return {
+        **new,
+        "models": models,
+        "runs": old.get("runs", []) + new["runs"],
+        "seconds": old.get("seconds", 0) + new["seconds"],
+    }
+
+
 def render(payload: dict) -> str:
     parts = [f"# Healed rows ({payload['date']})", "", payload["protocol"], ""]
     for model, info in payload["models"].items():
@@ -240,8 +263,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="MiniLM only, two methods, a few steps")
     parser.add_argument("--models", default=None, help="comma-separated: minilm, smollm2")
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated subset of the methods (and 'plain' for the plain fine-tune)"
+    )
+    parser.add_argument("--merge", action="store_true", help="replace these rows in results/heal.json, keep the rest")
     args = parser.parse_args()
     names = (args.models or ("minilm" if args.quick else "minilm,smollm2")).split(",")
+    chosen = set(args.methods.split(",")) if args.methods else None
     torch.manual_seed(0)
     start = time.perf_counter()
     payload = {
@@ -254,12 +282,24 @@ def main() -> None:
         work = Path(tmp)
         for name in names:
             task = {"minilm": minilm, "smollm2": smollm2}[name](args.quick, work)
+            if chosen is not None:
+                task.methods = [(m, o) for m, o in task.methods if m in chosen]
             rows, budget = run(task, work)
             info = {"metric": task.metric, "cap": task.cap, "budget": budget, "rows": rows}
-            if task.metric == "perplexity":
+            if task.metric == "perplexity" and (chosen is None or "plain" in chosen):
                 info["plain_finetune"] = plain_finetune_throughput(task, task.config.steps, work)
             payload["models"][task.model] = info
     payload["seconds"] = round(time.perf_counter() - start)
+    payload["runs"] = [
+        {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "methods": args.methods or "all",
+            "models": names,
+            "seconds": payload["seconds"],
+        }
+    ]
+    if args.merge and (RESULTS / "heal.json").is_file():
+        payload = merged(json.loads((RESULTS / "heal.json").read_text()), payload)
     markdown = render({**payload, "date": time.strftime("%Y-%m-%d")})
     if args.quick:
         out = RESULTS / "quick"

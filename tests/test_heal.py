@@ -463,3 +463,46 @@ def test_existing_output_is_kept_without_overwrite(capsys, saved, tmp_path):
     (out / "mine.txt").write_text("keep me")
     code, _, err = run(capsys, *heal_args(saved, "llama", out))
     assert code == 2 and "--overwrite" in err and (out / "mine.txt").read_text() == "keep me"
+
+
+def test_healed_model_keeps_the_folded_models_dtype(capsys, saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(saved / "llama", dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(saved / "llama" / name, tmp_path / "bf16" / name)
+    assert (
+        main(
+            [
+                "fold",
+                str(tmp_path / "bf16"),
+                "--strategy",
+                "cycle",
+                "--unique",
+                "2",
+                "--rank",
+                "4",
+                "--out",
+                str(tmp_path / "folded"),
+            ]
+        )
+        == 0
+    )
+    assert {t.dtype for t in load_file(tmp_path / "folded" / "model.safetensors").values()} == {torch.bfloat16}
+    code, _, err = run(
+        capsys,
+        "heal",
+        tmp_path / "folded",
+        "--teacher",
+        tmp_path / "bf16",
+        "--data",
+        saved / "text.txt",
+        "--out",
+        tmp_path / "healed",
+        "--steps",
+        "2",
+        "--seq-len",
+        "64",
+    )
+    assert code == 0, err
+    assert {t.dtype for t in load_file(tmp_path / "healed" / "model.safetensors").values()} == {torch.bfloat16}

@@ -739,8 +739,7 @@ def heal(
         raise LayerfoldError(f"output directory already exists: {out} (pass --overwrite to replace it)")
     if out.resolve() in (student_dir.resolve(), teacher_path.resolve()):
         raise LayerfoldError("--out must not be the folded model's or the teacher's folder")
-    texts_check = Path(data)
-    if not texts_check.exists():
+    if not Path(data).exists():
         raise LayerfoldError(f"data not found: {data}")
 
     student = load(student_dir)
@@ -749,7 +748,8 @@ def heal(
     tokenizer = load_tokenizer(student_dir)
     teacher = load_source(teacher_path, dtype=torch.float32)
     check_teacher(student, teacher, tokenizer, _optional_tokenizer(teacher_path))
-    student.to(torch.float32)
+    saved_dtype = next(student.parameters()).dtype
+    student.to(torch.float32)  # train in fp32; the healed model is saved in the folded model's dtype
     counts = select_trainable(student, config.train, config.norms)
 
     heal_data = prepare_data(
@@ -760,15 +760,17 @@ def heal(
         held_out=config.eval_examples,
         limit=config.max_examples,
     )
-    layers = len(teacher_layer_map(fold_state(student).plan))
+    mapping = teacher_layer_map(fold_state(student).plan)
+    layers = len(mapping)
     positions = sorted({p % layers for p in config.hidden_layers}) if config.loss.hidden else []
     if any(not -layers <= p < layers for p in config.hidden_layers):
         raise LayerfoldError(f"--hidden-layers: the folded model has {layers} layers, got {config.hidden_layers}")
-    mapping = teacher_layer_map(fold_state(student).plan)
     # hidden_states[i + 1] is the output of layer i (hidden_states[0] is the embeddings).
     hidden_pairs = [(p + 1, mapping[p] + 1) for p in positions]
     if positions and positions[-1] == layers - 1:
-        hidden_pairs[-1] = (-1, -1)  # the last entry (after the final norm in most decoders) on both sides
+        # The student's last output stands for the teacher's last output (after the final norm in most decoders),
+        # also when the original's last layer was dropped.
+        hidden_pairs[-1] = (-1, -1)
 
     settings = {
         "student": str(student_dir.resolve()),
@@ -868,6 +870,7 @@ def heal(
         "out": str(out),
     }
     if trainer.is_world_process_zero():
+        student.to(saved_dtype)
         save(
             student,
             out,
