@@ -115,6 +115,18 @@ def test_whitening_beats_plain_svd_on_the_calibration_outputs():
     assert errors["whitened"] < errors["plain"]
 
 
+def test_basis_rows_and_coefficient_columns_are_balanced():
+    torch.manual_seed(0)
+    weights = [torch.randn(16, 32, dtype=torch.float64) * 50 for _ in range(2)]
+    x = torch.randn(500, 32, dtype=torch.float64) * 30
+    decomposition = decompose(weights, x.T @ x, layers=(0, 1), projection="p")
+    basis, coefficients = decomposition.truncate(32)
+    stacked = torch.cat(coefficients)
+    torch.testing.assert_close(basis.pow(2).mean(1), stacked.pow(2).mean(0))  # same RMS per component
+    for weight, coefficient in zip(weights, coefficients):
+        torch.testing.assert_close(coefficient @ basis, weight)  # the product is unchanged
+
+
 def test_block_influence_of_an_identity_block_is_zero():
     model = build_tiny("llama")
     block = model.model.layers[1]

@@ -87,10 +87,17 @@ class Decomposition:
         return 0 < rank and rank * self.params_per_rank < self.full_params
 
     def truncate(self, rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Basis (rank, in) and each layer's coefficients (out, rank), float64."""
+        """Basis (rank, in) and each layer's coefficients (out, rank), float64.
+
+        Each component is rescaled so that its basis row and its coefficient column have the same RMS (the
+        product is unchanged). Unbalanced, whitening leaves coefficients of RMS ~10-100 against a basis of
+        ~1e-3, and an optimiser whose steps have about the same size for every element (Adam, when healing)
+        wrecks the basis in a few steps."""
         basis = self.basis[:rank]
         coefficients = self.coefficients[:, :rank]
-        return basis, list(coefficients.split(self.out_features, dim=0))
+        ratio = coefficients.pow(2).mean(0) / basis.pow(2).mean(1).clamp_min(torch.finfo(torch.float64).tiny)
+        scale = ratio.clamp_min(torch.finfo(torch.float64).tiny).pow(0.25)  # sqrt(rms(C) / rms(B))
+        return basis * scale[:, None], list((coefficients / scale).split(self.out_features, dim=0))
 
 
 def decompose(
