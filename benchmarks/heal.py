@@ -189,7 +189,10 @@ def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
         "lr": config.lr,
         "loss": {k: v for k, v in config.to_dict()["loss"].items() if v},
         "train": config.train,
-        "data": str(task.heal_data),
+        # The SmolLM2 heal text is written to a temporary file; name what it holds instead.
+        "data": str(task.heal_data)
+        if task.heal_data.parent == DATA / "stsbenchmark"
+        else "WikiText-2 test, first half",
         "calibration_tokens": task.calibration_tokens,
     }
     return rows, budget

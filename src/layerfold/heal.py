@@ -636,8 +636,9 @@ def checkpoint_dir_for(out: Path) -> Path:
     return out.parent / f"{out.name}.checkpoints"
 
 
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint whose trainer state was written (the last file Trainer writes)."""
+def last_complete_checkpoint(folder: Path, *, clean: bool = True) -> Path | None:
+    """The newest checkpoint whose trainer state was written (the last file Trainer writes); ``clean`` removes
+    the partial ones a killed run left."""
     if not folder.is_dir():
         return None
     found = [
@@ -646,21 +647,23 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
         if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
     ]
     complete = [p for p in found if (p / "trainer_state.json").is_file()]
-    for partial in set(found) - set(complete):  # a run killed while writing one
+    for partial in set(found) - set(complete) if clean else ():  # a run killed while writing one
         shutil.rmtree(partial, ignore_errors=True)
     return max(complete, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
 
 
 def _prepare_checkpoints(folder: Path, settings: dict, *, resume: bool, overwrite: bool, is_main: bool) -> Path | None:
     settings_file = folder / SETTINGS_NAME
+    if not is_main:
+        # The main process checks, clears and creates the folder (the others would see it appear and refuse).
+        return last_complete_checkpoint(folder, clean=False) if resume else None
     if folder.exists() and not resume:
         if not overwrite:
             raise LayerfoldError(
                 f"checkpoints of an earlier heal run are in {folder}: pass --resume to continue it "
                 "or --overwrite to start over"
             )
-        if is_main:
-            shutil.rmtree(folder)
+        shutil.rmtree(folder)
     start = None
     if resume and folder.exists():
         if settings_file.is_file():
@@ -674,9 +677,8 @@ def _prepare_checkpoints(folder: Path, settings: dict, *, resume: bool, overwrit
         start = last_complete_checkpoint(folder)
     if start is None and resume:
         print(f"layerfold: no complete checkpoint in {folder}; starting from the beginning")
-    if is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        settings_file.write_text(json.dumps(settings, indent=2, default=str) + "\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(settings, indent=2, default=str) + "\n")
     return start
 
 
