@@ -89,13 +89,18 @@ def read_sts(path: str | Path, limit: int | None = None) -> list[SentencePair]:
     return pairs
 
 
+def text_lines(text: str) -> list[str]:
+    """The non-empty lines of a text, whitespace collapsed, without WikiText ` = Title = ` lines."""
+    units = [" ".join(line.split()) for line in text.split("\n")]
+    return [u for u in units if u and not _WIKITEXT_TITLE.match(" " + u + " ")]
+
+
 def text_units(path: str | Path, limit: int | None = None) -> list[str]:
     """Short texts for sentence-level measures: STS-B sentences, or the non-empty paragraphs/lines of a text."""
     if is_sts_file(path):
         units = [s for pair in read_sts(path) for s in (pair.first, pair.second)]
     else:
-        units = [" ".join(p.split()) for p in re.split(r"\n\s*\n|\n", read_text(path))]
-        units = [u for u in units if u and not _WIKITEXT_TITLE.match(" " + u + " ")]
+        units = text_lines(read_text(path))
     if not units:
         raise LayerfoldError(f"{path}: no text found")
     return units[:limit] if limit else units

@@ -214,8 +214,7 @@ def _sentences(texts: list[str], kind: str) -> list[str]:
     """Encoders train on sentence-sized units: STS-B sentences as they are, other texts split into lines."""
     if kind == "sts":
         return texts
-    units = [" ".join(line.split()) for text in texts for line in text.split("\n")]
-    return [u for u in units if u and not datafiles._WIKITEXT_TITLE.match(" " + u + " ")]
+    return [line for text in texts for line in datafiles.text_lines(text)]
 
 
 @dataclass
