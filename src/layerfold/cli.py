@@ -328,6 +328,94 @@ def heal_command(
         _emit(as_json, report, heal_markdown(report))
 
 
+@app.command("analyze")
+def analyze_command(
+    model_dir: Path = typer.Argument(..., help="Original model: a local Hugging Face folder or a .gguf file."),
+    data: Path = typer.Option(..., "--data", help="Calibration text: plain, WikiText, STS-B, .jsonl or a datasets folder."),
+    out: Path = typer.Option(..., "--out", help="Folder for analysis.json, analysis.md and the heat-maps."),
+    calib_tokens: int = typer.Option(32768, "--calib-tokens", help="Calibration tokens to use."),
+    gate_steps: int = typer.Option(40, "--gate-steps", help="Steps to train the block gates (0: no gates)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the analysis as JSON."),
+) -> None:
+    """Measure where a model is redundant: Block Influence, layer similarity, weight similarity, gradients, gates."""
+    from .compress import analyze_model_dir
+
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer (the gates) prints on stdout
+        report = analyze_model_dir(
+            model_dir, data, out, tokens=calib_tokens, gate_steps=gate_steps, overwrite=overwrite
+        )
+    _emit(as_json, {k: v for k, v in report.items() if k != "markdown"}, report["markdown"])
+
+
+@app.command("plan")
+def plan_command(
+    model_dir: Path = typer.Argument(..., help="Original model: a local Hugging Face folder or a .gguf file."),
+    data: Path = typer.Option(..., "--data", help="Calibration text: plain, WikiText, STS-B, .jsonl or a datasets folder."),
+    out: Path = typer.Option(..., "--out", help="The plan file to write (.yaml or .json); the reasons go beside it (.md)."),
+    keep: Optional[float] = typer.Option(None, "--keep", help="Fraction of all unique parameters to keep."),
+    keep_blocks: Optional[float] = typer.Option(
+        None, "--keep-blocks", help="Fraction of the transformer-block parameters to keep."
+    ),
+    allow: str = typer.Option("drop,tie,basis,lora", "--allow", help="What the plan may use: drop, tie, basis, lora."),
+    calib_tokens: int = typer.Option(32768, "--calib-tokens", help="Calibration tokens to use."),
+    gate_steps: int = typer.Option(40, "--gate-steps", help="Steps to train the block gates (0: no gates)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the search as JSON."),
+) -> None:
+    """Search the fold plans within a budget and write the best one, with the proxy values of the best few."""
+    from .compress import plan_model_dir
+
+    with contextlib.redirect_stdout(sys.stderr):
+        report = plan_model_dir(
+            model_dir,
+            data,
+            out,
+            keep=keep,
+            keep_blocks=keep_blocks,
+            allow=allow,
+            tokens=calib_tokens,
+            gate_steps=gate_steps,
+            overwrite=overwrite,
+        )
+    _emit(as_json, report, f"Plan written to {report['out']}: {report['plan_summary']}\n\n{report['explanation']}")
+
+
+@app.command("compress")
+def compress_command(
+    model_dir: Path = typer.Argument(..., help="Original model: a local Hugging Face folder or a .gguf file."),
+    data: Path = typer.Option(..., "--data", help="Text for calibration and healing (plain, STS-B, .jsonl, datasets)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the compressed model and its reports to."),
+    keep: Optional[float] = typer.Option(None, "--keep", help="Fraction of all unique parameters to keep."),
+    keep_blocks: Optional[float] = typer.Option(
+        None, "--keep-blocks", help="Fraction of the transformer-block parameters to keep."
+    ),
+    allow: str = typer.Option("drop,tie,basis,lora", "--allow", help="What the plan may use: drop, tie, basis, lora."),
+    heal_steps: int = typer.Option(0, "--heal-steps", help="Distillation steps after folding (0: no healing)."),
+    calib_tokens: int = typer.Option(32768, "--calib-tokens", help="Calibration tokens to use."),
+    gate_steps: int = typer.Option(40, "--gate-steps", help="Steps to train the block gates (0: no gates)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Analyse, plan, fold, heal (optional) and evaluate in one command."""
+    from .compress import compress_markdown, compress_model_dir
+
+    with contextlib.redirect_stdout(sys.stderr):
+        report = compress_model_dir(
+            model_dir,
+            data,
+            out,
+            keep=keep,
+            keep_blocks=keep_blocks,
+            allow=allow,
+            tokens=calib_tokens,
+            gate_steps=gate_steps,
+            heal_steps=heal_steps,
+            overwrite=overwrite,
+        )
+    _emit(as_json, report, compress_markdown(report))
+
+
 @app.command("demo")
 def demo_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Keep the folded model here (default: a temp dir)."),

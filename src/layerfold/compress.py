@@ -1,0 +1,299 @@
+"""The analyse → plan → fold → heal → evaluate jobs behind ``layerfold analyze``, ``plan`` and ``compress``."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .analysis import Analysis, analysis_markdown, analyze, heatmaps
+from .api import check_output_path, size_report
+from .budget import Budget, kept_fractions
+from .calibrate import Calibration, calibration_batches
+from .errors import LayerfoldError
+from .evaluate import is_causal_lm
+from .families import family_of
+from .io import atomic_output_dir, load, load_source, load_tokenizer, write_folded
+from .planner import PlanSearch, Proxy, parse_allow, search
+from .report import markdown_table, size_table
+
+DEFAULT_TOKENS = 32768
+DECODER_WINDOW = 1024
+# At most this many calibration batches (and a quarter of them) are held out for the proxy: decoder windows, or
+# batches of 16 sentences.
+PROXY_BATCHES = {True: 2, False: 8}
+
+
+@dataclass
+class Prepared:
+    model: nn.Module
+    tokenizer: object
+    calibration: Calibration  # the batches the analysis and the methods fit on
+    proxy_batches: list[dict]  # held out from them, for the proxy
+    data: str
+
+
+def budget_from(keep: float | None, keep_blocks: float | None) -> Budget:
+    if (keep is None) == (keep_blocks is None):
+        raise LayerfoldError("give the budget as exactly one of --keep F or --keep-blocks F")
+    return Budget(keep if keep is not None else keep_blocks, blocks_only=keep_blocks is not None)
+
+
+def prepare(
+    model_dir: str | Path, data: str | Path, *, tokens: int = DEFAULT_TOKENS, window: int | None = None
+) -> Prepared:
+    """Load the original and cut the data into calibration batches, the last few held out for the proxy."""
+    from .heal import read_documents
+
+    texts, kind = read_documents(data)  # missing or empty data fails here, before the model loads
+    model = load_source(model_dir, dtype=torch.float32)
+    family_of(model)
+    tokenizer = load_tokenizer(model_dir)
+    causal = is_causal_lm(model)
+    source = data if kind in ("text", "sts") else texts
+    batches = calibration_batches(
+        model,
+        tokenizer,
+        source,
+        tokens=tokens,
+        window=window or (DECODER_WINDOW if causal else None),
+        batch_size=16,
+    )
+    if len(batches) < 2:
+        raise LayerfoldError(
+            f"{data}: too little text: the proxy needs a held-out batch besides the calibration batches "
+            f"({len(batches)} batch of calibration data; give more text or a larger --calib-tokens)"
+        )
+    held = min(PROXY_BATCHES[causal], max(1, len(batches) // 4))
+    calibration = Calibration(model, batches[:-held], {"data": str(data)})
+    return Prepared(model, tokenizer, calibration, batches[-held:], str(data))
+
+
+def run_analysis(prepared: Prepared, *, progress: bool = True, **options) -> Analysis:
+    return analyze(prepared.model, prepared.calibration, mask_token_id=prepared.tokenizer.mask_token_id, progress=progress, **options)
+
+
+def analyze_model_dir(
+    model_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    tokens: int = DEFAULT_TOKENS,
+    gate_steps: int = 40,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """``layerfold analyze``: analysis.json, analysis.md and heat-maps in ``out`` (written atomically)."""
+    start = time.perf_counter()
+    check_output_path(out, model_dir, overwrite)
+    prepared = prepare(model_dir, data, tokens=tokens)
+    analysis = run_analysis(prepared, gate_steps=gate_steps, progress=progress)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        images = heatmaps(analysis, tmp)
+        markdown = analysis_markdown(analysis, images)
+        (tmp / "analysis.json").write_text(json.dumps(analysis.to_dict(), indent=1) + "\n")
+        (tmp / "analysis.md").write_text(markdown + "\n")
+    return {
+        "model": str(model_dir),
+        "out": str(out),
+        "analysis": analysis.to_dict(),
+        "markdown": markdown,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def plan_for_budget(
+    prepared: Prepared,
+    budget: Budget,
+    *,
+    allow: Sequence[str] | str | None = None,
+    gate_steps: int = 40,
+    keep_model: bool = True,
+    progress: bool = True,
+) -> tuple[Analysis, PlanSearch]:
+    """Analyse (with the weight energy only between neighbours, which is all the planner reads) and search."""
+    allowed = parse_allow(allow)
+    analysis = run_analysis(prepared, energy_window=1, gate_steps=gate_steps, progress=progress)
+    proxy = Proxy(prepared.model, prepared.proxy_batches)
+    result = search(
+        prepared.model, prepared.calibration, analysis, budget, proxy, allow=allowed, keep_model=keep_model, progress=progress
+    )
+    return analysis, result
+
+
+def _write_plan(result: PlanSearch, path: Path, overwrite: bool) -> None:
+    plan = result.best.plan
+    plan.provenance = {
+        **plan.provenance,
+        "budget": {"fraction": result.budget.keep, "counts": "blocks" if result.budget.blocks_only else "all"},
+        "candidates": [{"name": c.name, result.proxy_name: c.proxy} for c in result.candidates[:5]],
+    }
+    if path.exists() and not overwrite:
+        raise LayerfoldError(f"output file already exists: {path} (pass --overwrite to replace it)")
+    text = plan.to_yaml() if path.suffix in (".yaml", ".yml") else plan.to_json()
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def plan_model_dir(
+    model_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    keep: float | None = None,
+    keep_blocks: float | None = None,
+    allow: str | Sequence[str] | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    gate_steps: int = 40,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """``layerfold plan``: the best plan within the budget, written to ``out`` (YAML or JSON) with the why."""
+    start = time.perf_counter()
+    budget = budget_from(keep, keep_blocks)
+    parse_allow(allow)
+    out = Path(out)
+    if out.suffix not in (".yaml", ".yml", ".json"):
+        raise LayerfoldError(f"--out: the plan file must end in .yaml, .yml or .json, got {out.name}")
+    if out.exists() and not overwrite:
+        raise LayerfoldError(f"output file already exists: {out} (pass --overwrite to replace it)")
+    if not out.parent.is_dir():
+        raise LayerfoldError(f"--out: folder does not exist: {out.parent}")
+    prepared = prepare(model_dir, data, tokens=tokens)
+    analysis, result = plan_for_budget(
+        prepared, budget, allow=allow, gate_steps=gate_steps, keep_model=False, progress=progress
+    )
+    _write_plan(result, out, overwrite)
+    explanation = result.explanation()
+    out.with_suffix(".md").write_text(explanation + "\n")
+    return {
+        "model": str(model_dir),
+        "out": str(out),
+        "plan": result.best.plan.to_dict(),
+        "plan_summary": result.best.plan.describe(),
+        "search": result.to_dict(),
+        "analysis_seconds": analysis.seconds,
+        "explanation": explanation,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def compress_model_dir(
+    model_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    keep: float | None = None,
+    keep_blocks: float | None = None,
+    allow: str | Sequence[str] | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    gate_steps: int = 40,
+    heal_steps: int = 0,
+    heal_config=None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """``layerfold compress``: analyse, plan, fold, optionally heal (from the original, on the same data) and
+    report, into one folded-model folder written atomically (with compress.json/.md, plan.yaml, analysis)."""
+    from .heal import HealConfig, heal
+
+    start = time.perf_counter()
+    budget = budget_from(keep, keep_blocks)
+    parse_allow(allow)
+    if heal_steps < 0:
+        raise LayerfoldError(f"--heal-steps must be 0 or more, got {heal_steps}")
+    check_output_path(out, model_dir, overwrite)
+    out = Path(out)
+    prepared = prepare(model_dir, data, tokens=tokens)
+    before = size_report(prepared.model, model_dir)
+    analysis, result = plan_for_budget(prepared, budget, allow=allow, gate_steps=gate_steps, progress=progress)
+    folded = result.best_model
+    fidelity = {"original": result.original_proxy, "folded": result.best.proxy}
+    healed_report = None
+    with atomic_output_dir(out, overwrite=overwrite) as final:
+        if heal_steps:
+            with tempfile.TemporaryDirectory(prefix="layerfold-compress-") as scratch:
+                unhealed = Path(scratch) / "folded"
+                unhealed.mkdir()
+                write_folded(folded, unhealed, source=model_dir)
+                config = heal_config or HealConfig(steps=heal_steps)
+                config.steps = heal_steps
+                healed_report = heal(unhealed, model_dir, data, final, config, overwrite=True)
+            folded = load(final)
+        else:
+            write_folded(folded, final, source=model_dir)
+        after = size_report(folded, final)
+        report = {
+            "model": str(model_dir),
+            "model_type": prepared.model.config.model_type,
+            "out": str(out),
+            "data": prepared.data,
+            "budget": {"fraction": budget.keep, "counts": "blocks" if budget.blocks_only else "all"},
+            **kept_fractions(before["parameters"], after["parameters"]),
+            "plan": result.best.plan.to_dict(),
+            "plan_summary": result.best.plan.describe(),
+            "search": result.to_dict(),
+            "proxy": {"name": result.proxy_name, "tokens": result.proxy_tokens, **fidelity},
+            "heal": None
+            if healed_report is None
+            else {
+                k: healed_report[k]
+                for k in ("steps", "settings", "tokens_this_run", "seconds_this_run", "fidelity_before", "fidelity_after")
+            },
+            "analysis_seconds": analysis.seconds,
+            "before": before,
+            "after": after,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        _write_plan(result, final / "plan.yaml", overwrite=True)
+        images = heatmaps(analysis, final)
+        (final / "analysis.json").write_text(json.dumps(analysis.to_dict(), indent=1) + "\n")
+        (final / "analysis.md").write_text(analysis_markdown(analysis, images) + "\n")
+        (final / "compress.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (final / "compress.md").write_text(compress_markdown(report, result) + "\n")
+    report["explanation"] = result.explanation()
+    return report
+
+
+def compress_markdown(report: dict, result: PlanSearch | None = None) -> str:
+    proxy = report["proxy"]
+    rows = [["original", f"{proxy['original']:.4f}"], ["folded", f"{proxy['folded']:.4f}"]]
+    heal = report.get("heal")
+    healed = []
+    if heal:
+        # The heal trains on all of the data, so its fidelity is measured on the heal's own held-out slice.
+        metric = "kl" if "after_kl" in heal["fidelity_after"] else "cosine"
+        healed = [
+            "",
+            f"Healed {heal['steps']} steps ({heal['tokens_this_run']:,} tokens, {heal['seconds_this_run']:.0f} s); "
+            f"{metric} on the heal's held-out slice: {heal['fidelity_before']['before_' + metric]:.4f} before, "
+            f"{heal['fidelity_after']['after_' + metric]:.4f} after.",
+        ]
+    lines = [
+        f"Compressed {report['model']} ({report['model_type']}) -> {report['out']}",
+        f"Plan: {report['plan_summary']}",
+        f"Budget: {report['budget']['fraction']:g} of the "
+        f"{'block' if report['budget']['counts'] == 'blocks' else 'unique'} parameters; kept {report['keep']:.1%} "
+        f"of all unique parameters and {report['keep_blocks']:.1%} of the block parameters.",
+        "",
+        size_table(report["before"], report["after"]),
+        "",
+        f"Fidelity to the original ({proxy['name']} on {proxy['tokens']} held-out calibration tokens):",
+        "",
+        markdown_table(["model", proxy["name"]], rows),
+        *healed,
+        "",
+        "Why this plan:",
+        "",
+        result.explanation() if result is not None else report.get("explanation", ""),
+        "",
+        f"Done in {report['seconds']:.0f} s.",
+    ]
+    return "\n".join(lines)

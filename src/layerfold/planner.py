@@ -1,0 +1,384 @@
+"""Choose a fold for a size budget: build candidate plans from the analysis and the registered methods, fold
+each, score it with a cheap proxy on held-out calibration data, keep the best.
+
+Candidates (by ``allow``):
+
+- ``drop``: remove the blocks with the smallest FoldGPT gates, the lowest Block Influence or angular distance
+  (ShortGPT), evenly spaced blocks, or LaCo's merges of adjacent blocks.
+- ``tie``: tie the layers into K groups by a fixed pattern (cycle, sequence) or by clustering the layers whose
+  weights, outputs (CKA) or gradients agree most (average linkage); with ``drop`` as well, remove the blocks
+  with the smallest gates for half the saving and tie the rest.
+- ``lora``: a tie with one block fewer and the freed parameters spent on per-layer SVD-initialised LoRA.
+- ``basis``: Basis Sharing and whitened SVD, with uniform ranks or ranks allocated by sensitivity.
+
+Whole-block candidates keep ⌊budget⌋ blocks, and every folded candidate is counted: a plan that keeps more
+unique parameters than the budget allows is retried with one block fewer or rejected, so the chosen plan never
+exceeds the budget. The proxy is the mean KL divergence of next-token distributions from the original's
+(decoders) or the mean cosine of mean-pooled sentence embeddings to the original's (encoders).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .analysis import Analysis
+from .budget import Budget, kept_fractions
+from .calibrate import Calibration
+from .errors import LayerfoldError
+from .evaluate import is_causal_lm
+from .families import family_of, projection_shape
+from .fold import fold
+from .plan import FoldPlan
+from .report import markdown_table, parameter_breakdown
+
+ALLOW_CHOICES = ("drop", "tie", "basis", "lora")
+
+
+def parse_allow(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    items = ALLOW_CHOICES if text is None else [t.strip() for t in (text.split(",") if isinstance(text, str) else text)]
+    items = [t for t in items if t]
+    unknown = [t for t in items if t not in ALLOW_CHOICES]
+    if unknown or not items:
+        raise LayerfoldError(
+            f"--allow: unknown kind '{unknown[0] if unknown else text}' (choose from {', '.join(ALLOW_CHOICES)})"
+        )
+    if "lora" in items and "tie" not in items:
+        raise LayerfoldError("--allow lora relaxes tied blocks: allow tie as well (--allow tie,lora)")
+    return tuple(dict.fromkeys(items))
+
+
+# ---- the proxy -----------------------------------------------------------------------------------------------
+class Proxy:
+    """Fidelity to the original on held-out batches: KL of next-token distributions (decoders, lower is
+    better) or cosine of mean-pooled embeddings (encoders, higher is better). ``score`` is higher-better."""
+
+    def __init__(self, original: nn.Module, batches: Sequence[dict]) -> None:
+        self.batches = list(batches)
+        self.causal = is_causal_lm(original)
+        self.name = "next-token KL" if self.causal else "embedding cosine"
+        self.tokens = int(sum(int(b["attention_mask"].sum()) for b in self.batches))
+        self.reference = [self._output(original, b) for b in self.batches]
+
+    @torch.no_grad()
+    def _output(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        model.eval()
+        if self.causal:
+            return F.log_softmax(model(**batch, use_cache=False).logits.float(), dim=-1)
+        hidden = model(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+
+    def value(self, model: nn.Module) -> float:
+        total = 0.0
+        for batch, reference in zip(self.batches, self.reference):
+            output = self._output(model, batch)
+            if self.causal:
+                mask = batch["attention_mask"].bool()
+                kl = (reference.exp() * (reference - output)).sum(-1)
+                total += float(kl[mask].sum())
+            else:
+                total += float((reference * output).sum())
+        count = self.tokens if self.causal else sum(len(r) for r in self.reference)
+        return total / count
+
+    def score(self, value: float) -> float:
+        return -value if self.causal else value
+
+
+# ---- candidates ------------------------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    name: str
+    kind: str
+    plan: FoldPlan | None = None
+    proxy: float | None = None
+    keep: float | None = None
+    keep_blocks: float | None = None
+    seconds: float | None = None
+    rejected: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "proxy": self.proxy,
+            "keep": self.keep,
+            "keep_blocks": self.keep_blocks,
+            "seconds": self.seconds,
+            "rejected": self.rejected,
+            "plan_summary": self.plan.describe() if self.plan is not None else None,
+        }
+
+
+def cluster(similarity: np.ndarray, layers: Sequence[int], groups: int) -> list[list[int]]:
+    """Average-linkage agglomerative clustering of ``layers`` into ``groups`` clusters (most similar first)."""
+    clusters = [[i] for i in layers]
+    while len(clusters) > max(groups, 1):
+        best, pair = -math.inf, (0, 1)
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                value = float(np.nanmean([similarity[i, j] for i in clusters[a] for j in clusters[b]]))
+                if value > best:
+                    best, pair = value, (a, b)
+        a, b = pair
+        clusters[a] = sorted(clusters[a] + clusters[b])
+        del clusters[b]
+    return sorted(clusters)
+
+
+def _lowest(scores: Sequence[float], count: int) -> list[int]:
+    return sorted(sorted(range(len(scores)), key=lambda i: scores[i])[:count])
+
+
+def _tie_plan(num_layers: int, groups: list[list[int]], drop: Sequence[int] = (), rank: int = 0) -> FoldPlan:
+    return FoldPlan.from_groups([g for g in groups if len(g) >= 2], drop=drop, num_layers=num_layers, rank=rank)
+
+
+def _relaxation_cost(model: nn.Module, tied_layers: int) -> int:
+    """Parameters one unit of LoRA rank costs over ``tied_layers`` layers (every projection: in + out)."""
+    family = family_of(model)
+    block = family.layer_list(model)[0]
+    return tied_layers * sum(sum(projection_shape(block.get_submodule(p))) for p in family.projections)
+
+
+@dataclass
+class PlanSearch:
+    budget: Budget
+    allowed: int  # unique parameters the budget allows (of the counted kind)
+    proxy_name: str
+    proxy_tokens: int
+    original_proxy: float
+    candidates: list[Candidate]  # scored, best first
+    rejected: list[Candidate]
+    best_model: nn.Module | None = field(default=None, repr=False)
+    seconds: float = 0.0
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[0]
+
+    def explanation(self, top: int = 5) -> str:
+        direction = "lower is better" if self.proxy_name == "next-token KL" else "higher is better"
+        rows = [
+            [
+                str(rank + 1),
+                c.name,
+                f"{c.proxy:.4f}",
+                f"{c.keep_blocks:.1%}",
+                f"{c.keep:.1%}",
+                c.plan.describe() if c.plan else "",
+            ]
+            for rank, c in enumerate(self.candidates[:top])
+        ]
+        lines = [
+            f"Chose **{self.best.name}**: its {self.proxy_name} to the original on {self.proxy_tokens} held-out "
+            f"calibration tokens is {self.best.proxy:.4f} ({direction}; the original itself scores "
+            f"{self.original_proxy:.4f})"
+            + (
+                f", against {self.candidates[1].proxy:.4f} for the next best, {self.candidates[1].name}."
+                if len(self.candidates) > 1
+                else "."
+            ),
+            "",
+            markdown_table(["#", "candidate", self.proxy_name, "blocks kept", "all kept", "plan"], rows),
+        ]
+        if self.rejected:
+            lines += ["", "Not eligible: " + "; ".join(f"{c.name} ({c.rejected})" for c in self.rejected) + "."]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget": {"fraction": self.budget.keep, "counts": "blocks" if self.budget.blocks_only else "all"},
+            "allowed_parameters": self.allowed,
+            "proxy": {"name": self.proxy_name, "tokens": self.proxy_tokens, "original": self.original_proxy},
+            "best": self.best.to_dict(),
+            "candidates": [c.to_dict() for c in self.candidates],
+            "rejected": [c.to_dict() for c in self.rejected],
+            "seconds": self.seconds,
+        }
+
+
+def _generators(
+    model: nn.Module, analysis: Analysis, allow: Sequence[str], calibration: Calibration
+) -> list[tuple[str, str, Callable[[int], FoldPlan | None], bool]]:
+    """(name, kind, plan for K unique blocks (or for the budget), counts in blocks?) per candidate."""
+    from .methods import registry
+
+    L = analysis.num_layers
+    out: list[tuple[str, str, Callable[[int], FoldPlan | None], bool]] = []
+
+    def drop_lowest(scores):
+        return lambda k: FoldPlan.from_groups([], drop=_lowest(scores, L - k), num_layers=L)
+
+    if "drop" in allow:
+        if analysis.gates:
+            out.append(("drop: smallest gates", "drop", drop_lowest(analysis.gates), True))
+        out.append(("drop: lowest Block Influence", "drop", drop_lowest(analysis.block_influence), True))
+        out.append(("drop: lowest angular distance", "drop", drop_lowest(analysis.angular_distance), True))
+        out.append(
+            (
+                "drop: evenly spaced",
+                "drop",
+                lambda k: FoldPlan.from_groups(
+                    [], drop=sorted(set(range(L)) - set(registry.evenly_spaced(L, k))), num_layers=L
+                ),
+                True,
+            )
+        )
+        laco = registry.get("laco")
+        out.append(
+            (
+                "drop: LaCo merges of 3",
+                "drop",
+                lambda k: laco.plan(model, Budget(k / L, blocks_only=True), calibration, merge=3, threshold=0.0),
+                True,
+            )
+        )
+    similarities = {"weights": 1.0 - analysis.mean_weight_distance(), "outputs": np.array(analysis.output_cka)}
+    if analysis.gradient_match:
+        similarities["gradients"] = np.array(analysis.gradient_match)
+    if "tie" in allow:
+        out.append(("tie: cycle", "tie", lambda k: FoldPlan.cycle(L, k), True))
+        out.append(("tie: sequence", "tie", lambda k: FoldPlan.sequence(L, k), True))
+        for source, matrix in similarities.items():
+            out.append(
+                (f"tie: similar {source}", "tie", lambda k, m=matrix: _tie_plan(L, cluster(m, range(L), k)), True)
+            )
+        if "drop" in allow:
+            gates = analysis.gates or analysis.block_influence
+            matrix = similarities.get("gradients", similarities["weights"])
+
+            def drop_and_tie(k: int, gates=gates, matrix=matrix) -> FoldPlan:
+                drop = _lowest(gates, (L - k + 1) // 2)
+                kept = [i for i in range(L) if i not in drop]
+                return _tie_plan(L, cluster(matrix, kept, k), drop=drop)
+
+            out.append(("drop + tie: smallest gates, then similar layers", "drop+tie", drop_and_tie, True))
+    if "lora" in allow:
+        for source, make in (
+            ("cycle", lambda k: FoldPlan.cycle(L, k)),
+            (
+                f"similar {'gradients' if 'gradients' in similarities else 'weights'}",
+                lambda k: _tie_plan(L, cluster(similarities.get("gradients", similarities["weights"]), range(L), k)),
+            ),
+        ):
+            out.append((f"tie + LoRA: {source}", "lora", make, True))
+    if "basis" in allow:
+        ends = {"allocation": "sensitivity", "whole": [0, -1]}
+        for method, options, label in (
+            ("basis", {"allocation": "uniform"}, "uniform ranks"),
+            ("basis", ends, "sensitivity ranks, ends whole"),
+            ("svd", {"allocation": "uniform"}, "uniform ranks"),
+            ("svd", ends, "sensitivity ranks, ends whole"),
+        ):
+            chosen = registry.get(method)
+            out.append(
+                (
+                    f"{method}: {label}",
+                    "basis",
+                    lambda budget, m=chosen, o=options: m.plan(model, budget, calibration, **o),
+                    False,
+                )
+            )
+    return out
+
+
+def search(
+    model: nn.Module,
+    calibration: Calibration,
+    analysis: Analysis,
+    budget: Budget,
+    proxy: Proxy,
+    *,
+    allow: Sequence[str] = ALLOW_CHOICES,
+    keep_model: bool = True,
+    progress: bool = True,
+) -> PlanSearch:
+    """Fold the original with every candidate the budget and ``allow`` admit, score each with ``proxy``, and
+    return them best first (the best folded model in ``best_model`` when ``keep_model``)."""
+    start = time.perf_counter()
+    allow = parse_allow(allow)
+    L = analysis.num_layers
+    original_params = parameter_breakdown(model)
+    counted_key = "blocks" if budget.blocks_only else "total"
+    allowed = budget.counted(model) - budget.reduction(model)
+    per_block = original_params["blocks"] / L
+    block_allowance = allowed - (0 if budget.blocks_only else original_params["total"] - original_params["blocks"])
+    whole_blocks = min(L, int(math.floor(block_allowance / per_block + 1e-9)))
+
+    scored, rejected = [], []
+    best_model, best_score = None, -math.inf
+    statistics = None
+    generators = _generators(model, analysis, allow, calibration)
+    for name, kind, make, in_blocks in tqdm(generators, desc="planning", unit="candidate", disable=not progress):
+        started = time.perf_counter()
+        candidate = Candidate(name, kind)
+        if in_blocks and whole_blocks < (2 if kind == "lora" else 1):
+            candidate.rejected = f"the budget leaves room for {max(whole_blocks, 0)} whole blocks"
+            rejected.append(candidate)
+            continue
+        folded, blocks = None, whole_blocks - (1 if kind == "lora" else 0)
+        try:
+            while folded is None:
+                plan = make(blocks) if in_blocks else make(budget)
+                if plan is None:
+                    raise LayerfoldError("the method leaves the model as it is")
+                if kind == "lora":
+                    tied = sum(len(g) for g in plan.groups if len(g) >= 2)
+                    base = parameter_breakdown(fold(copy.deepcopy(model), plan, progress=False))[counted_key]
+                    rank = (allowed - base) // max(_relaxation_cost(model, tied), 1)
+                    if rank < 1:
+                        raise LayerfoldError("no room for a relaxation of rank 1")
+                    plan.rank = int(rank)
+                if plan.factors and plan.whiten and statistics is None:
+                    statistics = calibration.statistics(progress=False)
+                trial = fold(
+                    copy.deepcopy(model), plan, calibration=statistics if plan.factors else None, progress=False
+                )
+                if parameter_breakdown(trial)[counted_key] <= allowed:
+                    folded = trial
+                elif in_blocks and blocks > 1:
+                    blocks -= 1  # per-layer norms and biases tipped it over: one block fewer
+                else:
+                    raise LayerfoldError("keeps more parameters than the budget allows")
+        except LayerfoldError as err:
+            candidate.rejected = str(err).split(": ")[-1] if ": " in str(err) else str(err)
+            rejected.append(candidate)
+            continue
+        candidate.plan = plan
+        candidate.proxy = proxy.value(folded)
+        fractions = kept_fractions(original_params, parameter_breakdown(folded))
+        candidate.keep, candidate.keep_blocks = fractions["keep"], fractions["keep_blocks"]
+        candidate.seconds = round(time.perf_counter() - started, 2)
+        scored.append(candidate)
+        if proxy.score(candidate.proxy) > best_score:
+            best_score = proxy.score(candidate.proxy)
+            best_model = folded if keep_model else None
+        del folded
+    if not scored:
+        reasons = "; ".join(dict.fromkeys(c.rejected for c in rejected)) or "no candidates"
+        raise LayerfoldError(f"no allowed method fits {budget.option} {budget.keep:g}: {reasons}")
+    scored.sort(key=lambda c: -proxy.score(c.proxy))
+    for c in scored:
+        c.plan.provenance = {"planner": c.name, "proxy": {proxy.name: c.proxy}}
+    return PlanSearch(
+        budget=budget,
+        allowed=allowed,
+        proxy_name=proxy.name,
+        proxy_tokens=proxy.tokens,
+        original_proxy=proxy.value(model),
+        candidates=scored,
+        rejected=rejected,
+        best_model=best_model,
+        seconds=round(time.perf_counter() - start, 2),
+    )

@@ -1,0 +1,244 @@
+"""Analysis, the plan search and the analyze / plan / compress commands, on tiny models with a real tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny, save_tiny_with_tokenizer
+
+from layerfold.analysis import GatedStack, Analysis, output_similarity, train_gates, weight_similarity
+from layerfold.budget import Budget
+from layerfold.cli import main
+from layerfold.compress import plan_for_budget, prepare
+from layerfold.demo import pydoc_paragraphs
+from layerfold.families import family_of
+from layerfold.io import load
+from layerfold.plan import FoldPlan
+from layerfold.planner import cluster
+from layerfold.report import parameter_breakdown
+
+TWINS = (1, 2)  # in the "twins" models, block 2 is an exact copy of block 1
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = save_tiny_with_tokenizer(tmp_path_factory.mktemp("plan"))
+    (root / "text.txt").write_text("\n\n".join(pydoc_paragraphs(400)))
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "bert")
+    for name in ("llama", "bert"):
+        model = (AutoModelForCausalLM if name == "llama" else AutoModel).from_pretrained(root / name)
+        layers = family_of(model).layer_list(model)
+        layers[TWINS[1]].load_state_dict(layers[TWINS[0]].state_dict())
+        model.save_pretrained(root / f"{name}-twins")
+        tokenizer.save_pretrained(root / f"{name}-twins")
+    return root
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ---- the measurements -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_analysis_reports_identical_blocks_as_identical(saved, name):
+    prepared = prepare(saved / f"{name}-twins", saved / "text.txt", tokens=4096, window=256)
+    analysis, _ = plan_for_budget(prepared, Budget(0.8, blocks_only=True), allow="tie", gate_steps=4, progress=False)
+    i, j = TWINS
+    for path, distance in analysis.weight_distance.items():
+        assert distance[i][j] == pytest.approx(0.0, abs=1e-6), path
+        assert analysis.shared_energy[path][i][j] == pytest.approx(1.0, abs=1e-5), path
+        others = [distance[a][b] for a in range(4) for b in range(a + 1, 4) if (a, b) != TWINS]
+        assert min(others) > 0.3, path
+    assert analysis.most_similar_pairs(1)[0]["layers"] == list(TWINS)
+    assert np.allclose(np.diag(analysis.output_cka), 1.0, atol=1e-4)
+    assert np.allclose(np.diag(analysis.gradient_match), 1.0, atol=1e-4)
+    assert np.allclose(analysis.gradient_match, np.array(analysis.gradient_match).T, atol=1e-6)
+    # The analysis round-trips through JSON.
+    assert Analysis.from_dict(json.loads(json.dumps(analysis.to_dict()))).to_dict() == analysis.to_dict()
+
+
+def test_output_similarity_of_equal_and_scaled_outputs():
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    outputs = torch.stack([x, 3.0 * x, torch.randn(64, 16)])
+    cosine, cka = output_similarity(outputs)
+    assert cosine[0, 1] == pytest.approx(1.0, abs=1e-5) and cka[0, 1] == pytest.approx(1.0, abs=1e-5)
+    assert cka[0, 2] < 0.5 and abs(cosine[0, 2]) < 0.3
+
+
+def test_shared_energy_is_below_one_for_different_weights():
+    model = build_tiny("llama")
+    distances, energies = weight_similarity(model, energy_window=1, progress=False)
+    for path, energy in energies.items():
+        assert np.all(np.diag(energy) == 1.0)
+        assert np.all(energy[[0, 1, 2], [1, 2, 3]] < 0.999), path
+        assert np.isnan(energy[0, 3])  # outside the window: not measured
+        assert np.all(distances[path][[0, 1, 2], [1, 2, 3]] > 0.5)
+
+
+def test_gates_start_as_the_model_and_shrink_most_for_a_useless_block():
+    model = build_tiny("llama")
+    batch = {"input_ids": torch.randint(3, 128, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    with torch.no_grad():
+        reference = model.base_model(**batch).last_hidden_state
+        gated = GatedStack(model)
+        assert torch.allclose(gated(**batch), reference, atol=1e-6)  # all gates 1: the model as it is
+        gated.remove()
+        block = family_of(model).layer_list(model)[2]
+        block.self_attn.o_proj.weight.mul_(1e-3)
+        block.mlp.down_proj.weight.mul_(1e-3)
+    gates = train_gates(model, [batch], steps=12, progress=False)
+    assert int(np.argmin(gates)) == 2, gates
+    assert gates[2] < min(gates[i] for i in (0, 1, 3)) - 0.1, gates
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_cluster_groups_the_most_similar_layers_first():
+    similarity = np.array([[1, 0.1, 0.2, 0.1], [0.1, 1, 0.9, 0.3], [0.2, 0.9, 1, 0.1], [0.1, 0.3, 0.1, 1]])
+    assert cluster(similarity, range(4), 3) == [[0], [1, 2], [3]]
+    assert cluster(similarity, range(4), 1) == [[0, 1, 2, 3]]
+
+
+# ---- the search -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_planner_ties_identical_blocks_first(saved, name):
+    prepared = prepare(saved / f"{name}-twins", saved / "text.txt", tokens=4096, window=256)
+    _, result = plan_for_budget(prepared, Budget(0.8, blocks_only=True), allow="tie", gate_steps=0, progress=False)
+    best = result.best
+    assert best.plan.tie_groups() == [(0, list(TWINS))], result.explanation()
+    # Tying two identical blocks loses nothing: the proxy equals the original's.
+    assert best.proxy == pytest.approx(result.original_proxy, abs=1e-5)
+    assert result.candidates[0].proxy == best.proxy and len(result.candidates) >= 3
+    assert "Chose" in result.explanation()
+
+
+@pytest.mark.parametrize(
+    # The tiny models' 30k-token embeddings are 98 % of their parameters: --keep budgets sit close to 1.
+    "budget", [Budget(0.5, blocks_only=True), Budget(0.7, blocks_only=True), Budget(0.99)]
+)
+def test_every_candidate_and_the_plan_respect_the_budget(saved, budget):
+    prepared = prepare(saved / "llama", saved / "text.txt", tokens=4096, window=256)
+    model = prepared.model
+    allowed = budget.counted(model) - budget.reduction(model)
+    _, result = plan_for_budget(prepared, budget, gate_steps=2, progress=False)
+    assert result.allowed == allowed
+    counted = "blocks" if budget.blocks_only else "total"
+    assert parameter_breakdown(result.best_model)[counted] <= allowed
+    fraction = "keep_blocks" if budget.blocks_only else "keep"
+    for candidate in result.candidates:
+        assert getattr(candidate, fraction) <= budget.keep + 1e-9, candidate
+    # The basis candidates spend the budget nearly to the parameter.
+    basis = [c for c in result.candidates if c.kind == "basis"]
+    assert basis and max(getattr(c, fraction) for c in basis) > budget.keep - 0.02
+    # The scores are sorted best first (lower KL for a decoder).
+    values = [c.proxy for c in result.candidates]
+    assert values == sorted(values)
+
+
+# ---- the commands ---------------------------------------------------------------------------------------------
+def test_analyze_writes_json_markdown_and_heatmaps(capsys, saved, tmp_path):
+    out = tmp_path / "analysis"
+    code, stdout, err = run(
+        capsys, "analyze", saved / "llama", "--data", saved / "text.txt", "--out", out, "--calib-tokens", "4096",
+        "--gate-steps", "3", "--json",
+    )
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert len(report["analysis"]["block_influence"]) == 4 and len(report["analysis"]["gates"]) == 4
+    for name in ("analysis.json", "analysis.md", "output_similarity.png", "weight_similarity.png", "gradient_match.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "output_similarity.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Block Influence" in (out / "analysis.md").read_text()
+
+
+def test_plan_writes_a_plan_that_folds(capsys, saved, tmp_path):
+    out = tmp_path / "plan.yaml"
+    code, stdout, err = run(
+        capsys, "plan", saved / "bert", "--data", saved / "text.txt", "--keep-blocks", "0.5", "--allow", "drop,tie",
+        "--out", out, "--calib-tokens", "4096", "--gate-steps", "3",
+    )
+    assert code == 0, err
+    assert "Chose" in stdout and out.with_suffix(".md").is_file()
+    plan = FoldPlan.load(out)
+    assert plan.provenance["planner"] and len(plan.provenance["candidates"]) >= 3
+    code, _, err = run(capsys, "fold", saved / "bert", "--plan", out, "--out", tmp_path / "folded")
+    assert code == 0, err
+    folded = load(tmp_path / "folded")
+    original = parameter_breakdown(load_original(saved / "bert"))
+    assert parameter_breakdown(folded)["blocks"] <= 0.5 * original["blocks"]
+
+
+def load_original(path):
+    from layerfold.io import load_source
+
+    return load_source(path)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_compress_with_healing_writes_a_loadable_model_and_reports(capsys, saved, tmp_path, name):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    out = tmp_path / "small"
+    code, stdout, err = run(
+        capsys, "compress", saved / name, "--data", saved / "text.txt", "--keep-blocks", "0.5", "--out", out,
+        "--calib-tokens", "4096", "--gate-steps", "3", "--heal-steps", "3", "--json",
+    )
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["keep_blocks"] <= 0.5 and report["heal"]["steps"] == 3
+    for file in ("compress.json", "compress.md", "plan.yaml", "analysis.json", "config.json", "heal.json"):
+        assert (out / file).is_file(), file
+    model = load(out)
+    loader = AutoModelForCausalLM if name == "llama" else AutoModel
+    remote = loader.from_pretrained(out, trust_remote_code=True)
+    inputs = {"input_ids": torch.randint(3, 100, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    with torch.no_grad():
+        a, b = model(**inputs), remote(**inputs)
+    key = "logits" if name == "llama" else "last_hidden_state"
+    assert torch.equal(getattr(a, key), getattr(b, key))
+    assert not list(tmp_path.glob(".small*"))  # no partial or checkpoint folders left behind
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--keep-blocks", "1.5"], "--keep-blocks: must be a fraction"),
+        (["--keep", "0"], "--keep: must be a fraction"),
+        (["--keep", "0.5", "--keep-blocks", "0.5"], "exactly one of"),
+        (["--keep-blocks", "0.1", "--allow", "drop,tie"], "no allowed method fits"),
+        (["--keep-blocks", "0.5", "--allow", "fold"], "--allow: unknown kind 'fold'"),
+        (["--keep-blocks", "0.5", "--allow", "lora"], "allow tie as well"),
+        (["--keep-blocks", "0.5", "--data-missing"], "data not found"),
+        (["--keep-blocks", "0.5", "--tiny-data"], "calibration data too short"),
+    ],
+)
+def test_bad_input_gives_one_line(capsys, saved, tmp_path, args, message):
+    data = saved / "text.txt"
+    if "--data-missing" in args:
+        args, data = [a for a in args if a != "--data-missing"], tmp_path / "none.txt"
+    if "--tiny-data" in args:
+        (tmp_path / "tiny.txt").write_text("A few words, no more than a line of text.\n")
+        args, data = [a for a in args if a != "--tiny-data"], tmp_path / "tiny.txt"
+    for command, out in (("plan", tmp_path / "p.yaml"), ("compress", tmp_path / "c")):
+        code, stdout, err = run(
+            capsys, command, saved / "bert", "--data", data, "--out", out, "--calib-tokens", "4096",
+            "--gate-steps", "2", *args,
+        )
+        assert code == 2, (command, stdout, err)
+        lines = [line for line in err.splitlines() if line.startswith("layerfold: error:")]
+        assert len(lines) == 1 and message in lines[0], (command, err)
+        assert "Traceback" not in err and not out.exists()
+
+
+def test_existing_plan_file_is_kept_without_overwrite(capsys, saved, tmp_path):
+    out = tmp_path / "plan.yaml"
+    out.write_text("mine\n")
+    code, _, err = run(capsys, "plan", saved / "bert", "--data", saved / "text.txt", "--keep-blocks", "0.5", "--out", out)
+    assert code == 2 and "--overwrite" in err and out.read_text() == "mine\n"
