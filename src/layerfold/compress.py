@@ -76,7 +76,13 @@ def prepare(
 
 
 def run_analysis(prepared: Prepared, *, progress: bool = True, **options) -> Analysis:
-    return analyze(prepared.model, prepared.calibration, mask_token_id=prepared.tokenizer.mask_token_id, progress=progress, **options)
+    return analyze(
+        prepared.model,
+        prepared.calibration,
+        mask_token_id=prepared.tokenizer.mask_token_id,
+        progress=progress,
+        **options,
+    )
 
 
 def analyze_model_dir(
@@ -122,7 +128,14 @@ def plan_for_budget(
     analysis = run_analysis(prepared, energy_window=1, gate_steps=gate_steps, progress=progress)
     proxy = Proxy(prepared.model, prepared.proxy_batches)
     result = search(
-        prepared.model, prepared.calibration, analysis, budget, proxy, allow=allowed, keep_model=keep_model, progress=progress
+        prepared.model,
+        prepared.calibration,
+        analysis,
+        budget,
+        proxy,
+        allow=allowed,
+        keep_model=keep_model,
+        progress=progress,
     )
     return analysis, result
 
@@ -245,7 +258,14 @@ def compress_model_dir(
             if healed_report is None
             else {
                 k: healed_report[k]
-                for k in ("steps", "settings", "tokens_this_run", "seconds_this_run", "fidelity_before", "fidelity_after")
+                for k in (
+                    "steps",
+                    "settings",
+                    "tokens_this_run",
+                    "seconds_this_run",
+                    "fidelity_before",
+                    "fidelity_after",
+                )
             },
             "analysis_seconds": analysis.seconds,
             "before": before,

@@ -1,23 +1,20 @@
-"""``make demo``: fold the embedded default model, all-MiniLM-L6-v2, and show what it costs and keeps."""
+"""``make demo``: compress the embedded default model, all-MiniLM-L6-v2, and show what it costs and keeps."""
 
 from __future__ import annotations
 
-import copy
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .api import check_output_path, size_report
+from .api import check_output_path
 from .errors import LayerfoldError
 from .evaluate import embedding_fidelity, sentence_embeddings
-from .fold import fold
-from .io import load, load_source, save
-from .plan import FoldPlan
-from .report import SIZE_HEADER, markdown_table, size_rows
+from .io import load, load_source
 
 DEMO_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+HELD_OUT = 128
 
 
 def default_model_path() -> Path:
@@ -43,60 +40,63 @@ def pydoc_paragraphs(limit: int = 128, min_words: int = 20) -> list[str]:
     return paragraphs[:limit]
 
 
-def run_demo(*, out: Path | None = None, unique: int = 3, rank: int = 8, overwrite: bool = False) -> dict:
+def run_demo(
+    *, out: Path | None = None, keep_blocks: float = 0.5, heal_steps: int = 40, overwrite: bool = False
+) -> dict:
+    """``layerfold compress`` on the embedded default model with pydoc text: the last 128 paragraphs are held
+    out from calibration and healing, and measured at the end (cosine of sentence embeddings)."""
+    from .compress import compress_model_dir
+    from .heal import HealConfig
+
     start = time.perf_counter()
     torch.manual_seed(0)
     model_path = default_model_path()
     if out is not None:
         check_output_path(out, model_path, overwrite)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    original = load_source(model_path)
-    plan = FoldPlan.cycle(len(original.encoder.layer), unique, rank=rank)
-    before = size_report(original, model_path)
-    folded = fold(copy.deepcopy(original), plan)
-
+    paragraphs = pydoc_paragraphs(limit=100_000, min_words=8)
+    held_out, train = paragraphs[-HELD_OUT:], paragraphs[:-HELD_OUT]
     with tempfile.TemporaryDirectory() as scratch:
-        target = Path(out) if out is not None else Path(scratch) / "minilm-folded"
-        save(folded, target, source=model_path, overwrite=overwrite)
-        reloaded = load(target)
-        after = size_report(reloaded, target)
+        text = Path(scratch) / "pydoc.txt"
+        text.write_text("\n\n".join(train) + "\n")
+        target = Path(out) if out is not None else Path(scratch) / "minilm-compressed"
+        report = compress_model_dir(
+            model_path,
+            text,
+            target,
+            keep_blocks=keep_blocks,
+            tokens=16384,
+            gate_steps=20,
+            heal_steps=heal_steps,
+            heal_config=HealConfig(steps=heal_steps, batch=32, lr=2e-4, eval_examples=128),
+            overwrite=overwrite,
+            progress=True,
+        )
+        from transformers import AutoTokenizer
 
-    texts = pydoc_paragraphs()
-    reference = sentence_embeddings(original, tokenizer, texts)
-    in_memory = sentence_embeddings(folded, tokenizer, texts)
-    from_disk = sentence_embeddings(reloaded, tokenizer, texts)
-    fidelity = embedding_fidelity(reference, from_disk)
-    return {
-        "model": DEMO_MODEL,
-        "model_path": str(model_path),
-        "plan": plan.to_dict(),
-        "plan_summary": plan.describe(),
-        "out": str(out) if out is not None else None,
-        "before": before,
-        "after": after,
-        "text": f"pydoc_data.topics, {fidelity['count']} paragraphs",
-        "cosine_to_original": fidelity,
-        "reload_bit_identical": bool(torch.equal(in_memory, from_disk)),
-        "seconds": round(time.perf_counter() - start, 1),
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        reference = sentence_embeddings(load_source(model_path), tokenizer, held_out)
+        compressed = sentence_embeddings(load(target), tokenizer, held_out)
+    report["model"] = DEMO_MODEL
+    report["out"] = str(out) if out is not None else None
+    report["held_out_cosine"] = {
+        **embedding_fidelity(reference, compressed),
+        "text": f"pydoc_data.topics, last {HELD_OUT} paragraphs",
     }
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    return report
 
 
 def demo_markdown(report: dict) -> str:
-    fidelity = report["cosine_to_original"]
-    rows = size_rows(report["before"], report["after"])
-    rows.append(["mean cosine of sentence embeddings", "1.000", f"{fidelity['mean']:.3f}", ""])
-    lines = [
-        f"{report['model']}: {report['plan_summary']}",
-        "",
-        markdown_table(SIZE_HEADER, rows),
-        "",
-        f"Cosine between the original's and the reloaded folded model's mean-pooled embeddings on "
-        f"{report['text']} (min {fidelity['min']:.3f}).",
-        f"Reloaded from disk: {'bit-identical to' if report['reload_bit_identical'] else 'DIFFERENT from'} "
-        "the folded model in memory." + (f" Kept at {report['out']}." if report["out"] else ""),
-        "Folding without training loses quality; healing by distillation recovers it.",
-        f"Done in {report['seconds']:.0f} s.",
-    ]
-    return "\n".join(lines)
+    from .compress import compress_markdown
+
+    cosine = report["held_out_cosine"]
+    return "\n".join(
+        [
+            compress_markdown(report),
+            "",
+            f"Reloaded from disk, the compressed model's sentence embeddings have a mean cosine of "
+            f"{cosine['mean']:.3f} (min {cosine['min']:.3f}) to the original's on {cosine['count']} paragraphs "
+            f"held out from calibration and healing ({cosine['text']})."
+            + (f" Kept at {report['out']}." if report["out"] else ""),
+        ]
+    )

@@ -1,0 +1,269 @@
+"""The planner's choice ("auto") at every budget of the sweep, on the real models, next to the best fixed strategy.
+
+    python benchmarks/auto.py                  # make bench (after sweep.py and heal.py)
+    python benchmarks/auto.py --quick          # MiniLM, one budget, few gate steps (make bench-quick)
+
+For each model the original is analysed once (Block Influence, layer/weight/gradient similarity, gates) on the
+calibration data of the sweep, then the planner searches every budget and the chosen fold is measured with the
+sweep's metric: STS-B test Spearman (MiniLM) or WikiText-2 perplexity on the second half of the test file
+(SmolLM2; calibration on the first half). The best fixed strategy of each budget comes from
+results/latest.json (the sweep), both among all its rows and among the rows that keep no more parameters than
+the budget (whole-block rows round the block count and may keep slightly more; the planner never does). At 50 %
+of the block parameters the auto fold is also healed with heal.py's budget and compared with results/heal.json.
+Writes results/auto.{json,md} (--quick: results/quick/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import DATA, RESULTS, machine, smollm2_dir, write_results
+from heal import minilm as minilm_heal_task
+from heal import smollm2 as smollm2_heal_task
+from tqdm.auto import tqdm
+
+from layerfold.budget import Budget, kept_fractions
+from layerfold.compress import prepare, run_analysis
+from layerfold.data import read_sts, wikitext_half
+from layerfold.demo import default_model_path
+from layerfold.evaluate import perplexity, sts_spearman, tokenize_text
+from layerfold.heal import heal
+from layerfold.io import load, load_tokenizer, save
+from layerfold.planner import Proxy, search
+from layerfold.report import markdown_table, parameter_breakdown
+
+BLOCK_BUDGETS = (0.83, 0.67, 0.5)
+TOTAL_BUDGETS = {"all-MiniLM-L6-v2": (), "SmolLM2-135M": (0.9, 0.84, 0.75, 0.65)}
+
+
+def label(budget: Budget) -> str:
+    return f"{budget.keep:.0%} of {'blocks' if budget.blocks_only else 'all'}"
+
+
+def task(name: str, quick: bool, work: Path) -> dict:
+    if name == "minilm":
+        path = default_model_path()
+        tokenizer = load_tokenizer(path)
+        pairs = read_sts(DATA / "stsbenchmark" / "sts-test.csv", limit=300 if quick else None)
+        return {
+            "model": "all-MiniLM-L6-v2",
+            "path": path,
+            "metric": "spearman",
+            "higher": True,
+            "measure": lambda model: sts_spearman(model, tokenizer, pairs)["value"],
+            "data": DATA / "stsbenchmark" / "sts-train.csv",
+            "data_label": "STS-B train sentences",
+            "tokens": 8192 if quick else 32768,
+            "heal": minilm_heal_task,
+        }
+    path = smollm2_dir()
+    wikitext = DATA / "wikitext-2-raw" / "wiki.test.raw"
+    ids = tokenize_text(load_tokenizer(path), wikitext_half(wikitext, "second"), 4096)
+    first = work / "wikitext-test-first-half.txt"
+    first.write_text(wikitext_half(wikitext, "first"))
+    return {
+        "model": "SmolLM2-135M",
+        "path": path,
+        "metric": "perplexity",
+        "higher": False,
+        "measure": lambda model: perplexity(model, ids, max_length=1024, stride=1024)["value"],
+        "data": first,
+        "data_label": "WikiText-2 test, first half, 1,024-token windows",
+        "tokens": 32768,
+        "heal": smollm2_heal_task,
+    }
+
+
+def best_fixed(sweep_rows: list[dict], model: str, budget: Budget, higher: bool, within: bool) -> dict | None:
+    counts = "blocks" if budget.blocks_only else "all"
+    key = "keep_blocks" if budget.blocks_only else "keep"
+    rows = [
+        r
+        for r in sweep_rows
+        if r["model"] == model
+        and r["budget"] == {"fraction": budget.keep, "counts": counts}
+        and r.get("value") is not None
+        and (not within or r[key] <= budget.keep + 1e-9)
+    ]
+    if not rows:
+        return None
+    return (max if higher else min)(rows, key=lambda r: r["value"])
+
+
+def run_model(name: str, quick: bool, work: Path, sweep_rows: list[dict], heal_rows: dict) -> dict:
+    t = task(name, quick, work)
+    started = time.perf_counter()
+    prepared = prepare(t["path"], t["data"], tokens=t["tokens"])
+    load_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    analysis = run_analysis(prepared, energy_window=1, gate_steps=10 if quick else 40)
+    analysis_seconds = time.perf_counter() - started
+    proxy = Proxy(prepared.model, prepared.proxy_batches)
+    original = parameter_breakdown(prepared.model)
+    budgets = [Budget(b, blocks_only=True) for b in ((0.5,) if quick else BLOCK_BUDGETS)]
+    budgets += [Budget(b) for b in (() if quick else TOTAL_BUDGETS[t["model"]])]
+    rows = []
+    for budget in tqdm(budgets, desc=f"{t['model']} auto", unit="budget"):
+        started = time.perf_counter()
+        result = search(prepared.model, prepared.calibration, analysis, budget, proxy)
+        search_seconds = time.perf_counter() - started
+        folded = result.best_model
+        value = t["measure"](folded)
+        fixed = best_fixed(sweep_rows, t["model"], budget, t["higher"], within=False)
+        fixed_within = best_fixed(sweep_rows, t["model"], budget, t["higher"], within=True)
+        row = {
+            "model": t["model"],
+            "budget": label(budget),
+            "choice": result.best.name,
+            "plan_summary": result.best.plan.describe(),
+            **kept_fractions(original, parameter_breakdown(folded)),
+            "value": value,
+            "proxy": result.best.proxy,
+            "runner_up": result.candidates[1].name if len(result.candidates) > 1 else None,
+            "candidates": [c.to_dict() for c in result.candidates],
+            "search_seconds": round(search_seconds, 1),
+            "planner_seconds": round(analysis_seconds + search_seconds, 1),
+            "best_fixed": None
+            if fixed is None
+            else {
+                "method": fixed["method"],
+                "options": fixed["options"],
+                "value": fixed["value"],
+                "keep": fixed["keep"],
+                "keep_blocks": fixed["keep_blocks"],
+            },
+            "best_fixed_within": None
+            if fixed_within is None
+            else {"method": fixed_within["method"], "options": fixed_within["options"], "value": fixed_within["value"]},
+        }
+        if budget.blocks_only and budget.keep == 0.5:
+            heal_task = t["heal"](quick, work)
+            folded_dir, healed_dir = work / f"{name}-auto", work / f"{name}-auto-healed"
+            save(folded, folded_dir, source=t["path"], overwrite=True)
+            report = heal(folded_dir, t["path"], heal_task.heal_data, healed_dir, heal_task.config, overwrite=True)
+            row["healed"] = t["measure"](load(healed_dir))
+            row["heal_seconds"] = round(report["seconds_this_run"], 1)
+            row["heal_tokens"] = report["tokens_this_run"]
+            healed_fixed = [r for r in heal_rows.get(t["model"], {}).get("rows", []) if r.get("healed") is not None]
+            if healed_fixed:
+                best = (max if t["higher"] else min)(healed_fixed, key=lambda r: r["healed"])
+                row["best_fixed_healed"] = {
+                    "method": best["method"],
+                    "options": best["options"],
+                    "value": best["healed"],
+                }
+        tqdm.write(json.dumps({k: v for k, v in row.items() if k != "candidates"}, default=str))
+        rows.append(row)
+        del folded, result
+    return {
+        "metric": t["metric"],
+        "higher_is_better": t["higher"],
+        "calibration": {"data": t["data_label"], **prepared.calibration.settings, "proxy_tokens": proxy.tokens},
+        "load_seconds": round(load_seconds, 1),
+        "analysis_seconds": round(analysis_seconds, 1),
+        "analysis_parts": analysis.seconds,
+        "rows": rows,
+    }
+
+
+def fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def render(payload: dict) -> str:
+    parts = [
+        f"# auto: the planner's choice at every budget ({payload['date']})",
+        "",
+        "The planner analyses the original once, then at each budget folds every candidate it is allowed "
+        "(drop, tie, basis, lora), scores them by a proxy on held-out calibration text and keeps the best. "
+        "'best fixed' is the best row of the sweep (results/latest.md) at that budget; 'within' only counts "
+        "sweep rows that keep no more parameters than the budget (whole-block rows round up). Healed: the same "
+        "budget as results/heal.md. Planner seconds = analysis + search for that budget.",
+        "",
+    ]
+    for model, info in payload["models"].items():
+        arrow = "higher is better" if info["higher_is_better"] else "lower is better"
+        parts += [
+            f"## {model} — {info['metric']} ({arrow})",
+            "",
+            f"Calibration: {info['calibration']['data']}, {info['calibration']['tokens']} tokens "
+            f"({info['calibration']['proxy_tokens']} more held out for the proxy). Analysis: "
+            f"{info['analysis_seconds']:.0f} s ({', '.join(f'{k} {v:g}' for k, v in info['analysis_parts'].items())}).",
+            "",
+        ]
+        body = []
+        for r in info["rows"]:
+            fixed, within = r["best_fixed"], r["best_fixed_within"]
+            body.append(
+                [
+                    r["budget"],
+                    r["choice"],
+                    f"{r['keep_blocks']:.1%} / {r['keep']:.1%}",
+                    fmt(r["value"]),
+                    f"{fixed['method']} {fmt(fixed['value'])}" if fixed else "–",
+                    f"{within['method']} {fmt(within['value'])}" if within else "–",
+                    fmt(r.get("healed")),
+                    f"{r['best_fixed_healed']['method']} {fmt(r['best_fixed_healed']['value'])}"
+                    if r.get("best_fixed_healed")
+                    else "–",
+                    f"{r['planner_seconds']:.0f}",
+                ]
+            )
+        parts += [
+            markdown_table(
+                [
+                    "budget",
+                    "auto choice",
+                    "kept (blocks / all)",
+                    "auto",
+                    "best fixed",
+                    "best fixed within",
+                    "auto healed",
+                    "best fixed healed",
+                    "planner s",
+                ],
+                body,
+            ),
+            "",
+        ]
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", default=None, help="comma-separated: minilm, smollm2")
+    args = parser.parse_args()
+    names = (args.models or ("minilm" if args.quick else "minilm,smollm2")).split(",")
+    torch.manual_seed(0)
+    sweep = json.loads((RESULTS / "latest.json").read_text())["rows"] if (RESULTS / "latest.json").is_file() else []
+    heal_rows = json.loads((RESULTS / "heal.json").read_text())["models"] if (RESULTS / "heal.json").is_file() else {}
+    start = time.perf_counter()
+    payload = {"quick": args.quick, "models": {}}
+    out_file = RESULTS / "auto.json"
+    if not args.quick and out_file.is_file():
+        payload["models"] = json.loads(out_file.read_text()).get("models", {})  # keep the models not re-run
+    with tempfile.TemporaryDirectory(prefix="layerfold-auto-") as tmp:
+        for name in names:
+            info = run_model(name, args.quick, Path(tmp), sweep, heal_rows)
+            payload["models"][info["rows"][0]["model"]] = info
+    payload["seconds"] = round(time.perf_counter() - start)
+    payload["date"] = time.strftime("%Y-%m-%d")
+    markdown = render(payload)
+    if args.quick:
+        out = RESULTS / "quick"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "auto.json").write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str) + "\n")
+        (out / "auto.md").write_text(markdown + "\n")
+    else:
+        write_results("auto", payload, markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
