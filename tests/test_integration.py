@@ -64,7 +64,7 @@ def test_demo_command_prints_its_table():
     import json
 
     report = json.loads(result.stdout)
-    assert report["keep_blocks"] <= 0.5 and report["heal"]["steps"] == 40
+    assert report["keep_blocks"] <= 0.5 and report["heal"]["steps"] == 30
     assert report["after"]["parameters"]["total"] < report["before"]["parameters"]["total"]
     assert report["search"]["best"]["name"] == report["search"]["candidates"][0]["name"]
     assert 0 < report["held_out_cosine"]["mean"] < 1

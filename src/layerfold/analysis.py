@@ -96,11 +96,17 @@ class Analysis:
 # ---- layer outputs -----------------------------------------------------------------------------------------
 @torch.no_grad()
 def layer_outputs(model: nn.Module, batches: Sequence[dict], max_tokens: int = 2048) -> torch.Tensor:
-    """The output hidden state of every block at up to ``max_tokens`` real tokens, evenly spread over the
-    batches: a float32 tensor L × N × d."""
+    """The output hidden state of every block at up to ``max_tokens`` real tokens of the first batches: a
+    float32 tensor L × N × d."""
     layers = family_of(model).layer_list(model)
-    total = int(sum(int(b["attention_mask"].sum()) for b in batches))
-    stride = max(1, math.ceil(total / max_tokens))
+    # Only as many batches as hold max_tokens: a decoder needs one or two windows, not the whole calibration set.
+    used, total = [], 0
+    for batch in batches:
+        if total >= max_tokens:
+            break
+        used.append(batch)
+        total += int(batch["attention_mask"].sum())
+    batches, stride = used, max(1, total // max_tokens)
     captured: list[list[torch.Tensor]] = [[] for _ in layers]
     state: dict[str, torch.Tensor] = {}
 
@@ -374,10 +380,12 @@ def analyze(
     gate_steps: int = 40,
     gate_length: int = 256,
     mask_token_id: int | None = None,
+    grams: bool = False,
     progress: bool = True,
 ) -> Analysis:
     """Measure the original model on the calibration batches (see the module docstring). ``gradient_batches``
-    = 0 or ``gate_steps`` = 0 skips that measurement."""
+    = 0 or ``gate_steps`` = 0 skips that measurement. ``grams``: also gather the Gram matrices that whitened
+    factorisations need, in the same pass as Block Influence (the planner does when it may use a basis)."""
     family = family_of(model)
     seconds: dict[str, float] = {}
 
@@ -385,7 +393,7 @@ def analyze(
         seconds[name] = round(time.perf_counter() - start, 2)
 
     start = time.perf_counter()
-    statistics = calibration.statistics(grams=False, progress=progress)
+    statistics = calibration.statistics(grams=grams, progress=progress)
     timed("block_influence", start)
     start = time.perf_counter()
     cosine, cka = output_similarity(layer_outputs(model, calibration.batches, max_tokens))

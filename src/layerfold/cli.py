@@ -426,7 +426,7 @@ def compress_command(
 def demo_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Keep the compressed model here (default: a temp dir)."),
     keep_blocks: float = typer.Option(0.5, "--keep-blocks", help="Fraction of the block parameters to keep."),
-    heal_steps: int = typer.Option(40, "--heal-steps", help="Distillation steps after folding."),
+    heal_steps: int = typer.Option(30, "--heal-steps", help="Distillation steps after folding."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:

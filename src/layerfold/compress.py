@@ -125,7 +125,9 @@ def plan_for_budget(
 ) -> tuple[Analysis, PlanSearch]:
     """Analyse (with the weight energy only between neighbours, which is all the planner reads) and search."""
     allowed = parse_allow(allow)
-    analysis = run_analysis(prepared, energy_window=1, gate_steps=gate_steps, progress=progress)
+    analysis = run_analysis(
+        prepared, energy_window=1, gate_steps=gate_steps, grams="basis" in allowed, progress=progress
+    )
     proxy = Proxy(prepared.model, prepared.proxy_batches)
     result = search(
         prepared.model,
@@ -297,7 +299,7 @@ def compress_markdown(report: dict, result: PlanSearch | None = None) -> str:
             f"{heal['fidelity_after']['after_' + metric]:.4f} after.",
         ]
     lines = [
-        f"Compressed {report['model']} ({report['model_type']}) -> {report['out']}",
+        f"Compressed {report['model']} ({report['model_type']})" + (f" -> {report['out']}" if report["out"] else ""),
         f"Plan: {report['plan_summary']}",
         f"Budget: {report['budget']['fraction']:g} of the "
         f"{'block' if report['budget']['counts'] == 'blocks' else 'unique'} parameters; kept {report['keep']:.1%} "

@@ -41,7 +41,7 @@ def pydoc_paragraphs(limit: int = 128, min_words: int = 20) -> list[str]:
 
 
 def run_demo(
-    *, out: Path | None = None, keep_blocks: float = 0.5, heal_steps: int = 40, overwrite: bool = False
+    *, out: Path | None = None, keep_blocks: float = 0.5, heal_steps: int = 30, overwrite: bool = False
 ) -> dict:
     """``layerfold compress`` on the embedded default model with pydoc text: the last 128 paragraphs are held
     out from calibration and healing, and measured at the end (cosine of sentence embeddings)."""
@@ -67,7 +67,7 @@ def run_demo(
             tokens=16384,
             gate_steps=20,
             heal_steps=heal_steps,
-            heal_config=HealConfig(steps=heal_steps, batch=32, lr=2e-4, eval_examples=128),
+            heal_config=HealConfig(steps=heal_steps, batch=16, lr=2e-4, eval_examples=128),
             overwrite=overwrite,
             progress=True,
         )
