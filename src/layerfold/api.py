@@ -82,9 +82,7 @@ def fold_with_method(
 
     start = time.perf_counter()
     chosen = registry.get(method)
-    if (keep is None) == (keep_blocks is None):
-        raise LayerfoldError("give the budget as exactly one of --keep F or --keep-blocks F")
-    budget = Budget(keep if keep is not None else keep_blocks, blocks_only=keep_blocks is not None)
+    budget = Budget.from_options(keep, keep_blocks)
     if chosen.calibrated and calib is None:
         raise LayerfoldError(f"method {method} needs calibration text: --calib PATH")
     check_output_path(out, model_dir, overwrite)

@@ -24,6 +24,13 @@ class Budget:
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
             raise LayerfoldError(f"{self.option}: must be a fraction in (0, 1], got {self.keep!r}")
 
+    @classmethod
+    def from_options(cls, keep: float | None, keep_blocks: float | None) -> "Budget":
+        """The budget of the command-line options ``--keep`` / ``--keep-blocks`` (exactly one given)."""
+        if (keep is None) == (keep_blocks is None):
+            raise LayerfoldError("give the budget as exactly one of --keep F or --keep-blocks F")
+        return cls(keep if keep is not None else keep_blocks, blocks_only=keep_blocks is not None)
+
     @property
     def option(self) -> str:
         return "--keep-blocks" if self.blocks_only else "--keep"

@@ -39,12 +39,6 @@ class Prepared:
     data: str
 
 
-def budget_from(keep: float | None, keep_blocks: float | None) -> Budget:
-    if (keep is None) == (keep_blocks is None):
-        raise LayerfoldError("give the budget as exactly one of --keep F or --keep-blocks F")
-    return Budget(keep if keep is not None else keep_blocks, blocks_only=keep_blocks is not None)
-
-
 def prepare(
     model_dir: str | Path, data: str | Path, *, tokens: int = DEFAULT_TOKENS, window: int | None = None
 ) -> Prepared:
@@ -172,7 +166,7 @@ def plan_model_dir(
 ) -> dict:
     """``layerfold plan``: the best plan within the budget, written to ``out`` (YAML or JSON) with the why."""
     start = time.perf_counter()
-    budget = budget_from(keep, keep_blocks)
+    budget = Budget.from_options(keep, keep_blocks)
     parse_allow(allow)
     out = Path(out)
     if out.suffix not in (".yaml", ".yml", ".json"):
@@ -220,7 +214,7 @@ def compress_model_dir(
     from .heal import HealConfig, heal
 
     start = time.perf_counter()
-    budget = budget_from(keep, keep_blocks)
+    budget = Budget.from_options(keep, keep_blocks)
     parse_allow(allow)
     if heal_steps < 0:
         raise LayerfoldError(f"--heal-steps must be 0 or more, got {heal_steps}")
