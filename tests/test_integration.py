@@ -58,7 +58,7 @@ def test_demo_command_prints_its_table():
         capture_output=True,
         text=True,
         env=dict(os.environ, HF_HUB_OFFLINE="1"),
-        timeout=600,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr
     import json
