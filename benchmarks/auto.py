@@ -49,7 +49,8 @@ def task(name: str, quick: bool, work: Path) -> dict:
     if name == "minilm":
         path = default_model_path()
         tokenizer = load_tokenizer(path)
-        pairs = read_sts(DATA / "stsbenchmark" / "sts-test.csv", limit=300 if quick else None)
+        # Every test pair, also when quick: the rows are compared with the sweep's, measured on all of them.
+        pairs = read_sts(DATA / "stsbenchmark" / "sts-test.csv")
         return {
             "model": "all-MiniLM-L6-v2",
             "path": path,
@@ -164,7 +165,7 @@ def run_model(name: str, quick: bool, work: Path, sweep_rows: list[dict], heal_r
     return {
         "metric": t["metric"],
         "higher_is_better": t["higher"],
-        "calibration": {"data": t["data_label"], **prepared.calibration.settings, "proxy_tokens": proxy.tokens},
+        "calibration": {**prepared.calibration.settings, "data": t["data_label"], "proxy_tokens": proxy.tokens},
         "load_seconds": round(load_seconds, 1),
         "analysis_seconds": round(analysis_seconds, 1),
         "analysis_parts": analysis.seconds,
