@@ -97,7 +97,9 @@ def best_fixed(sweep_rows: list[dict], model: str, budget: Budget, higher: bool,
     return (max if higher else min)(rows, key=lambda r: r["value"])
 
 
-def run_model(name: str, quick: bool, work: Path, sweep_rows: list[dict], heal_rows: dict) -> dict:
+def run_model(
+    name: str, quick: bool, work: Path, sweep_rows: list[dict], heal_rows: dict, only: list[Budget] | None = None
+) -> dict:
     t = task(name, quick, work)
     started = time.perf_counter()
     prepared = prepare(t["path"], t["data"], tokens=t["tokens"])
@@ -109,6 +111,8 @@ def run_model(name: str, quick: bool, work: Path, sweep_rows: list[dict], heal_r
     original = parameter_breakdown(prepared.model)
     budgets = [Budget(b, blocks_only=True) for b in ((0.5,) if quick else BLOCK_BUDGETS)]
     budgets += [Budget(b) for b in (() if quick else TOTAL_BUDGETS[t["model"]])]
+    if only is not None:
+        budgets = [b for b in budgets if b in only]
     rows = []
     for budget in tqdm(budgets, desc=f"{t['model']} auto", unit="budget"):
         started = time.perf_counter()
@@ -240,6 +244,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", default=None, help="comma-separated: minilm, smollm2")
+    parser.add_argument(
+        "--budgets", default=None, help="comma-separated subset, e.g. 0.5b,0.84 (b: of the blocks; else of all)"
+    )
     args = parser.parse_args()
     names = (args.models or ("minilm" if args.quick else "minilm,smollm2")).split(",")
     torch.manual_seed(0)
@@ -252,7 +259,13 @@ def main() -> None:
         payload["models"] = json.loads(out_file.read_text()).get("models", {})  # keep the models not re-run
     with tempfile.TemporaryDirectory(prefix="layerfold-auto-") as tmp:
         for name in names:
-            info = run_model(name, args.quick, Path(tmp), sweep, heal_rows)
+            only = None
+            if args.budgets:
+                only = [
+                    Budget(float(b[:-1]), blocks_only=True) if b.endswith("b") else Budget(float(b))
+                    for b in args.budgets.split(",")
+                ]
+            info = run_model(name, args.quick, Path(tmp), sweep, heal_rows, only)
             payload["models"][info["rows"][0]["model"]] = info
     payload["seconds"] = round(time.perf_counter() - start)
     payload["date"] = time.strftime("%Y-%m-%d")
