@@ -540,8 +540,9 @@ def heatmaps(analysis: Analysis, folder: Path) -> list[str]:
     return names
 
 
-def write_analysis(analysis: Analysis, out: Path) -> None:
-    """analysis.json, analysis.md and the heat-maps, into an existing folder."""
-    images = heatmaps(analysis, out)
+def write_analysis(analysis: Analysis, out: Path) -> str:
+    """analysis.json, analysis.md and the heat-maps, into an existing folder; returns the Markdown."""
+    markdown = analysis_markdown(analysis, heatmaps(analysis, out))
     (out / "analysis.json").write_text(json.dumps(analysis.to_dict(), indent=1) + "\n")
-    (out / "analysis.md").write_text(analysis_markdown(analysis, images) + "\n")
+    (out / "analysis.md").write_text(markdown + "\n")
+    return markdown

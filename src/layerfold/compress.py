@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .analysis import Analysis, analysis_markdown, analyze, heatmaps
+from .analysis import Analysis, analyze, write_analysis
 from .api import check_output_path, size_report
 from .budget import Budget, kept_fractions
 from .calibrate import Calibration, calibration_batches
@@ -95,10 +95,7 @@ def analyze_model_dir(
     prepared = prepare(model_dir, data, tokens=tokens)
     analysis = run_analysis(prepared, gate_steps=gate_steps, progress=progress)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        images = heatmaps(analysis, tmp)
-        markdown = analysis_markdown(analysis, images)
-        (tmp / "analysis.json").write_text(json.dumps(analysis.to_dict(), indent=1) + "\n")
-        (tmp / "analysis.md").write_text(markdown + "\n")
+        markdown = write_analysis(analysis, tmp)
     return {
         "model": str(model_dir),
         "out": str(out),
@@ -269,9 +266,7 @@ def compress_model_dir(
             "seconds": round(time.perf_counter() - start, 1),
         }
         _write_plan(result, final / "plan.yaml", overwrite=True)
-        images = heatmaps(analysis, final)
-        (final / "analysis.json").write_text(json.dumps(analysis.to_dict(), indent=1) + "\n")
-        (final / "analysis.md").write_text(analysis_markdown(analysis, images) + "\n")
+        write_analysis(analysis, final)
         (final / "compress.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (final / "compress.md").write_text(compress_markdown(report, result) + "\n")
     report["explanation"] = result.explanation()
