@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -15,6 +16,7 @@ from layerfold.cli import main
 from layerfold.compress import plan_for_budget, prepare
 from layerfold.demo import pydoc_paragraphs
 from layerfold.families import family_of
+from layerfold.fold import fold
 from layerfold.io import load
 from layerfold.plan import FoldPlan
 from layerfold.planner import cluster
@@ -144,6 +146,28 @@ def test_every_candidate_and_the_plan_respect_the_budget(saved, budget):
     # The scores are sorted best first (lower KL for a decoder).
     values = [c.proxy for c in result.candidates]
     assert values == sorted(values)
+
+
+def test_candidates_are_scored_once_per_plan_and_the_choice_is_refitted_on_all_data(saved):
+    prepared = prepare(saved / "llama", saved / "text.txt", tokens=2048, window=256)
+    budget = Budget(0.6, blocks_only=True)
+    _, result = plan_for_budget(prepared, budget, allow="drop,basis", gate_steps=2, progress=False)
+    plans = [c.plan.to_json(indent=None) for c in result.candidates]
+    assert len(plans) == len(set(plans))
+    for duplicate in (c for c in result.rejected if c.rejected.startswith("the same plan as")):
+        assert duplicate.name not in [c.name for c in result.candidates]
+    best = result.best
+    assert best.kind == "basis" and best.plan.whiten, result.explanation()
+    everything = prepared.all_calibration()
+    assert result.refit_tokens == everything.settings["tokens"] > prepared.calibration.settings["tokens"]
+    assert "fitted again on all" in result.explanation()
+    # The same plan (same ranks, same size) fitted on the search's batches only differs from the refitted model.
+    searched = fold(copy.deepcopy(prepared.model), best.plan, calibration=prepared.calibration.statistics())
+    counted = parameter_breakdown(result.best_model)["blocks"]
+    assert counted == parameter_breakdown(searched)["blocks"] <= result.allowed
+    refitted = dict(result.best_model.named_parameters())
+    differs = [n for n, p in searched.named_parameters() if not torch.equal(p, refitted[n])]
+    assert differs and not any("embed" in n or "lm_head" in n for n in differs)
 
 
 # ---- the commands ---------------------------------------------------------------------------------------------

@@ -336,7 +336,7 @@ def analyze_command(
     ),
     out: Path = typer.Option(..., "--out", help="Folder for analysis.json, analysis.md and the heat-maps."),
     calib_tokens: int = typer.Option(32768, "--calib-tokens", help="Calibration tokens to use."),
-    gate_steps: int = typer.Option(40, "--gate-steps", help="Steps to train the block gates (0: no gates)."),
+    gate_steps: int = typer.Option(20, "--gate-steps", help="Steps to train the block gates (0: no gates)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the analysis as JSON."),
 ) -> None:
@@ -365,7 +365,7 @@ def plan_command(
     ),
     allow: str = typer.Option("drop,tie,basis,lora", "--allow", help="What the plan may use: drop, tie, basis, lora."),
     calib_tokens: int = typer.Option(32768, "--calib-tokens", help="Calibration tokens to use."),
-    gate_steps: int = typer.Option(40, "--gate-steps", help="Steps to train the block gates (0: no gates)."),
+    gate_steps: int = typer.Option(20, "--gate-steps", help="Steps to train the block gates (0: no gates)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the search as JSON."),
 ) -> None:
@@ -399,7 +399,7 @@ def compress_command(
     allow: str = typer.Option("drop,tie,basis,lora", "--allow", help="What the plan may use: drop, tie, basis, lora."),
     heal_steps: int = typer.Option(0, "--heal-steps", help="Distillation steps after folding (0: no healing)."),
     calib_tokens: int = typer.Option(32768, "--calib-tokens", help="Calibration tokens to use."),
-    gate_steps: int = typer.Option(40, "--gate-steps", help="Steps to train the block gates (0: no gates)."),
+    gate_steps: int = typer.Option(20, "--gate-steps", help="Steps to train the block gates (0: no gates)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:

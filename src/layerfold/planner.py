@@ -79,9 +79,16 @@ class Proxy:
         return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
 
     def value(self, model: nn.Module) -> float:
+        return self._mean([self._output(model, b) for b in self.batches])
+
+    @property
+    def original(self) -> float:
+        """The original's own value (0 KL, cosine 1): the references compared with themselves."""
+        return self._mean(self.reference)
+
+    def _mean(self, outputs: Sequence[torch.Tensor]) -> float:
         total = 0.0
-        for batch, reference in zip(self.batches, self.reference):
-            output = self._output(model, batch)
+        for batch, reference, output in zip(self.batches, self.reference, outputs):
             if self.causal:
                 mask = batch["attention_mask"].bool()
                 kl = (reference.exp() * (reference - output)).sum(-1)
@@ -161,7 +168,9 @@ class PlanSearch:
     candidates: list[Candidate]  # scored, best first
     rejected: list[Candidate]
     best_model: nn.Module | None = field(default=None, repr=False)
-    seconds: float = 0.0
+    refit_tokens: int | None = None  # best_model was folded again with this many calibration tokens
+    refit_seconds: float | None = None
+    seconds: float = 0.0  # the search, without the refit
 
     @property
     def best(self) -> Candidate:
@@ -192,8 +201,14 @@ class PlanSearch:
             "",
             markdown_table(["#", "candidate", self.proxy_name, "blocks kept", "all kept", "plan"], rows),
         ]
+        if self.refit_tokens:
+            lines += [
+                "",
+                f"The chosen plan was then fitted again on all {self.refit_tokens} calibration tokens, the held-out "
+                "ones included (the same ranks and size).",
+            ]
         if self.rejected:
-            lines += ["", "Not eligible: " + "; ".join(f"{c.name} ({c.rejected})" for c in self.rejected) + "."]
+            lines += ["", "Not scored: " + "; ".join(f"{c.name} ({c.rejected})" for c in self.rejected) + "."]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -204,6 +219,8 @@ class PlanSearch:
             "best": self.best.to_dict(),
             "candidates": [c.to_dict() for c in self.candidates],
             "rejected": [c.to_dict() for c in self.rejected],
+            "refit_tokens": self.refit_tokens,
+            "refit_seconds": self.refit_seconds,
             "seconds": self.seconds,
         }
 
@@ -302,10 +319,14 @@ def search(
     *,
     allow: Sequence[str] = ALLOW_CHOICES,
     keep_model: bool = True,
+    refit: Calibration | None = None,
     progress: bool = True,
 ) -> PlanSearch:
     """Fold the original with every candidate the budget and ``allow`` admit, score each with ``proxy``, and
-    return them best first (the best folded model in ``best_model`` when ``keep_model``)."""
+    return them best first (the best folded model in ``best_model`` when ``keep_model``).
+
+    ``refit``: calibration to fold the chosen plan with once more, when it whitens (the same ranks, so the same
+    size): the search fits on a subset and holds out the proxy's batches, the final model may use all the data."""
     start = time.perf_counter()
     allow = parse_allow(allow)
     L = analysis.num_layers
@@ -317,6 +338,7 @@ def search(
     whole_blocks = min(L, int(math.floor(block_allowance / per_block + 1e-9)))
 
     scored, rejected = [], []
+    seen: dict[str, str] = {}  # plan JSON -> the candidate that folded it first
     best_model, best_score = None, -math.inf
     statistics = None
     generators = _generators(model, analysis, allow, calibration)
@@ -355,6 +377,13 @@ def search(
             candidate.rejected = str(err).split(": ")[-1] if ": " in str(err) else str(err)
             rejected.append(candidate)
             continue
+        key = plan.to_json(indent=None)
+        if key in seen:  # e.g. Block Influence and angular distance often rank the blocks alike
+            candidate.rejected = f"the same plan as {seen[key]}"
+            rejected.append(candidate)
+            del trial, folded
+            continue
+        seen[key] = name
         candidate.plan = plan
         candidate.proxy = proxy.value(folded)
         fractions = kept_fractions(original_params, parameter_breakdown(folded))
@@ -371,14 +400,25 @@ def search(
     scored.sort(key=lambda c: -proxy.score(c.proxy))
     for c in scored:
         c.plan.provenance = {"planner": c.name, "proxy": {proxy.name: c.proxy}}
+    seconds = round(time.perf_counter() - start, 2)
+    refit_tokens, refit_seconds = None, None
+    best_plan = scored[0].plan
+    if keep_model and refit is not None and best_plan.factors and best_plan.whiten:
+        started = time.perf_counter()
+        refitted = fold(copy.deepcopy(model), best_plan, calibration=refit.statistics(progress=progress), progress=False)
+        if parameter_breakdown(refitted)[counted_key] <= allowed:
+            best_model, refit_tokens = refitted, refit.settings["tokens"]
+        refit_seconds = round(time.perf_counter() - started, 2)
     return PlanSearch(
         budget=budget,
         allowed=allowed,
         proxy_name=proxy.name,
         proxy_tokens=proxy.tokens,
-        original_proxy=proxy.value(model),
+        original_proxy=proxy.original,
         candidates=scored,
         rejected=rejected,
         best_model=best_model,
-        seconds=round(time.perf_counter() - start, 2),
+        refit_tokens=refit_tokens,
+        refit_seconds=refit_seconds,
+        seconds=seconds,
     )
