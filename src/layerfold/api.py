@@ -20,6 +20,10 @@ def size_report(model, path: str | Path | None = None) -> dict:
     return {"parameters": parameter_breakdown(model), "bytes_on_disk": weight_bytes(path) if path else None}
 
 
+def _shards(max_shard_bytes: int | None) -> dict:
+    return {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+
+
 def check_output_path(out: str | Path, source: str | Path, overwrite: bool) -> None:
     """Fail before any slow work if the output cannot be written as asked."""
     out, source = Path(out), Path(source)
@@ -35,6 +39,7 @@ def fold_model_dir(
     *,
     plan_for: FoldPlan | Callable[[int], FoldPlan],
     overwrite: bool = False,
+    max_shard_bytes: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Load an original model, fold it with a plan (or a function of the layer count), save it, report sizes."""
@@ -45,7 +50,7 @@ def fold_model_dir(
     plan = plan_for if isinstance(plan_for, FoldPlan) else plan_for(num_layers)
     before = size_report(model, model_dir)
     fold(model, plan, progress=progress)
-    save(model, out, source=model_dir, overwrite=overwrite)
+    save(model, out, source=model_dir, overwrite=overwrite, **_shards(max_shard_bytes))
     after = size_report(model, out)
     return {
         "model": str(model_dir),
@@ -71,6 +76,7 @@ def fold_with_method(
     calib_window: int | None = None,
     options: dict | None = None,
     overwrite: bool = False,
+    max_shard_bytes: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Fold an original model with a registered method at a parameter budget, save it, report both fractions."""
@@ -99,7 +105,7 @@ def fold_with_method(
     state = fold_state(folded)
     if state is None:
         raise LayerfoldError(f"method {method} leaves the model as it is; nothing to save")
-    save(folded, out, source=model_dir, overwrite=overwrite)
+    save(folded, out, source=model_dir, overwrite=overwrite, **_shards(max_shard_bytes))
     after = size_report(folded, out)
     plan = state.plan
     return {
@@ -116,6 +122,66 @@ def fold_with_method(
         "after": after,
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def fold_streamed(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    plan_for: FoldPlan | Callable[[int], FoldPlan] | None = None,
+    method: str | None = None,
+    keep: float | None = None,
+    keep_blocks: float | None = None,
+    calib: str | Path | None = None,
+    calib_tokens: int = 65536,
+    calib_window: int | None = None,
+    options: dict | None = None,
+    max_shard_size: str | int = "1GiB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Fold a checkpoint folder without loading it (``layerfold fold --stream``): by a plan (or a function of
+    the layer count) or by a method whose plan needs only the shapes; see ``layerfold.stream``."""
+    from . import data as datasets
+    from .budget import Budget, kept_fractions
+    from .calibrate import calibration_batches
+    from .checkpoint import parse_size
+    from .io import load_tokenizer
+    from .stream import method_plan, stream_fold
+
+    max_shard_bytes = parse_size(max_shard_size)
+    budget = None
+    if method is not None:
+        budget = Budget.from_options(keep, keep_blocks)
+        make_plan = method_plan(method, budget, options)
+    elif isinstance(plan_for, FoldPlan) or plan_for is None:
+        if plan_for is None:
+            raise LayerfoldError("--stream needs a plan: --plan, --strategy or --method")
+        make_plan = plan_for
+    else:
+        make_plan = lambda model: plan_for(len(family_of(model).layer_list(model)))  # noqa: E731
+    calibration = None
+    if calib is not None:
+        datasets.read_text(calib)  # missing, empty or non-UTF-8: fail before any work
+        tokenizer = load_tokenizer(model_dir)
+
+        def calibration(model):
+            return calibration_batches(model, tokenizer, calib, tokens=calib_tokens, window=calib_window)
+
+    report = stream_fold(
+        model_dir,
+        out,
+        make_plan,
+        calibration=calibration,
+        max_shard_bytes=max_shard_bytes,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    if budget is not None:
+        report["method"] = method
+        report["budget"] = {"fraction": budget.keep, "counts": "blocks" if budget.blocks_only else "all"}
+        report.update(kept_fractions(report["before"]["parameters"], report["after"]["parameters"]))
+    return report
 
 
 def fold_report_markdown(report: dict) -> str:
@@ -139,6 +205,15 @@ def fold_report_markdown(report: dict) -> str:
             *(
                 ["The original is a quantised GGUF file; the folded model is stored in full precision."]
                 if report["model"].endswith(".gguf")
+                else []
+            ),
+            *(
+                [
+                    f"Streamed: {report['units']} units from {report['source_bytes'] / 1e9:.2f} GB of "
+                    f"{report['dtype']} weights into {report['shards']} shard(s); peak resident memory "
+                    f"{report['peak_rss_bytes'] / 1e9:.2f} GB."
+                ]
+                if report.get("streamed")
                 else []
             ),
             f"Done in {report['seconds']:.1f} s.",

@@ -180,10 +180,33 @@ def collect_statistics(
     projections = tuple(projections or family.projections)
     model.eval()
     stats = Statistics(tokens=batch_tokens(batches))
-    masks = [b["attention_mask"].bool() for b in batches]
-    hidden: list[torch.Tensor | None] = [None] * len(batches)
+    walk = BlockWalk(model, batches)
     for i in tqdm(range(len(layers)), desc="calibrating", unit="block", disable=not progress):
-        block = layers[i]
+        influence, angular, accumulators = walk.measure(i, projections if grams else ())
+        stats.block_influence.append(influence)
+        stats.angular_distance.append(angular)
+        for name, gram in accumulators.items():
+            stats.grams[i, name] = gram
+    return stats
+
+
+class BlockWalk:
+    """The calibration batches' hidden states, carried through the stack one block at a time: ``measure(i)``
+    runs block i (the blocks must come in order) and returns its Block Influence, angular distance and the
+    Gram matrices of the given projections' inputs. Only block i needs real weights: a streamed fold keeps
+    the rest of the model on the meta device."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> None:
+        self.model = model
+        self.batches = list(batches)
+        self.masks = [b["attention_mask"].bool() for b in self.batches]
+        self.tokens = batch_tokens(self.batches)
+        self.hidden: list[torch.Tensor | None] = [None] * len(self.batches)
+
+    @torch.no_grad()
+    def measure(self, i: int, projections: Sequence[str] = ()) -> tuple[float, float, dict[str, torch.Tensor]]:
+        model, hidden, masks = self.model, self.hidden, self.masks
+        block = family_of(model).layer_list(model)[i]
         state: dict = {}
         accumulators: dict[str, torch.Tensor] = {}
 
@@ -217,12 +240,11 @@ def collect_statistics(
 
         handles = [block.register_forward_pre_hook(feed, with_kwargs=True)]
         handles.append(block.register_forward_hook(stop, with_kwargs=True))
-        if grams:
-            handles += [block.get_submodule(p).register_forward_pre_hook(gram_hook(p)) for p in projections]
+        handles += [block.get_submodule(p).register_forward_pre_hook(gram_hook(p)) for p in projections]
         cosine_sum, angle_sum = 0.0, 0.0
         try:
             with restricted_stack(model, [i]):
-                for b, batch in enumerate(batches):
+                for b, batch in enumerate(self.batches):
                     state.update(batch=b, mask=masks[b], grams={})
                     try:
                         model(**batch, use_cache=False) if is_causal_lm(model) else model(**batch)
@@ -238,11 +260,7 @@ def collect_statistics(
         finally:
             for handle in handles:
                 handle.remove()
-        stats.block_influence.append(1.0 - cosine_sum / stats.tokens)
-        stats.angular_distance.append(angle_sum / stats.tokens)
-        for name, gram in accumulators.items():
-            stats.grams[i, name] = gram
-    return stats
+        return 1.0 - cosine_sum / self.tokens, angle_sum / self.tokens, accumulators
 
 
 def collect_sensitivity(

@@ -128,11 +128,23 @@ def fold_command(
     whole: Optional[str] = typer.Option(None, "--whole", help="basis/svd: layers left whole, e.g. 0,29."),
     score: Optional[str] = typer.Option(None, "--score", help="shortgpt: influence or angular."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="laco: cosine threshold for a merge."),
+    stream: bool = typer.Option(
+        False,
+        "--stream",
+        help="Fold a safetensors checkpoint folder a group of tensors at a time, without loading it "
+        "(for models larger than memory).",
+    ),
+    max_shard_size: str = typer.Option(
+        "1GiB", "--max-shard-size", help="Largest output weight file; bigger models are written in shards."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Fold a model and save it: by a plan or tying strategy, or by a method at a parameter budget."""
-    from .api import fold_model_dir, fold_report_markdown, fold_with_method
+    from .api import fold_model_dir, fold_report_markdown, fold_streamed, fold_with_method
+    from .checkpoint import parse_size
+
+    max_shard_bytes = parse_size(max_shard_size)
 
     method_options = {
         key: value
@@ -146,9 +158,36 @@ def fold_command(
         )
         if value is not None
     }
+    if method is not None and (plan is not None or strategy is not None or unique is not None):
+        raise LayerfoldError("--method folds at a budget; it does not go with --plan, --strategy or --unique")
+    if stream:
+        if method is None and (method_options or keep is not None or keep_blocks is not None):
+            raise LayerfoldError("--keep and the method options need --method")
+        tie_options = {
+            key: value
+            for key, value in (("share", share.value if share else None), ("init", init.value if init else None))
+            if value is not None
+        }
+        rank_option = {"rank": parse_rank(rank)} if rank is not None else {}
+        report = fold_streamed(
+            model_dir,
+            out,
+            plan_for=None
+            if method is not None
+            else (lambda num_layers: _build_plan(num_layers, plan, strategy, unique, {**rank_option, **tie_options})),
+            method=method,
+            keep=keep,
+            keep_blocks=keep_blocks,
+            calib=calib,
+            calib_tokens=calib_tokens,
+            calib_window=calib_window,
+            options={**method_options, **tie_options, **rank_option},
+            max_shard_size=max_shard_bytes,
+            overwrite=overwrite,
+        )
+        _emit(as_json, report, fold_report_markdown(report))
+        return
     if method is not None:
-        if plan is not None or strategy is not None or unique is not None:
-            raise LayerfoldError("--method folds at a budget; it does not go with --plan, --strategy or --unique")
         report = fold_with_method(
             model_dir,
             out,
@@ -160,6 +199,7 @@ def fold_command(
             calib_window=calib_window,
             options={**method_options, **({"rank": parse_rank(rank)} if rank is not None else {})},
             overwrite=overwrite,
+            max_shard_bytes=max_shard_bytes,
         )
         _emit(as_json, report, fold_report_markdown(report))
         return
@@ -180,6 +220,7 @@ def fold_command(
         out,
         plan_for=lambda num_layers: _build_plan(num_layers, plan, strategy, unique, options),
         overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes,
     )
     _emit(as_json, report, fold_report_markdown(report))
 

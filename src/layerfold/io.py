@@ -1,7 +1,8 @@
 """Reading original models and writing/reading folded ones.
 
-A folded checkpoint is a normal folder: ``model.safetensors`` with every tensor stored once (aliases such as
-tied embeddings are listed in the file's metadata), ``config.json`` holding the base model's config and the
+A folded checkpoint is a normal folder: ``model.safetensors`` (or, above ``--max-shard-size``, shards and
+``model.safetensors.index.json``, as Hugging Face writes them) with every tensor stored once (aliases such as
+tied embeddings are listed in the metadata), ``config.json`` holding the base model's config and the
 plan, ``plan.yaml``, the tokenizer files, and ``modeling_layerfold.py`` so that transformers' Auto classes
 load it with ``trust_remote_code=True``. Nothing is unpickled on load.
 """
@@ -19,13 +20,12 @@ from typing import Iterator
 import torch
 import transformers
 from accelerate import init_empty_weights
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.pytorch_utils import Conv1D
 
 from . import __version__
+from .checkpoint import DEFAULT_MAX_SHARD_BYTES, ShardWriter, has_weights, load_all, read_metadata
 from .errors import LayerfoldError
 from .families import family_for_model_type, family_of
 from .fold import apply_structure
@@ -204,6 +204,7 @@ def save(
     source: str | Path | None = None,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Write a folded model to ``path`` (atomically). ``source`` is the original model's folder or .gguf file,
     whose tokenizer is copied along; ``extra_files`` (name -> text) are written beside it, e.g. a report."""
@@ -211,18 +212,33 @@ def save(
         raise LayerfoldError("the model is not folded: call layerfold.fold(model, plan) first")
     path = Path(path)
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
-        write_folded(model, tmp, source=source)
+        write_folded(model, tmp, source=source, max_shard_bytes=max_shard_bytes)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return path
 
 
-def write_folded(model: nn.Module, directory: str | Path, *, source: str | Path | None = None) -> None:
+def write_folded(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    source: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
     """Write a folded model's files into an existing ``directory`` (not atomically: ``save`` wraps this)."""
-    state = fold_state(model)
     directory = Path(directory)
     tensors, aliases = _unique_state(model)
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt", ALIASES_KEY: json.dumps(aliases)})
+    writer = ShardWriter(directory, max_shard_bytes=max_shard_bytes, metadata={ALIASES_KEY: json.dumps(aliases)})
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    writer.finish()
+    write_folded_config(model, directory, source=source)
+
+
+def write_folded_config(model: nn.Module, directory: Path, *, source: str | Path | None = None) -> None:
+    """Everything of a folded checkpoint but its weights: config, plan, remote code, generation config and
+    the tokenizer. ``model`` may be on the meta device (a streamed fold)."""
+    state = fold_state(model)
     config = {
         "model_type": "layerfold",
         "architectures": [_remote_class_name(state.base_architecture)],
@@ -244,15 +260,14 @@ def write_folded(model: nn.Module, directory: str | Path, *, source: str | Path 
 
 
 def _aliases(path: Path) -> dict[str, str]:
-    with safe_open(path / WEIGHTS_NAME, framework="pt") as handle:
-        return json.loads((handle.metadata() or {}).get(ALIASES_KEY, "{}"))
+    return json.loads(read_metadata(path).get(ALIASES_KEY, "{}"))
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a folded checkpoint's weights file, each stored tensor also under its aliases' names."""
+    """The tensors of a folded checkpoint's weight files, each stored tensor also under its aliases' names."""
     path = Path(path)
     aliases = _aliases(path)
-    tensors = load_file(path / WEIGHTS_NAME)
+    tensors = load_all(path)
     for alias, name in aliases.items():
         tensors[alias] = tensors[name]
     return tensors
@@ -295,8 +310,8 @@ def read_checkpoint_config(path: str | Path) -> dict:
         raise LayerfoldError(f"cannot read {config_file}: {err}") from None
     if not isinstance(config, dict) or config.get("model_type") != "layerfold":
         raise LayerfoldError(f"{path} is not a layerfold checkpoint (its config.json has no layerfold model type)")
-    if not (path / WEIGHTS_NAME).is_file():
-        raise LayerfoldError(f"{path} has no {WEIGHTS_NAME}")
+    if not has_weights(path):
+        raise LayerfoldError(f"{path} has no {WEIGHTS_NAME} (nor shards with an index)")
     return config
 
 

@@ -56,16 +56,13 @@ def whitening_factor(gram: torch.Tensor, where: str = "") -> torch.Tensor:
 
 
 @dataclass
-class Decomposition:
-    """The (whitened) SVD of one projection stacked over a group of layers, ready to truncate at any rank."""
+class MatrixGroup:
+    """One projection of a group of layers, stacked (n·out × in): what a rank costs and saves."""
 
     layers: tuple[int, ...]
     projection: str
     out_features: int
     in_features: int
-    coefficients: torch.Tensor  # U Σ: (n·out, r), float64
-    basis: torch.Tensor  # Vᵀ S⁻¹: (r, in), float64
-    singular_values: torch.Tensor  # (r,)
 
     @property
     def full_params(self) -> int:
@@ -77,7 +74,7 @@ class Decomposition:
 
     @property
     def max_rank(self) -> int:
-        return int(self.singular_values.numel())
+        return min(len(self.layers) * self.out_features, self.in_features)
 
     def params(self, rank: int) -> int:
         """Weight parameters after factorising at ``rank`` (0: left whole)."""
@@ -85,6 +82,15 @@ class Decomposition:
 
     def saves_at(self, rank: int) -> bool:
         return 0 < rank and rank * self.params_per_rank < self.full_params
+
+
+@dataclass
+class Decomposition(MatrixGroup):
+    """The (whitened) SVD of one projection stacked over a group of layers, ready to truncate at any rank."""
+
+    coefficients: torch.Tensor  # U Σ: (n·out, r), float64
+    basis: torch.Tensor  # Vᵀ S⁻¹: (r, in), float64
+    singular_values: torch.Tensor  # (r,)
 
     def truncate(self, rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Basis (rank, in) and each layer's coefficients (out, rank), float64.
@@ -98,6 +104,11 @@ class Decomposition:
         ratio = coefficients.pow(2).mean(0) / basis.pow(2).mean(1).clamp_min(torch.finfo(torch.float64).tiny)
         scale = ratio.clamp_min(torch.finfo(torch.float64).tiny).pow(0.25)  # sqrt(rms(C) / rms(B))
         return basis * scale[:, None], list((coefficients / scale).split(self.out_features, dim=0))
+
+    def factors(self, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``truncate`` in the model's dtype: the shared basis and each layer's coefficients, as stored."""
+        basis, coefficients = self.truncate(rank)
+        return basis.to(dtype).contiguous(), [c.to(dtype).contiguous() for c in coefficients]
 
 
 def decompose(
@@ -162,9 +173,8 @@ def factorize_layers(
         dtype, device = template.dtype, template.device
         if initialize:
             decomposition = group_decomposition(model, members, projection, statistics if plan.whiten else None)
-            basis_weight, coefficients = decomposition.truncate(rank)
-            basis = SharedBasis(basis_weight.to(dtype).contiguous())
-            coefficients = [c.to(dtype).contiguous() for c in coefficients]
+            basis_weight, coefficients = decomposition.factors(rank, dtype)
+            basis = SharedBasis(basis_weight)
         else:
             basis = SharedBasis(torch.empty(rank, template.shape[1], dtype=dtype, device=device))
             coefficients = [torch.empty(template.shape[0], rank, dtype=dtype, device=device) for _ in members]
@@ -216,7 +226,7 @@ def factor_groups(
     return groups
 
 
-def _uniform_ranks(decompositions: list[Decomposition], reduction: int) -> list[int] | None:
+def _uniform_ranks(decompositions: list[MatrixGroup], reduction: int) -> list[int] | None:
     """The same kept fraction r in every factorised matrix, the largest r that removes enough."""
 
     def ranks(fraction: float) -> list[int]:
@@ -299,9 +309,13 @@ def factor_plan(
     allocation: str = "uniform",
     whole: Sequence[int] = (),
     method: str = "basis",
+    whiten: bool | None = None,
     progress: bool = False,
 ) -> FoldPlan:
-    """A plan of low-rank factorisations that meets ``budget``; see the module docstring."""
+    """A plan of low-rank factorisations that meets ``budget``; see the module docstring.
+
+    Uniform ranks depend only on the shapes, so they need no decomposition (nor real weights: a model on the
+    meta device plans too); ``whiten`` (default: whether ``statistics`` is given) is then what the fold does."""
     if allocation not in ALLOCATIONS:
         raise LayerfoldError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     family = family_of(model)
@@ -312,11 +326,18 @@ def factor_plan(
     whole = sorted({i % num_layers for i in whole})  # -1 is the last layer
     shared = resolve_projections(family, shared, "--shared") if group_size > 1 else ()
     groups = factor_groups(family, num_layers, group_size=group_size, shared=shared, whole=whole)
-    decompositions = [
-        group_decomposition(model, layers, projection, statistics)
-        for layers, projection in tqdm(groups, desc="decomposing", unit="matrix", disable=not progress)
-    ]
     reduction = budget.reduction(model)
+    if allocation == "uniform":
+        blocks = family.layer_list(model)
+        decompositions = []
+        for layers, projection in groups:
+            out_features, in_features = linear_weight(blocks[layers[0]].get_submodule(projection)).shape
+            decompositions.append(MatrixGroup(tuple(layers), projection, out_features, in_features))
+    else:
+        decompositions = [
+            group_decomposition(model, layers, projection, statistics)
+            for layers, projection in tqdm(groups, desc="decomposing", unit="matrix", disable=not progress)
+        ]
     if allocation == "uniform":
         ranks = _uniform_ranks(decompositions, reduction)
     else:
@@ -332,7 +353,7 @@ def factor_plan(
     return FoldPlan(
         num_layers=num_layers,
         factors=factors,
-        whiten=statistics is not None,
+        whiten=statistics is not None if whiten is None else whiten,
         provenance={
             "method": method,
             "keep": budget.keep,

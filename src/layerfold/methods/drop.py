@@ -8,13 +8,18 @@ from torch import nn
 from ..families import Family
 
 
+def merged_value(target: torch.Tensor, sources: list[torch.Tensor]) -> torch.Tensor:
+    """LaCo's Reserving-Differences-while-Seeking-Common merge of one tensor: θ_target + Σ_k (θ_k − θ_target)."""
+    base = target.detach()
+    return base + sum(source.detach() - base for source in sources)
+
+
 @torch.no_grad()
 def merge_blocks(target: nn.Module, sources: list[nn.Module]) -> None:
-    """LaCo's Reserving-Differences-while-Seeking-Common merge: θ_target ← θ_target + Σ_k (θ_k − θ_target)."""
+    """Merge whole blocks into ``target`` in place (``merged_value`` per parameter)."""
     source_params = [dict(source.named_parameters()) for source in sources]
     for name, param in target.named_parameters():
-        base = param.detach().clone()
-        param.add_(sum(params[name].detach() - base for params in source_params))
+        param.copy_(merged_value(param, [params[name] for params in source_params]))
 
 
 def merge_layers(family: Family, model: nn.Module, merges: list[dict]) -> None:

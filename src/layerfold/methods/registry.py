@@ -55,17 +55,21 @@ def build(
     """Plan with ``method`` and fold ``model`` (in place) with the plan."""
     if method.calibrated and calibration is None:
         raise LayerfoldError(f"method {method.name} needs calibration data (--calib PATH)")
+    check_options(method, options)
+    plan = method.plan(model, budget, calibration, **options)
+    if plan is None:
+        return model
+    statistics = calibration.statistics() if plan.factors and plan.whiten else None
+    return fold(model, plan, calibration=statistics, progress=False)
+
+
+def check_options(method: Method, options: dict[str, Any]) -> None:
     unknown = sorted(set(options) - set(method.options))
     if unknown:
         accepted = ", ".join("--" + o.replace("_", "-") for o in method.options) or "no options"
         raise LayerfoldError(
             f"method {method.name} does not take --{unknown[0].replace('_', '-')} (it takes: {accepted})"
         )
-    plan = method.plan(model, budget, calibration, **options)
-    if plan is None:
-        return model
-    statistics = calibration.statistics() if plan.factors and plan.whiten else None
-    return fold(model, plan, calibration=statistics, progress=False)
 
 
 def num_layers(model: nn.Module) -> int:

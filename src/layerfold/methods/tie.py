@@ -13,11 +13,21 @@ from ..plan import FoldPlan
 from .relax import lora_from_delta, resolve_rank
 
 
-def _average(tensors: list[torch.Tensor]) -> torch.Tensor:
+def average(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A tie group's shared tensor: the mean of its sources (computed in float32, stored in their dtype)."""
     if len(tensors) == 1:
         return tensors[0].detach().clone()
     total = torch.stack([t.detach().float() for t in tensors]).mean(dim=0)
     return total.to(tensors[0].dtype)
+
+
+def relaxation(
+    original: torch.Tensor, shared: torch.Tensor, *, transposed: bool, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors (A, B) of one tied layer: the truncated SVD of its original weight (nn.Linear layout)
+    minus the shared weight (in the module's own layout)."""
+    shared_weight = shared.t() if transposed else shared
+    return lora_from_delta(original.detach() - shared_weight.detach(), rank)
 
 
 def tie_layers(
@@ -42,8 +52,8 @@ def tie_layers(
             originals = [layers[i].get_submodule(path) for i in sources[g]]
             share_bias = plan.share_bias and template.bias is not None
             if initialize:
-                weight = _average([m.weight for m in originals])
-                bias = _average([m.bias for m in originals]) if share_bias else None
+                weight = average([m.weight for m in originals])
+                bias = average([m.bias for m in originals]) if share_bias else None
             else:
                 weight = torch.empty_like(template.weight)
                 bias = torch.empty_like(template.bias) if share_bias else None
@@ -73,9 +83,9 @@ def tie_layers(
                     device=original.weight.device,
                 )
                 if initialize and rank > 0:
-                    shared_weight = target.weight.t() if tied.transposed else target.weight
-                    delta = linear_weight(original).detach() - shared_weight.detach()
-                    lora_a, lora_b = lora_from_delta(delta, rank)
+                    lora_a, lora_b = relaxation(
+                        linear_weight(original), target.weight, transposed=tied.transposed, rank=rank
+                    )
                     with torch.no_grad():
                         tied.lora_A.copy_(lora_a)
                         tied.lora_B.copy_(lora_b)

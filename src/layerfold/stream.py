@@ -1,0 +1,457 @@
+"""Fold a checkpoint larger than memory, a few tensors at a time.
+
+The original and the folded model are built on the meta device (shapes, no storage); the folded model's
+structure comes from the same ``apply_structure`` that ``layerfold.load`` uses, so the output has exactly the
+tensors an in-memory fold would write. Each stored tensor of the folded model gets a recipe (copy an original
+tensor, average a tie group's sources, relax one tied layer, factorise a projection over a group of layers),
+recipes that read the same original tensors form a unit, and units run one at a time: read their tensors from
+the checkpoint's shards, compute with the very functions the in-memory fold uses, hand the results to a shard
+writer, forget them. So memory holds one tie group's projection (or one factor group) plus one output shard.
+
+Whitened factorisations need the Gram matrices of their inputs on calibration text: the calibration batches'
+hidden states walk the original stack block by block (``calibrate.BlockWalk``), with only the current block's
+weights loaded, and a factor group is folded (and its Gram matrices freed) as soon as the walk has passed its
+last layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import resource
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import transformers
+from accelerate import init_empty_weights
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import DEFAULT_MAX_SHARD_BYTES, ShardWriter, SourceCheckpoint
+from .errors import LayerfoldError
+from .families import family_for_model_type, family_of, is_transposed
+from .fold import apply_structure
+from .methods.basis import decompose
+from .methods.drop import merged_value
+from .methods.tie import average, relaxation
+from .modules import BasisLinear, SharedBasis, SharedProjection, TiedLinear, fold_state
+from .plan import FoldPlan
+
+# An input of a recipe: (original layer index, name inside the block) or (None, full tensor name).
+Input = tuple
+
+
+@dataclass
+class Recipe:
+    name: str  # the folded model's (stored) tensor name
+    kind: str  # copy | shared | lora_A | lora_B | basis | coefficients
+    inputs: list[Input]
+    detail: dict = field(default_factory=dict)
+
+
+# Methods whose plan follows from the shapes alone (uniform basis/svd ranks too): what a streamed fold can plan.
+STREAMABLE_METHODS = ("drop-first", "drop-even", "tie-cycle", "tie-sequence", "basis", "svd")
+
+
+def method_plan(method: str, budget, options: dict | None = None) -> Callable[[nn.Module], FoldPlan]:
+    """The plan a registered method makes at ``budget``, as a function of the original on the meta device."""
+    from .methods import registry
+    from .methods.basis import factor_plan
+
+    chosen = registry.get(method)
+    options = dict(options or {})
+    if method not in STREAMABLE_METHODS:
+        raise LayerfoldError(
+            f"method {method} measures the whole model before it plans; with --stream use one of "
+            f"{', '.join(STREAMABLE_METHODS)} or a --plan file"
+        )
+    registry.check_options(chosen, options)
+    if method in ("basis", "svd"):
+        if options.setdefault("allocation", "uniform") != "uniform":
+            raise LayerfoldError(
+                f"--allocation {options['allocation']} ranks every matrix's spectrum first; with --stream use "
+                "--allocation uniform"
+            )
+        if method == "svd":
+            options["group_size"] = 1
+        return lambda model: factor_plan(model, None, budget, method=method, whiten=True, **options)
+    return lambda model: chosen.plan(model, budget, None, **options)
+
+
+def _meta_original(folder: Path) -> tuple[nn.Module, torch.dtype]:
+    from .io import CONFIG_NAME, _model_class
+
+    if not (folder / CONFIG_NAME).is_file():
+        raise LayerfoldError(f"no config.json in {folder}: not a Hugging Face model folder")
+    try:
+        raw = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LayerfoldError(f"cannot read {folder / CONFIG_NAME}: {err}") from None
+    if raw.get("model_type") == "layerfold":
+        raise LayerfoldError(f"{folder} is already a folded model; fold the original model instead")
+    family_for_model_type(str(raw.get("model_type")))
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    return config, _model_class(config)
+
+
+def _build(model_class, config, dtype: torch.dtype) -> nn.Module:
+    with init_empty_weights(include_buffers=False):
+        model = model_class._from_config(copy.deepcopy(config), dtype=dtype)
+    model.tie_weights()  # as from_pretrained does: a tied head is the embedding, stored once
+    return model.eval()
+
+
+def _renamings(model: nn.Module) -> list[tuple[str, str]]:
+    """The (checkpoint pattern, model name) renames transformers applies when it loads this class (e.g. GPT-NeoX's
+    ``embed_out`` is now ``lm_head``)."""
+    try:
+        from transformers.conversion_mapping import extract_weight_conversions_for_model
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return []
+    pairs = []
+    for transform in extract_weight_conversions_for_model(model) or []:
+        if type(transform) is WeightRenaming:
+            sources, targets = transform.source_patterns, transform.target_patterns
+            sources = [sources] if isinstance(sources, str) else list(sources)
+            targets = [targets] if isinstance(targets, str) else list(targets)
+            pairs += list(zip(sources, targets))
+    return pairs
+
+
+class _Resolver:
+    """Maps the model's tensor names to the checkpoint's, which may lack or add the base model prefix or use
+    names transformers renames on load."""
+
+    def __init__(self, checkpoint: SourceCheckpoint, model: nn.Module) -> None:
+        self.available = set(checkpoint.names())
+        prefix = getattr(model, "base_model_prefix", "")
+        self.prefix = prefix + "." if prefix else ""
+        self.renamed = {}
+        for pattern, target in _renamings(model):
+            for name in self.available:
+                new = re.sub(pattern, target, name)
+                if new != name:
+                    self.renamed[new] = name
+
+    def __call__(self, name: str) -> str:
+        candidates = [name]
+        if self.prefix:
+            candidates += [self.prefix + name, name.removeprefix(self.prefix)]
+        for candidate in candidates:
+            if candidate in self.available:
+                return candidate
+            if candidate in self.renamed:
+                return self.renamed[candidate]
+        raise LayerfoldError(f"the checkpoint has no tensor {name}: it does not match its config.json")
+
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    return {id(module): name for name, module in model.named_modules()}
+
+
+def _recipes(original: nn.Module, folded: nn.Module, plan: FoldPlan) -> tuple[list[Recipe], dict[str, str], dict]:
+    """A recipe for every tensor the folded model stores, its aliases (as ``io._unique_state`` finds them), and
+    each original layer's name prefix."""
+    family = family_of(original)
+    original_layers = family.layer_list(original)
+    folded_layers = family.layer_list(folded)
+    kept = plan.kept_layers()
+    state = fold_state(folded)
+    layer_of = {id(block): kept[p] for p, block in enumerate(folded_layers)}
+    module_of_param: dict[int, tuple[nn.Module, str]] = {}
+    for module in folded.modules():
+        for attr, param in list(module._parameters.items()) + list(module._buffers.items()):
+            if param is not None and id(param) not in module_of_param:
+                module_of_param[id(param)] = (module, attr)
+    # Which folded layer (block) owns each module, and the module's path inside it.
+    block_of: dict[int, tuple[int, str]] = {}
+    for block in folded_layers:
+        for path, module in block.named_modules():
+            block_of.setdefault(id(module), (layer_of[id(block)], path))
+    state_entry: dict[int, tuple[int, str]] = {}
+    for g, entry in enumerate(state):
+        for path, module in entry.named_modules():
+            state_entry[id(module)] = (g, path)
+    tied_group = {i: g for g, members in plan.tie_groups() for i in members}
+    sources = plan.init_sources()
+    factor_of = plan.factored()
+    original_names = _module_names(original)
+    layer_prefix = {i: original_names[id(block)] + "." for i, block in enumerate(original_layers)}
+
+    recipes: list[Recipe] = []
+    aliases: dict[str, str] = {}
+    first: dict[int, str] = {}
+    for name, tensor in folded.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+            continue
+        first[id(tensor)] = name
+        module, attr = module_of_param[id(tensor)]
+        if attr in module._buffers and tensor.device.type != "meta":
+            # A persistent buffer the model computes itself (built with real buffers): stored as computed.
+            recipes.append(Recipe(name, "value", [], {"value": tensor.detach().clone()}))
+        elif id(module) in state_entry:
+            g, path = state_entry[id(module)]
+            if isinstance(module, SharedProjection):
+                inputs = [(i, f"{path}.{attr}") for i in sources[g]]
+                recipes.append(Recipe(name, "shared", inputs, {"group": g, "path": path, "attr": attr}))
+            elif isinstance(module, SharedBasis):
+                f = g - len(plan.groups)
+                entry = plan.factors[f]
+                inputs = [(i, f"{entry['projection']}.weight") for i in sorted(entry["layers"])]
+                recipes.append(Recipe(name, "basis", inputs, {"factor": f}))
+            else:
+                raise LayerfoldError(f"streamed fold: no recipe for {name}")
+        elif id(module) in block_of:
+            i, path = block_of[id(module)]
+            if isinstance(module, TiedLinear) and attr in ("lora_A", "lora_B"):
+                g = tied_group[i]
+                inputs = [(j, f"{path}.weight") for j in sources[g]] + [(i, f"{path}.weight")]
+                detail = {"group": g, "path": path, "layer": i, "rank": module.rank, "transposed": module.transposed}
+                recipes.append(Recipe(name, attr, inputs, detail))
+            elif isinstance(module, BasisLinear) and attr == "coefficients":
+                f = factor_of[i, path]
+                entry = plan.factors[f]
+                inputs = [(j, f"{path}.weight") for j in sorted(entry["layers"])]
+                recipes.append(Recipe(name, "coefficients", inputs, {"factor": f, "layer": i}))
+            else:
+                recipes.append(Recipe(name, "copy", [(i, f"{path}.{attr}" if path else attr)]))
+        else:
+            recipes.append(Recipe(name, "copy", [(None, name)]))
+    return recipes, aliases, layer_prefix
+
+
+def _units(recipes: list[Recipe], plan: FoldPlan) -> list[list[Recipe]]:
+    """Recipes that compute together: a tie group's projection (shared weight and its layers' relaxations), a
+    factor group, or one copied tensor; ordered by the last original layer they read."""
+    keyed: dict[tuple, list[Recipe]] = defaultdict(list)
+    for recipe in recipes:
+        if recipe.kind in ("shared", "lora_A", "lora_B"):
+            key = ("tie", recipe.detail["group"], recipe.detail["path"])
+        elif recipe.kind in ("basis", "coefficients"):
+            key = ("factor", recipe.detail["factor"])
+        else:
+            key = ("copy", recipe.name)
+        keyed[key].append(recipe)
+
+    def last_layer(unit: list[Recipe]) -> int:
+        layers = [i for r in unit for i, _ in r.inputs if i is not None]
+        return max(layers) if layers else plan.num_layers  # embeddings and heads last
+
+    return sorted(keyed.values(), key=last_layer)
+
+
+class _Originals:
+    """Original tensors by (layer, name in block) or (None, name), read from the checkpoint with the plan's
+    LaCo merges applied (as ``merge_layers`` does before tying)."""
+
+    def __init__(self, checkpoint: SourceCheckpoint, resolve: _Resolver, layer_prefix: dict, plan: FoldPlan):
+        self.checkpoint, self.resolve, self.layer_prefix, self.merges = checkpoint, resolve, layer_prefix, plan.merges
+
+    def _name(self, key: Input) -> str:
+        layer, name = key
+        return self.resolve(name if layer is None else self.layer_prefix[layer] + name)
+
+    def _needed(self, key: Input) -> set:
+        layer, name = key
+        needed = {key}
+        if layer is None:
+            return needed
+        for entry in self.merges:
+            if entry["into"] in {k[0] for k in needed}:
+                needed |= {(i, name) for i in entry["layers"]}
+        return needed
+
+    def read(self, keys: list[Input], *, merged: bool = True) -> dict[Input, torch.Tensor]:
+        """``merged=False``: the checkpoint's own tensors (what calibration measures)."""
+        wanted = set()
+        for key in keys:
+            wanted |= self._needed(key) if merged else {key}
+        raw = self.checkpoint.read(self._name(k) for k in wanted)
+        values = {k: raw[self._name(k)] for k in wanted}
+        for entry in self.merges if merged else ():  # in order, like merge_layers
+            for (layer, name) in [k for k in values if k[0] == entry["into"]]:
+                values[layer, name] = merged_value(values[layer, name], [values[i, name] for i in entry["layers"]])
+        return {k: values[k] for k in keys}
+
+
+def stream_fold(
+    source: str | Path,
+    out: str | Path,
+    plan_for: FoldPlan | Callable[[nn.Module], FoldPlan],
+    *,
+    calibration: Callable[[nn.Module], list[dict]] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Fold the checkpoint folder ``source`` into ``out`` without loading it (see the module docstring).
+
+    ``plan_for``: a plan, or a function of the original model on the meta device. ``calibration``: a function
+    of that model returning calibration batches, for plans that whiten their factorisations."""
+    from .api import check_output_path
+    from .io import atomic_output_dir, write_folded_config
+
+    start = time.perf_counter()
+    source, out = Path(source), Path(out)
+    if not source.is_dir():
+        raise LayerfoldError(f"model folder not found: {source} (streamed folding reads a checkpoint folder)")
+    check_output_path(out, source, overwrite)
+    config, model_class = _meta_original(source)
+    checkpoint = SourceCheckpoint(source)
+    float_dtypes = [d for d in checkpoint.dtypes.values() if d in ("F16", "BF16", "F32", "F64")]
+    dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}[
+        max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else "F32"
+    ]
+    original = _build(model_class, config, dtype)
+    family = family_of(original)
+    plan = plan_for if isinstance(plan_for, FoldPlan) else plan_for(original)
+    plan.validate(original)
+    folded = _build(model_class, config, dtype)
+    apply_structure(
+        folded,
+        plan,
+        base_config=original.config.to_dict(),
+        base_architecture=type(original).__name__,
+        initialize=False,
+    )
+    from .report import parameter_breakdown, weight_bytes
+
+    before = {"parameters": parameter_breakdown(original), "bytes_on_disk": weight_bytes(source)}
+    after_parameters = parameter_breakdown(folded)
+    recipes, aliases, layer_prefix = _recipes(original, folded, plan)
+    resolve = _Resolver(checkpoint, original)
+    originals = _Originals(checkpoint, resolve, layer_prefix, plan)
+    for recipe in recipes:  # every input exists before any work starts
+        for layer, name in recipe.inputs:
+            resolve(name if layer is None else layer_prefix[layer] + name)
+    units = _units(recipes, plan)
+
+    whitened = bool(plan.factors and plan.whiten)
+    if whitened and calibration is None:
+        raise LayerfoldError("the plan whitens its factorisations: it needs calibration text (--calib PATH)")
+    gram_needs: dict[int, set[str]] = defaultdict(set)
+    if whitened:
+        for entry in plan.factors:
+            for i in entry["layers"]:
+                gram_needs[i].add(entry["projection"])
+    grams: dict[tuple[int, str], torch.Tensor] = {}
+    from .io import ALIASES_KEY
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes=max_shard_bytes, metadata={ALIASES_KEY: json.dumps(aliases)})
+        bar = tqdm(total=len(units), desc="streamed fold", unit="unit", disable=not progress)
+        walk = None
+        walked = -1
+        if whitened:
+            _materialize_outside_layers(original, originals, family)
+            from .calibrate import BlockWalk
+
+            walk = BlockWalk(original, calibration(original))
+        for unit in units:
+            last = max([i for r in unit for i, _ in r.inputs if i is not None], default=plan.num_layers)
+            while walk is not None and walked < min(last, plan.num_layers - 1):
+                walked += 1
+                block = family.layer_list(original)[walked]
+                keys = [(walked, name) for name in block.state_dict()]
+                tensors = originals.read(keys, merged=False)
+                block.load_state_dict({k[1]: v for k, v in tensors.items()}, assign=True)
+                del tensors
+                projections = sorted(gram_needs.get(walked, ()))
+                _, _, accumulators = walk.measure(walked, projections)
+                grams.update({(walked, p): g for p, g in accumulators.items()})
+                block.to("meta")
+            for name, tensor in _compute(unit, originals, plan, grams, dtype, family, original):
+                writer.add(name, tensor)
+            bar.update()
+        bar.close()
+        writer.finish()
+        if (source / "generation_config.json").is_file():
+            folded.generation_config = transformers.GenerationConfig.from_pretrained(source)
+        write_folded_config(folded, tmp, source=source)
+    return {
+        "model": str(source),
+        "model_type": config.model_type,
+        "out": str(out),
+        "dtype": str(dtype).removeprefix("torch."),
+        "plan": plan.to_dict(),
+        "plan_summary": plan.describe(),
+        "before": before,
+        "after": {"parameters": after_parameters, "bytes_on_disk": weight_bytes(out)},
+        "streamed": True,
+        "units": len(units),
+        "source_bytes": checkpoint.nbytes(),
+        "output_bytes": writer.total_bytes,
+        "shards": len(writer.shards),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _materialize_outside_layers(original: nn.Module, originals: _Originals, family) -> None:
+    """Load every tensor outside the blocks (embeddings, final norm, head): the calibration walk embeds."""
+    layer_ids = {id(p) for p in family.layer_list(original).parameters()}
+    names = [n for n, p in original.named_parameters() if id(p) not in layer_ids]
+    values = originals.read([(None, n) for n in names], merged=False)
+    original.load_state_dict({n: values[None, n] for n in names}, assign=True, strict=False)
+    if hasattr(original, "tie_weights"):
+        original.tie_weights()
+
+
+@torch.no_grad()
+def _compute(unit, originals: _Originals, plan: FoldPlan, grams: dict, dtype, family, original):
+    """Yield (name, tensor) for the recipes of one unit, computed as the in-memory fold computes them."""
+    keys = list(dict.fromkeys(k for r in unit for k in r.inputs))
+    values = originals.read(keys)
+    kind = unit[0].kind
+    if kind == "value":
+        yield unit[0].name, unit[0].detail["value"]
+        return
+    if kind == "copy":
+        yield unit[0].name, values[unit[0].inputs[0]]
+        return
+    if kind in ("shared", "lora_A", "lora_B"):
+        detail = next(r.detail for r in unit)
+        g, path = detail["group"], detail["path"]
+        shared = {}
+        for recipe in unit:
+            if recipe.kind == "shared":
+                shared[recipe.detail["attr"]] = average([values[k] for k in recipe.inputs])
+                yield recipe.name, shared[recipe.detail["attr"]]
+        if "weight" not in shared:  # relaxations only need the shared weight
+            shared["weight"] = average([values[j, f"{path}.weight"] for j in plan.init_sources()[g]])
+        done: dict[int, tuple] = {}
+        for recipe in unit:
+            if recipe.kind in ("lora_A", "lora_B"):
+                i = recipe.detail["layer"]
+                if i not in done:
+                    weight = values[i, f"{path}.weight"]
+                    original_weight = weight.t() if recipe.detail["transposed"] else weight
+                    done[i] = relaxation(
+                        original_weight, shared["weight"], transposed=recipe.detail["transposed"],
+                        rank=recipe.detail["rank"],
+                    )
+                yield recipe.name, done[i][0 if recipe.kind == "lora_A" else 1]
+        return
+    f = unit[0].detail["factor"]
+    entry = plan.factors[f]
+    members = sorted(entry["layers"])
+    projection = entry["projection"]
+    module = family.layer_list(original)[members[0]].get_submodule(projection)
+    transposed = is_transposed(module)
+    weights = [values[i, f"{projection}.weight"] for i in members]
+    weights = [w.t() if transposed else w for w in weights]
+    gram = sum(grams.pop((i, projection)) for i in members) if plan.whiten else None
+    decomposition = decompose(weights, gram, layers=tuple(members), projection=projection)
+    basis, coefficients = decomposition.factors(entry["rank"], values[members[0], f"{projection}.weight"].dtype)
+    for recipe in unit:
+        if recipe.kind == "basis":
+            yield recipe.name, basis
+        else:
+            yield recipe.name, coefficients[members.index(recipe.detail["layer"])]
