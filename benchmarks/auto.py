@@ -25,9 +25,8 @@ import torch
 from common import DATA, RESULTS, machine, smollm2_dir, write_results
 from heal import minilm as minilm_heal_task
 from heal import smollm2 as smollm2_heal_task
-from tqdm.auto import tqdm
-
 from sweep import TASKS as SWEEP_TASKS
+from tqdm.auto import tqdm
 
 from layerfold.budget import Budget, kept_fractions
 from layerfold.calibrate import Calibration, calibration_batches

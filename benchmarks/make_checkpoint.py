@@ -5,7 +5,7 @@
 Shapes: 1b = TinyLlama-1.1B (hidden 2048, 22 layers, intermediate 5632, 4 KV heads), 3b = OpenLLaMA-3B (3200,
 26, 8640), 7b = Llama-2-7B (4096, 32, 11008); all with a 32,000-token vocabulary. Weights are N(0, 0.02) in
 fp16 (norms 1), written a tensor at a time into shards of at most --max-shard-size with
-model.safetensors.index.json, as transformers' save_pretrained writes them, so memory stays at one shard.
+model.safetensors.index.json, as transformers' save_pretrained writes them, so memory stays at one tensor.
 The tokenizer of the embedded default model (30,522 WordPiece tokens, below the vocabulary) is copied along
 so that calibration text can be tokenized; the weights are random, so what the text says does not matter.
 """
@@ -27,9 +27,15 @@ from layerfold.demo import default_model_path
 from layerfold.io import TOKENIZER_FILES
 
 SHAPES = {
-    "1b": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4),
-    "3b": dict(hidden_size=3200, num_hidden_layers=26, intermediate_size=8640, num_attention_heads=32, num_key_value_heads=32),
-    "7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
+    "1b": dict(
+        hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4
+    ),
+    "3b": dict(
+        hidden_size=3200, num_hidden_layers=26, intermediate_size=8640, num_attention_heads=32, num_key_value_heads=32
+    ),
+    "7b": dict(
+        hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32
+    ),
 }
 
 
@@ -58,14 +64,18 @@ def make_checkpoint(shape: str, out: Path, *, max_shard_size: str = "5GB", seed:
     out.mkdir(parents=True)
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    writer = ShardWriter(out, max_shard_bytes=parse_size(max_shard_size))
-    for name, size in tqdm(shapes.items(), desc=f"random {shape}", unit="tensor"):
-        if len(size) == 1:
-            tensor = torch.ones(size, dtype=torch.float16)
-        else:
-            tensor = torch.empty(size, dtype=torch.float32).normal_(0.0, 0.02, generator=generator).half()
-        writer.add(name, tensor)
-    writer.finish()
+    specs = [(name, size, torch.float16) for name, size in shapes.items()]
+    writer = ShardWriter(out, specs, max_shard_bytes=parse_size(max_shard_size))
+    try:
+        for name, size in tqdm(shapes.items(), desc=f"random {shape}", unit="tensor"):
+            if len(size) == 1:
+                tensor = torch.ones(size, dtype=torch.float16)
+            else:
+                tensor = torch.empty(size, dtype=torch.float32).normal_(0.0, 0.02, generator=generator).half()
+            writer.add(name, tensor)
+        writer.finish()
+    finally:
+        writer.close()
     config.save_pretrained(out)
     source = default_model_path()
     for name in TOKENIZER_FILES:

@@ -37,7 +37,7 @@ from layerfold.report import markdown_table
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 RANK = 64
-CALIB_TOKENS = 8192
+CALIB_TOKENS = 4096
 CALIB_WINDOW = 1024
 
 
@@ -132,7 +132,16 @@ def render(payload: dict) -> str:
             "(peak = its maximum resident set size). Seconds are wall-clock for the whole command.",
             "",
             markdown_table(
-                ["shape", "method", "parameters", "source GB", "output GB", "seconds", "s per source GB", "peak RSS GB"],
+                [
+                    "shape",
+                    "method",
+                    "parameters",
+                    "source GB",
+                    "output GB",
+                    "seconds",
+                    "s per source GB",
+                    "peak RSS GB",
+                ],
                 body,
             ),
             "",
@@ -147,10 +156,11 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="layerfold-scaling-", dir=CACHE.parent) as tmp:
+    CACHE.mkdir(exist_ok=True)
+    # On the same disk as the checkpoints (several GB), inside the ignored cache folder.
+    with tempfile.TemporaryDirectory(prefix="scaling-", dir=CACHE) as tmp:
         calib_text = Path(tmp) / "wikitext-test-first-half.txt"
         calib_text.write_text(wikitext_half(DATA / "wikitext-2-raw" / "wiki.test.raw", "first"))
-        CACHE.mkdir(exist_ok=True)
         for shape in args.shapes.split(","):
             rows += run_shape(shape, Path(tmp), args.keep, calib_text)
     payload = {"rows": rows, "seconds": round(time.perf_counter() - start), "date": time.strftime("%Y-%m-%d")}

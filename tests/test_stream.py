@@ -27,9 +27,10 @@ def assert_same_checkpoint(streamed, in_memory) -> None:
         assert a[name].dtype == b[name].dtype, name
         assert torch.equal(a[name], b[name]), name
     assert _aliases(streamed) == _aliases(in_memory)
-    assert json.loads((streamed / "config.json").read_text())["fold_plan"] == json.loads(
-        (in_memory / "config.json").read_text()
-    )["fold_plan"]
+    assert (
+        json.loads((streamed / "config.json").read_text())["fold_plan"]
+        == json.loads((in_memory / "config.json").read_text())["fold_plan"]
+    )
 
 
 def in_memory_fold(source, plan: FoldPlan, out, statistics_batches=None):
@@ -51,6 +52,9 @@ PLANS = {
     "drop": lambda: FoldPlan.from_groups([], drop=[1, 2], num_layers=4),
     "LaCo merge + tie": lambda: FoldPlan(
         num_layers=4, merges=[{"into": 1, "layers": [2]}], drop=[2], groups=[[0, 3]], rank=2
+    ),
+    "chained LaCo merges": lambda: FoldPlan(
+        num_layers=4, merges=[{"into": 2, "layers": [3]}, {"into": 0, "layers": [1, 2]}], drop=[1, 2, 3]
     ),
 }
 
@@ -228,7 +232,9 @@ def test_stream_rejects_methods_that_need_the_whole_model(capsys, tmp_path):
         (["--method", "svd", "--allocation", "sensitivity"], "--allocation uniform"),
         (["--method", "basis"], "needs calibration text"),
     ):
-        code, _, err = run(capsys, "fold", source, "--out", tmp_path / "out", "--stream", "--keep-blocks", "0.5", *extra)
+        code, _, err = run(
+            capsys, "fold", source, "--out", tmp_path / "out", "--stream", "--keep-blocks", "0.5", *extra
+        )
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     code, _, err = run(capsys, "fold", source, "--out", tmp_path / "out", "--stream", "--method", "basis")
     assert code == 2 and "--keep" in err, err

@@ -136,7 +136,7 @@ def fold_streamed(
     calib_tokens: int = 65536,
     calib_window: int | None = None,
     options: dict | None = None,
-    max_shard_size: str | int = "1GiB",
+    max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:

@@ -221,18 +221,23 @@ class BlockWalk:
             state["output"] = _first(output)
             raise _Stop
 
+        slot_of: dict[str, str] = {}  # projection -> the first projection that reads the same input
+
         def gram_hook(name):
             def hook(module, args):
                 x = args[0]
-                # q/k/v (and gate/up) read the same tensor: one product. The entry keeps x alive, so that no
-                # later input of this pass can reuse its memory address and be mistaken for it.
+                # q/k/v (and gate/up) read the same tensor: one product, one accumulator, shared. The entry
+                # keeps x alive, so that no later input of this pass can reuse its address and be mistaken for it.
                 key = (x.data_ptr(), tuple(x.shape))
                 if key not in state["grams"] or state["grams"][key][0] is not x:
                     rows = x.reshape(-1, x.shape[-1])[state["mask"].reshape(-1)].float()  # OPT flattens tokens
-                    state["grams"][key] = (x, rows.T @ rows)
-                product = state["grams"][key][1]
+                    state["grams"][key] = (x, rows.T @ rows, name)
+                _, product, slot = state["grams"][key]
+                slot_of.setdefault(name, slot)
+                if name != slot_of[name]:
+                    return
                 if name in accumulators:
-                    accumulators[name] += product.double()
+                    accumulators[name] += product  # added in float64, without a float64 copy of the product
                 else:
                     accumulators[name] = product.double()
 
@@ -260,7 +265,8 @@ class BlockWalk:
         finally:
             for handle in handles:
                 handle.remove()
-        return 1.0 - cosine_sum / self.tokens, angle_sum / self.tokens, accumulators
+        grams = {name: accumulators[slot] for name, slot in slot_of.items()}
+        return 1.0 - cosine_sum / self.tokens, angle_sum / self.tokens, grams
 
 
 def collect_sensitivity(

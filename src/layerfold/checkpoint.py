@@ -2,13 +2,13 @@
 
 ``SourceCheckpoint`` reads an original Hugging Face checkpoint folder, one file (``model.safetensors``) or
 shards listed in ``model.safetensors.index.json``, checking every shard and header before any work starts.
-Each ``read`` memory-maps the shards it needs, copies the tensors out and closes them again, so the pages of a
-checkpoint larger than memory never stay mapped (they would count as resident memory).
+Each ``read`` returns tensors backed by the shards' memory mappings: their pages are read on first use and
+leave resident memory when the tensors are freed, so a checkpoint larger than memory is never resident.
 
-``ShardWriter`` writes a folded model's tensors as they come, in shards of at most ``max_shard_bytes``
-named as Hugging Face names them (``model-00001-of-00003.safetensors`` and an index), or one
-``model.safetensors`` when everything fits in one shard. The in-memory save uses it too, so both write the
-same format.
+``ShardWriter`` writes a folded model's tensors as they come, straight to their place in shards of at most
+``max_shard_bytes`` named as Hugging Face names them (``model-00001-of-00003.safetensors`` and an index), or
+one ``model.safetensors`` when everything fits in one shard. The in-memory save uses it too, so both write
+the same format.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from typing import Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import LayerfoldError
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_BYTES = 1 << 30  # 1 GiB: a streamed fold holds one shard in memory before writing it
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default "5GB"
 
 
 def parse_size(text: str | int) -> int:
@@ -131,55 +131,138 @@ class SourceCheckpoint:
             try:
                 with safe_open(self.folder / shard, framework="pt") as handle:
                     for name in wanted:
-                        tensors[name] = handle.get_tensor(name).clone()  # own memory, not the closed mapping's
+                        # Backed by the file's mapping (no copy); its pages leave memory with the tensor.
+                        tensors[name] = handle.get_tensor(name)
             except (SafetensorError, OSError) as err:
                 raise LayerfoldError(f"{self.folder / shard}: cannot read {wanted[0]} ({err})") from None
         return tensors
 
 
-class ShardWriter:
-    """Safetensors shards written as tensors arrive (see the module docstring). ``finish`` names them."""
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
-    def __init__(self, folder: str | Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, metadata=None):
+
+class ShardWriter:
+    """Writes tensors whose names, shapes and dtypes are known in advance straight to their place in
+    safetensors shards, in any order: each shard's header is laid out first, each tensor is written at its
+    offset when it arrives, nothing is buffered. Shards hold consecutive ``specs`` up to ``max_shard_bytes``
+    and are named as transformers names them (one file: ``model.safetensors``; more: ``model-00001-of-00003``
+    and ``model.safetensors.index.json``). The safetensors library only writes whole files at once."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+        *,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         self.folder = Path(folder)
-        self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        used = 0
+        for name, shape, dtype in specs:
+            size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            if shards[-1] and used + size > max_shard_bytes:
+                shards.append([])
+                used = 0
+            shards[-1].append((name, tuple(shape), dtype, size))
+            used += size
+        count = len(shards)
+        self.files = (
+            [SINGLE_NAME] if count == 1 else [f"model-{n + 1:05d}-of-{count:05d}.safetensors" for n in range(count)]
+        )
+        self.place: dict[str, tuple[int, int, tuple[int, ...], torch.dtype]] = {}  # name -> shard, offset, ...
+        self.headers: list[bytes] = []
+        self.remaining: list[set[str]] = []
         self.total_bytes = 0
+        for n, shard in enumerate(shards):
+            header: dict = {"__metadata__": self.metadata}
+            offset = 0
+            for name, shape, dtype, size in shard:
+                header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+                self.place[name] = (n, offset, shape, dtype)
+                offset += size
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+            self.headers.append(len(encoded).to_bytes(8, "little") + encoded)
+            self.remaining.append({name for name, *_ in shard})
+            self.total_bytes += offset
+        self.handles: dict[int, object] = {}
+
+    @property
+    def shard_count(self) -> int:
+        return len(self.files)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-            self.flush()
-        self.pending[name] = tensor.detach().contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        save_file(self.pending, self.folder / f".shard-{len(self.shards)}.partial", metadata=self.metadata)
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+        if name not in self.place:
+            raise LayerfoldError(f"internal error: {name} is not in the checkpoint's layout")
+        n, offset, shape, dtype = self.place[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise LayerfoldError(
+                f"internal error: {name} is {tuple(tensor.shape)} {tensor.dtype}, its layout says {shape} {dtype}"
+            )
+        if n not in self.handles:
+            handle = open(self.folder / self.files[n], "wb")
+            handle.write(self.headers[n])
+            self.handles[n] = handle
+        handle = self.handles[n]
+        handle.seek(len(self.headers[n]) + offset)
+        if tensor.numel():
+            handle.write(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
+        self.remaining[n].discard(name)
+        if not self.remaining[n]:
+            handle.close()
+            del self.handles[n]
 
     def finish(self) -> list[Path]:
-        self.flush()
-        count = len(self.shards)
-        if count <= 1:
-            if count == 0:
-                save_file({}, self.folder / ".shard-0.partial", metadata=self.metadata)
-            os.replace(self.folder / ".shard-0.partial", self.folder / SINGLE_NAME)
-            return [self.folder / SINGLE_NAME]
-        names = [f"model-{n + 1:05d}-of-{count:05d}.safetensors" for n in range(count)]
-        weight_map = {}
-        for n, (name, tensors) in enumerate(zip(names, self.shards)):
-            os.replace(self.folder / f".shard-{n}.partial", self.folder / name)
-            weight_map.update({tensor: name for tensor in tensors})
-        index = {"metadata": {"total_size": self.total_bytes, **self.metadata}, "weight_map": weight_map}
-        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return [self.folder / name for name in names]
+        for n, remaining in enumerate(self.remaining):
+            if remaining:
+                raise LayerfoldError(f"internal error: {sorted(remaining)[0]} was never written")
+            if not (self.folder / self.files[n]).exists():  # a shard of no tensors (an empty model)
+                (self.folder / self.files[n]).write_bytes(self.headers[n])
+        if len(self.files) > 1:
+            weight_map = {name: self.files[n] for name, (n, *_) in self.place.items()}
+            index = {"metadata": {"total_size": self.total_bytes, **self.metadata}, "weight_map": weight_map}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return [self.folder / name for name in self.files]
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        self.handles.clear()
+
+
+def write_tensors(
+    folder: str | Path,
+    tensors: dict[str, torch.Tensor],
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write a dict of tensors as one safetensors file or shards with an index."""
+    writer = ShardWriter(
+        folder,
+        [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()],
+        max_shard_bytes=max_shard_bytes,
+        metadata=metadata,
+    )
+    try:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+        return writer.finish()
+    finally:
+        writer.close()
 
 
 def read_metadata(folder: str | Path) -> dict[str, str]:

@@ -135,7 +135,7 @@ def fold_command(
         "(for models larger than memory).",
     ),
     max_shard_size: str = typer.Option(
-        "1GiB", "--max-shard-size", help="Largest output weight file; bigger models are written in shards."
+        "5GB", "--max-shard-size", help="Largest output weight file; bigger models are written in shards."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),

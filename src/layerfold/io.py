@@ -25,7 +25,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.pytorch_utils import Conv1D
 
 from . import __version__
-from .checkpoint import DEFAULT_MAX_SHARD_BYTES, ShardWriter, has_weights, load_all, read_metadata
+from .checkpoint import DEFAULT_MAX_SHARD_BYTES, has_weights, load_all, read_metadata, write_tensors
 from .errors import LayerfoldError
 from .families import family_for_model_type, family_of
 from .fold import apply_structure
@@ -103,16 +103,9 @@ def _model_class(config) -> type:
     return transformers.AutoModel
 
 
-def load_source(path: str | Path, *, dtype: torch.dtype | str | None = None) -> nn.Module:
-    """Load an original model from a local Hugging Face folder or a ``.gguf`` file, checking first that
-    layerfold supports its architecture."""
-    path = Path(path)
-    if not path.exists():
-        raise LayerfoldError(f"model path not found: {path}")
-    if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path)
-    if path.is_file():
-        raise LayerfoldError(f"not a model folder or .gguf file: {path}")
+def source_config(path: Path) -> tuple[transformers.PretrainedConfig, type]:
+    """The config and model class of an original model folder, checked: a readable config.json of a
+    supported architecture, not a folded model."""
     if not (path / CONFIG_NAME).is_file():
         raise LayerfoldError(f"no config.json in {path}: not a Hugging Face model folder")
     try:
@@ -124,7 +117,20 @@ def load_source(path: str | Path, *, dtype: torch.dtype | str | None = None) -> 
         raise LayerfoldError(f"{path} is already a folded model; fold the original model instead")
     family_for_model_type(str(model_type))
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    model_class = _model_class(config)
+    return config, _model_class(config)
+
+
+def load_source(path: str | Path, *, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """Load an original model from a local Hugging Face folder or a ``.gguf`` file, checking first that
+    layerfold supports its architecture."""
+    path = Path(path)
+    if not path.exists():
+        raise LayerfoldError(f"model path not found: {path}")
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path)
+    if path.is_file():
+        raise LayerfoldError(f"not a model folder or .gguf file: {path}")
+    config, model_class = source_config(path)
     try:
         model = model_class.from_pretrained(path, local_files_only=True, dtype=dtype or "auto")
     except (OSError, ValueError) as err:
@@ -228,10 +234,7 @@ def write_folded(
     """Write a folded model's files into an existing ``directory`` (not atomically: ``save`` wraps this)."""
     directory = Path(directory)
     tensors, aliases = _unique_state(model)
-    writer = ShardWriter(directory, max_shard_bytes=max_shard_bytes, metadata={ALIASES_KEY: json.dumps(aliases)})
-    for name, tensor in tensors.items():
-        writer.add(name, tensor)
-    writer.finish()
+    write_tensors(directory, tensors, max_shard_bytes=max_shard_bytes, metadata={ALIASES_KEY: json.dumps(aliases)})
     write_folded_config(model, directory, source=source)
 
 

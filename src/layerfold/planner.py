@@ -405,7 +405,9 @@ def search(
     best_plan = scored[0].plan
     if keep_model and refit is not None and best_plan.factors and best_plan.whiten:
         started = time.perf_counter()
-        refitted = fold(copy.deepcopy(model), best_plan, calibration=refit.statistics(progress=progress), progress=False)
+        refitted = fold(
+            copy.deepcopy(model), best_plan, calibration=refit.statistics(progress=progress), progress=False
+        )
         if parameter_breakdown(refitted)[counted_key] <= allowed:
             best_model, refit_tokens = refitted, refit.settings["tokens"]
         refit_seconds = round(time.perf_counter() - started, 2)

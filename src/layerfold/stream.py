@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES, ShardWriter, SourceCheckpoint
 from .errors import LayerfoldError
-from .families import family_for_model_type, family_of, is_transposed
+from .families import family_of, is_transposed
 from .fold import apply_structure
-from .methods.basis import decompose
+from .methods.basis import decompose, summed_gram
 from .methods.drop import merged_value
 from .methods.tie import average, relaxation
 from .modules import BasisLinear, SharedBasis, SharedProjection, TiedLinear, fold_state
@@ -49,9 +49,11 @@ Input = tuple
 @dataclass
 class Recipe:
     name: str  # the folded model's (stored) tensor name
-    kind: str  # copy | shared | lora_A | lora_B | basis | coefficients
+    kind: str  # copy | value | shared | lora_A | lora_B | basis | coefficients
     inputs: list[Input]
     detail: dict = field(default_factory=dict)
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.float32
 
 
 # Methods whose plan follows from the shapes alone (uniform basis/svd ranks too): what a streamed fold can plan.
@@ -81,22 +83,6 @@ def method_plan(method: str, budget, options: dict | None = None) -> Callable[[n
             options["group_size"] = 1
         return lambda model: factor_plan(model, None, budget, method=method, whiten=True, **options)
     return lambda model: chosen.plan(model, budget, None, **options)
-
-
-def _meta_original(folder: Path) -> tuple[nn.Module, torch.dtype]:
-    from .io import CONFIG_NAME, _model_class
-
-    if not (folder / CONFIG_NAME).is_file():
-        raise LayerfoldError(f"no config.json in {folder}: not a Hugging Face model folder")
-    try:
-        raw = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LayerfoldError(f"cannot read {folder / CONFIG_NAME}: {err}") from None
-    if raw.get("model_type") == "layerfold":
-        raise LayerfoldError(f"{folder} is already a folded model; fold the original model instead")
-    family_for_model_type(str(raw.get("model_type")))
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    return config, _model_class(config)
 
 
 def _build(model_class, config, dtype: torch.dtype) -> nn.Module:
@@ -224,6 +210,9 @@ def _recipes(original: nn.Module, folded: nn.Module, plan: FoldPlan) -> tuple[li
                 recipes.append(Recipe(name, "copy", [(i, f"{path}.{attr}" if path else attr)]))
         else:
             recipes.append(Recipe(name, "copy", [(None, name)]))
+    shapes = {name: (tuple(t.shape), t.dtype) for name, t in folded.state_dict(keep_vars=True).items()}
+    for recipe in recipes:
+        recipe.shape, recipe.dtype = shapes[recipe.name]
     return recipes, aliases, layer_prefix
 
 
@@ -259,13 +248,16 @@ class _Originals:
         return self.resolve(name if layer is None else self.layer_prefix[layer] + name)
 
     def _needed(self, key: Input) -> set:
+        """``key`` and every tensor its merged value is made of (merges can chain: a layer merged into
+        another may itself have been merged into before)."""
         layer, name = key
         needed = {key}
-        if layer is None:
-            return needed
-        for entry in self.merges:
-            if entry["into"] in {k[0] for k in needed}:
-                needed |= {(i, name) for i in entry["layers"]}
+        while layer is not None:
+            layers = {k[0] for k in needed}
+            more = {(i, name) for entry in self.merges if entry["into"] in layers for i in entry["layers"]}
+            if more <= needed:
+                break
+            needed |= more
         return needed
 
     def read(self, keys: list[Input], *, merged: bool = True) -> dict[Input, torch.Tensor]:
@@ -276,7 +268,7 @@ class _Originals:
         raw = self.checkpoint.read(self._name(k) for k in wanted)
         values = {k: raw[self._name(k)] for k in wanted}
         for entry in self.merges if merged else ():  # in order, like merge_layers
-            for (layer, name) in [k for k in values if k[0] == entry["into"]]:
+            for layer, name in [k for k in values if k[0] == entry["into"]]:
                 values[layer, name] = merged_value(values[layer, name], [values[i, name] for i in entry["layers"]])
         return {k: values[k] for k in keys}
 
@@ -296,14 +288,14 @@ def stream_fold(
     ``plan_for``: a plan, or a function of the original model on the meta device. ``calibration``: a function
     of that model returning calibration batches, for plans that whiten their factorisations."""
     from .api import check_output_path
-    from .io import atomic_output_dir, write_folded_config
+    from .io import atomic_output_dir, source_config, write_folded_config
 
     start = time.perf_counter()
     source, out = Path(source), Path(out)
     if not source.is_dir():
         raise LayerfoldError(f"model folder not found: {source} (streamed folding reads a checkpoint folder)")
     check_output_path(out, source, overwrite)
-    config, model_class = _meta_original(source)
+    config, model_class = source_config(source)
     checkpoint = SourceCheckpoint(source)
     float_dtypes = [d for d in checkpoint.dtypes.values() if d in ("F16", "BF16", "F32", "F64")]
     dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}[
@@ -342,36 +334,32 @@ def stream_fold(
             for i in entry["layers"]:
                 gram_needs[i].add(entry["projection"])
     grams: dict[tuple[int, str], torch.Tensor] = {}
+    from .calibrate import BlockWalk
     from .io import ALIASES_KEY
 
+    walk = None
+    if whitened:
+        _materialize_embeddings(original, originals, family)
+        walk = BlockWalk(original, calibration(original))
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes=max_shard_bytes, metadata={ALIASES_KEY: json.dumps(aliases)})
-        bar = tqdm(total=len(units), desc="streamed fold", unit="unit", disable=not progress)
-        walk = None
-        walked = -1
-        if whitened:
-            _materialize_outside_layers(original, originals, family)
-            from .calibrate import BlockWalk
-
-            walk = BlockWalk(original, calibration(original))
-        for unit in units:
-            last = max([i for r in unit for i, _ in r.inputs if i is not None], default=plan.num_layers)
-            while walk is not None and walked < min(last, plan.num_layers - 1):
-                walked += 1
-                block = family.layer_list(original)[walked]
-                keys = [(walked, name) for name in block.state_dict()]
-                tensors = originals.read(keys, merged=False)
-                block.load_state_dict({k[1]: v for k, v in tensors.items()}, assign=True)
-                del tensors
-                projections = sorted(gram_needs.get(walked, ()))
-                _, _, accumulators = walk.measure(walked, projections)
-                grams.update({(walked, p): g for p, g in accumulators.items()})
-                block.to("meta")
-            for name, tensor in _compute(unit, originals, plan, grams, dtype, family, original):
-                writer.add(name, tensor)
-            bar.update()
-        bar.close()
-        writer.finish()
+        writer = ShardWriter(
+            tmp,
+            [(r.name, r.shape, r.dtype) for unit in units for r in unit],
+            max_shard_bytes=max_shard_bytes,
+            metadata={ALIASES_KEY: json.dumps(aliases)},
+        )
+        try:
+            walked = -1
+            for unit in tqdm(units, desc="streamed fold", unit="unit", disable=not progress):
+                last = max([i for r in unit for i, _ in r.inputs if i is not None], default=plan.num_layers)
+                while walk is not None and walked < min(last, plan.num_layers - 1):
+                    walked += 1
+                    grams.update(_measure(walk, walked, original, originals, family, gram_needs.get(walked, ())))
+                for name, tensor in _compute(unit, originals, plan, grams, family, original):
+                    writer.add(name, tensor)
+            writer.finish()
+        finally:
+            writer.close()
         if (source / "generation_config.json").is_file():
             folded.generation_config = transformers.GenerationConfig.from_pretrained(source)
         write_folded_config(folded, tmp, source=source)
@@ -388,24 +376,40 @@ def stream_fold(
         "units": len(units),
         "source_bytes": checkpoint.nbytes(),
         "output_bytes": writer.total_bytes,
-        "shards": len(writer.shards),
+        "shards": writer.shard_count,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "seconds": round(time.perf_counter() - start, 2),
     }
 
 
-def _materialize_outside_layers(original: nn.Module, originals: _Originals, family) -> None:
-    """Load every tensor outside the blocks (embeddings, final norm, head): the calibration walk embeds."""
-    layer_ids = {id(p) for p in family.layer_list(original).parameters()}
-    names = [n for n, p in original.named_parameters() if id(p) not in layer_ids]
+def _measure(walk, i: int, original: nn.Module, originals: _Originals, family, projections) -> dict:
+    """Load block i alone, walk the calibration batches through it, unload it: its inputs' Gram matrices."""
+    block = family.layer_list(original)[i]
+    tensors = originals.read([(i, name) for name in block.state_dict()], merged=False)
+    block.load_state_dict({name: value for (_, name), value in tensors.items()}, assign=True)
+    del tensors
+    _, _, accumulators = walk.measure(i, sorted(projections))
+    block.to("meta")
+    return {(i, p): gram for p, gram in accumulators.items()}
+
+
+def _materialize_embeddings(original: nn.Module, originals: _Originals, family) -> None:
+    """Load the tensors the calibration walk runs before the first block: the embeddings and their norms
+    (everything outside the blocks but the output head, which the walk never reaches)."""
+    skip = {id(p) for p in family.layer_list(original).parameters()}
+    head = original.get_output_embeddings() if hasattr(original, "get_output_embeddings") else None
+    tied = head is not None and any(head.weight is e.weight for e in original.modules() if isinstance(e, nn.Embedding))
+    if head is not None and not tied:
+        skip |= {id(p) for p in head.parameters()}
+    names = [n for n, p in original.named_parameters() if id(p) not in skip]
     values = originals.read([(None, n) for n in names], merged=False)
     original.load_state_dict({n: values[None, n] for n in names}, assign=True, strict=False)
-    if hasattr(original, "tie_weights"):
+    if tied:
         original.tie_weights()
 
 
 @torch.no_grad()
-def _compute(unit, originals: _Originals, plan: FoldPlan, grams: dict, dtype, family, original):
+def _compute(unit, originals: _Originals, plan: FoldPlan, grams: dict, family, original):
     """Yield (name, tensor) for the recipes of one unit, computed as the in-memory fold computes them."""
     keys = list(dict.fromkeys(k for r in unit for k in r.inputs))
     values = originals.read(keys)
@@ -434,7 +438,9 @@ def _compute(unit, originals: _Originals, plan: FoldPlan, grams: dict, dtype, fa
                     weight = values[i, f"{path}.weight"]
                     original_weight = weight.t() if recipe.detail["transposed"] else weight
                     done[i] = relaxation(
-                        original_weight, shared["weight"], transposed=recipe.detail["transposed"],
+                        original_weight,
+                        shared["weight"],
+                        transposed=recipe.detail["transposed"],
                         rank=recipe.detail["rank"],
                     )
                 yield recipe.name, done[i][0 if recipe.kind == "lora_A" else 1]
@@ -447,7 +453,7 @@ def _compute(unit, originals: _Originals, plan: FoldPlan, grams: dict, dtype, fa
     transposed = is_transposed(module)
     weights = [values[i, f"{projection}.weight"] for i in members]
     weights = [w.t() if transposed else w for w in weights]
-    gram = sum(grams.pop((i, projection)) for i in members) if plan.whiten else None
+    gram = summed_gram([grams.pop((i, projection)) for i in members]) if plan.whiten else None
     decomposition = decompose(weights, gram, layers=tuple(members), projection=projection)
     basis, coefficients = decomposition.factors(entry["rank"], values[members[0], f"{projection}.weight"].dtype)
     for recipe in unit:

@@ -41,11 +41,14 @@ def whitening_factor(gram: torch.Tensor, where: str = "") -> torch.Tensor:
     factor, info = torch.linalg.cholesky_ex(gram)
     if int(info) == 0:
         return factor
+    del factor  # n×n: do not hold it while trying the shifted matrices
     scale = float(gram.diagonal().mean().clamp(min=1e-12))
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
     for exponent in range(-9, 1):
         jitter = scale * 10.0**exponent
-        factor, info = torch.linalg.cholesky_ex(gram + jitter * eye)
+        shifted = gram.clone()
+        shifted.diagonal().add_(jitter)  # gram + jitter·I without two more n×n matrices
+        factor, info = torch.linalg.cholesky_ex(shifted)
+        del shifted
         if int(info) == 0:
             tqdm.write(
                 f"layerfold: note: {where}: Gram matrix not positive definite; added {jitter:.3g}·I to factorise it",
@@ -134,6 +137,12 @@ def decompose(
     )
 
 
+def summed_gram(grams: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The Gram matrix of a group's inputs: the sum of its layers' (a single layer's is used as it is, not
+    copied: a 5632² float64 matrix is 254 MB)."""
+    return grams[0] if len(grams) == 1 else sum(grams)
+
+
 def group_decomposition(
     model: nn.Module, layers: Sequence[int], projection: str, statistics: Statistics | None
 ) -> Decomposition:
@@ -144,7 +153,7 @@ def group_decomposition(
     if key not in cache:
         blocks = family_of(model).layer_list(model)
         weights = [linear_weight(blocks[i].get_submodule(projection)) for i in layers]
-        gram = sum(statistics.gram(i, projection) for i in layers) if statistics is not None else None
+        gram = summed_gram([statistics.gram(i, projection) for i in layers]) if statistics is not None else None
         cache[key] = decompose(weights, gram, layers=tuple(layers), projection=projection)
     return cache[key]
 
