@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .checkpoint import DEFAULT_MAX_SHARD_BYTES
 from .errors import LayerfoldError
 from .families import family_of
 from .fold import fold
@@ -18,10 +19,6 @@ from .report import human_count, markdown_table, parameter_breakdown, size_table
 def size_report(model, path: str | Path | None = None) -> dict:
     """Unique parameters split by role, and the bytes of the weight files at ``path`` if given."""
     return {"parameters": parameter_breakdown(model), "bytes_on_disk": weight_bytes(path) if path else None}
-
-
-def _shards(max_shard_bytes: int | None) -> dict:
-    return {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
 
 
 def check_output_path(out: str | Path, source: str | Path, overwrite: bool) -> None:
@@ -39,7 +36,7 @@ def fold_model_dir(
     *,
     plan_for: FoldPlan | Callable[[int], FoldPlan],
     overwrite: bool = False,
-    max_shard_bytes: int | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
 ) -> dict:
     """Load an original model, fold it with a plan (or a function of the layer count), save it, report sizes."""
@@ -50,7 +47,7 @@ def fold_model_dir(
     plan = plan_for if isinstance(plan_for, FoldPlan) else plan_for(num_layers)
     before = size_report(model, model_dir)
     fold(model, plan, progress=progress)
-    save(model, out, source=model_dir, overwrite=overwrite, **_shards(max_shard_bytes))
+    save(model, out, source=model_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     after = size_report(model, out)
     return {
         "model": str(model_dir),
@@ -76,7 +73,7 @@ def fold_with_method(
     calib_window: int | None = None,
     options: dict | None = None,
     overwrite: bool = False,
-    max_shard_bytes: int | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
 ) -> dict:
     """Fold an original model with a registered method at a parameter budget, save it, report both fractions."""
@@ -105,7 +102,7 @@ def fold_with_method(
     state = fold_state(folded)
     if state is None:
         raise LayerfoldError(f"method {method} leaves the model as it is; nothing to save")
-    save(folded, out, source=model_dir, overwrite=overwrite, **_shards(max_shard_bytes))
+    save(folded, out, source=model_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     after = size_report(folded, out)
     plan = state.plan
     return {
@@ -136,7 +133,7 @@ def fold_streamed(
     calib_tokens: int = 65536,
     calib_window: int | None = None,
     options: dict | None = None,
-    max_shard_size: str | int = "5GB",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -145,21 +142,22 @@ def fold_streamed(
     from . import data as datasets
     from .budget import Budget, kept_fractions
     from .calibrate import calibration_batches
-    from .checkpoint import parse_size
     from .io import load_tokenizer
     from .stream import method_plan, stream_fold
 
-    max_shard_bytes = parse_size(max_shard_size)
     budget = None
     if method is not None:
         budget = Budget.from_options(keep, keep_blocks)
         make_plan = method_plan(method, budget, options)
-    elif isinstance(plan_for, FoldPlan) or plan_for is None:
-        if plan_for is None:
-            raise LayerfoldError("--stream needs a plan: --plan, --strategy or --method")
+    elif plan_for is None:
+        raise LayerfoldError("--stream needs a plan: --plan, --strategy or --method")
+    elif isinstance(plan_for, FoldPlan):
         make_plan = plan_for
     else:
-        make_plan = lambda model: plan_for(len(family_of(model).layer_list(model)))  # noqa: E731
+
+        def make_plan(model):
+            return plan_for(len(family_of(model).layer_list(model)))
+
     calibration = None
     if calib is not None:
         datasets.read_text(calib)  # missing, empty or non-UTF-8: fail before any work

@@ -30,10 +30,8 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default "5GB"
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str) -> int:
     """'1GB', '500MB', '2GiB' or a number of bytes."""
-    if isinstance(text, int):
-        return text
     units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
     lowered = text.strip().lower()
     for unit, scale in units.items():
@@ -150,6 +148,7 @@ _DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 
 
 class ShardWriter:

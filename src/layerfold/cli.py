@@ -158,55 +158,7 @@ def fold_command(
         )
         if value is not None
     }
-    if method is not None and (plan is not None or strategy is not None or unique is not None):
-        raise LayerfoldError("--method folds at a budget; it does not go with --plan, --strategy or --unique")
-    if stream:
-        if method is None and (method_options or keep is not None or keep_blocks is not None):
-            raise LayerfoldError("--keep and the method options need --method")
-        tie_options = {
-            key: value
-            for key, value in (("share", share.value if share else None), ("init", init.value if init else None))
-            if value is not None
-        }
-        rank_option = {"rank": parse_rank(rank)} if rank is not None else {}
-        report = fold_streamed(
-            model_dir,
-            out,
-            plan_for=None
-            if method is not None
-            else (lambda num_layers: _build_plan(num_layers, plan, strategy, unique, {**rank_option, **tie_options})),
-            method=method,
-            keep=keep,
-            keep_blocks=keep_blocks,
-            calib=calib,
-            calib_tokens=calib_tokens,
-            calib_window=calib_window,
-            options={**method_options, **tie_options, **rank_option},
-            max_shard_size=max_shard_bytes,
-            overwrite=overwrite,
-        )
-        _emit(as_json, report, fold_report_markdown(report))
-        return
-    if method is not None:
-        report = fold_with_method(
-            model_dir,
-            out,
-            method=method,
-            keep=keep,
-            keep_blocks=keep_blocks,
-            calib=calib,
-            calib_tokens=calib_tokens,
-            calib_window=calib_window,
-            options={**method_options, **({"rank": parse_rank(rank)} if rank is not None else {})},
-            overwrite=overwrite,
-            max_shard_bytes=max_shard_bytes,
-        )
-        _emit(as_json, report, fold_report_markdown(report))
-        return
-    if method_options or keep is not None or keep_blocks is not None or calib is not None:
-        raise LayerfoldError("--keep, --calib and the method options need --method")
-
-    options = {
+    plan_options = {
         key: value
         for key, value in (
             ("rank", parse_rank(rank) if rank is not None else None),
@@ -215,13 +167,46 @@ def fold_command(
         )
         if value is not None
     }
-    report = fold_model_dir(
-        model_dir,
-        out,
-        plan_for=lambda num_layers: _build_plan(num_layers, plan, strategy, unique, options),
-        overwrite=overwrite,
-        max_shard_bytes=max_shard_bytes,
+    budget_options = dict(
+        method=method,
+        keep=keep,
+        keep_blocks=keep_blocks,
+        calib=calib,
+        calib_tokens=calib_tokens,
+        calib_window=calib_window,
     )
+
+    def plan_for(num_layers: int):
+        return _build_plan(num_layers, plan, strategy, unique, plan_options)
+
+    if method is not None and (plan is not None or strategy is not None or unique is not None):
+        raise LayerfoldError("--method folds at a budget; it does not go with --plan, --strategy or --unique")
+    if stream:
+        if method is None and (method_options or keep is not None or keep_blocks is not None):
+            raise LayerfoldError("--keep and the method options need --method")
+        report = fold_streamed(
+            model_dir,
+            out,
+            plan_for=None if method is not None else plan_for,
+            **budget_options,
+            options={**method_options, **plan_options},
+            max_shard_bytes=max_shard_bytes,
+            overwrite=overwrite,
+        )
+    elif method is not None:
+        rank_option = {"rank": plan_options["rank"]} if "rank" in plan_options else {}
+        report = fold_with_method(
+            model_dir,
+            out,
+            **budget_options,
+            options={**method_options, **rank_option},
+            overwrite=overwrite,
+            max_shard_bytes=max_shard_bytes,
+        )
+    else:
+        if method_options or keep is not None or keep_blocks is not None or calib is not None:
+            raise LayerfoldError("--keep, --calib and the method options need --method")
+        report = fold_model_dir(model_dir, out, plan_for=plan_for, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     _emit(as_json, report, fold_report_markdown(report))
 
 

@@ -338,7 +338,7 @@ def search(
     whole_blocks = min(L, int(math.floor(block_allowance / per_block + 1e-9)))
 
     scored, rejected = [], []
-    seen: dict[str, str] = {}  # plan JSON -> the candidate that folded it first
+    seen: dict[str, str] = {}  # plan JSON -> the candidate that made it first
     best_model, best_score = None, -math.inf
     statistics = None
     generators = _generators(model, analysis, allow, calibration)
@@ -350,11 +350,18 @@ def search(
             rejected.append(candidate)
             continue
         folded, blocks = None, whole_blocks - (1 if kind == "lora" else 0)
+        # A plan another candidate already made (Block Influence and angular distance often rank the blocks
+        # alike) is not folded again; ``keys`` are the plans this candidate makes on the way to its fold.
+        keys, duplicate = [], None
         try:
             while folded is None:
                 plan = make(blocks) if in_blocks else make(budget)
                 if plan is None:
                     raise LayerfoldError("the method leaves the model as it is")
+                keys.append(plan.to_json(indent=None))
+                duplicate = seen.get(keys[-1])
+                if duplicate is not None:
+                    break
                 if kind == "lora":
                     tied = sum(len(g) for g in plan.groups if len(g) >= 2)
                     base = parameter_breakdown(fold(copy.deepcopy(model), plan, progress=False))[counted_key]
@@ -377,13 +384,14 @@ def search(
             candidate.rejected = str(err).split(": ")[-1] if ": " in str(err) else str(err)
             rejected.append(candidate)
             continue
-        key = plan.to_json(indent=None)
-        if key in seen:  # e.g. Block Influence and angular distance often rank the blocks alike
-            candidate.rejected = f"the same plan as {seen[key]}"
+        keys.append(plan.to_json(indent=None))  # as folded (a LoRA candidate's rank is set on the way)
+        duplicate = duplicate or seen.get(keys[-1])
+        if duplicate is not None:
+            candidate.rejected = f"the same plan as {duplicate}"
             rejected.append(candidate)
-            del trial, folded
+            del folded
             continue
-        seen[key] = name
+        seen.update(dict.fromkeys(keys, name))
         candidate.plan = plan
         candidate.proxy = proxy.value(folded)
         fractions = kept_fractions(original_params, parameter_breakdown(folded))

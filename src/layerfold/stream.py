@@ -32,15 +32,19 @@ from accelerate import init_empty_weights
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import DEFAULT_MAX_SHARD_BYTES, ShardWriter, SourceCheckpoint
+from .api import check_output_path
+from .calibrate import BlockWalk
+from .checkpoint import DEFAULT_MAX_SHARD_BYTES, TORCH_DTYPES, ShardWriter, SourceCheckpoint
 from .errors import LayerfoldError
 from .families import family_of, is_transposed
 from .fold import apply_structure
+from .io import ALIASES_KEY, atomic_output_dir, source_config, write_folded_config
 from .methods.basis import decompose, summed_gram
 from .methods.drop import merged_value
 from .methods.tie import average, relaxation
 from .modules import BasisLinear, SharedBasis, SharedProjection, TiedLinear, fold_state
 from .plan import FoldPlan
+from .report import parameter_breakdown, weight_bytes
 
 # An input of a recipe: (original layer index, name inside the block) or (None, full tensor name).
 Input = tuple
@@ -210,9 +214,7 @@ def _recipes(original: nn.Module, folded: nn.Module, plan: FoldPlan) -> tuple[li
                 recipes.append(Recipe(name, "copy", [(i, f"{path}.{attr}" if path else attr)]))
         else:
             recipes.append(Recipe(name, "copy", [(None, name)]))
-    shapes = {name: (tuple(t.shape), t.dtype) for name, t in folded.state_dict(keep_vars=True).items()}
-    for recipe in recipes:
-        recipe.shape, recipe.dtype = shapes[recipe.name]
+        recipes[-1].shape, recipes[-1].dtype = tuple(tensor.shape), tensor.dtype
     return recipes, aliases, layer_prefix
 
 
@@ -229,11 +231,12 @@ def _units(recipes: list[Recipe], plan: FoldPlan) -> list[list[Recipe]]:
             key = ("copy", recipe.name)
         keyed[key].append(recipe)
 
-    def last_layer(unit: list[Recipe]) -> int:
-        layers = [i for r in unit for i, _ in r.inputs if i is not None]
-        return max(layers) if layers else plan.num_layers  # embeddings and heads last
+    return sorted(keyed.values(), key=lambda unit: _last_layer(unit, plan.num_layers))
 
-    return sorted(keyed.values(), key=last_layer)
+
+def _last_layer(unit: list[Recipe], num_layers: int) -> int:
+    """The last original layer a unit reads (``num_layers`` for embeddings and heads: they come last)."""
+    return max((i for r in unit for i, _ in r.inputs if i is not None), default=num_layers)
 
 
 class _Originals:
@@ -243,7 +246,8 @@ class _Originals:
     def __init__(self, checkpoint: SourceCheckpoint, resolve: _Resolver, layer_prefix: dict, plan: FoldPlan):
         self.checkpoint, self.resolve, self.layer_prefix, self.merges = checkpoint, resolve, layer_prefix, plan.merges
 
-    def _name(self, key: Input) -> str:
+    def name_of(self, key: Input) -> str:
+        """The checkpoint's name of an input."""
         layer, name = key
         return self.resolve(name if layer is None else self.layer_prefix[layer] + name)
 
@@ -265,8 +269,8 @@ class _Originals:
         wanted = set()
         for key in keys:
             wanted |= self._needed(key) if merged else {key}
-        raw = self.checkpoint.read(self._name(k) for k in wanted)
-        values = {k: raw[self._name(k)] for k in wanted}
+        raw = self.checkpoint.read(self.name_of(k) for k in wanted)
+        values = {k: raw[self.name_of(k)] for k in wanted}
         for entry in self.merges if merged else ():  # in order, like merge_layers
             for layer, name in [k for k in values if k[0] == entry["into"]]:
                 values[layer, name] = merged_value(values[layer, name], [values[i, name] for i in entry["layers"]])
@@ -287,9 +291,6 @@ def stream_fold(
 
     ``plan_for``: a plan, or a function of the original model on the meta device. ``calibration``: a function
     of that model returning calibration batches, for plans that whiten their factorisations."""
-    from .api import check_output_path
-    from .io import atomic_output_dir, source_config, write_folded_config
-
     start = time.perf_counter()
     source, out = Path(source), Path(out)
     if not source.is_dir():
@@ -297,10 +298,8 @@ def stream_fold(
     check_output_path(out, source, overwrite)
     config, model_class = source_config(source)
     checkpoint = SourceCheckpoint(source)
-    float_dtypes = [d for d in checkpoint.dtypes.values() if d in ("F16", "BF16", "F32", "F64")]
-    dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}[
-        max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else "F32"
-    ]
+    float_dtypes = [TORCH_DTYPES[d] for d in checkpoint.dtypes.values() if d in ("F16", "BF16", "F32", "F64")]
+    dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else torch.float32
     original = _build(model_class, config, dtype)
     family = family_of(original)
     plan = plan_for if isinstance(plan_for, FoldPlan) else plan_for(original)
@@ -313,16 +312,13 @@ def stream_fold(
         base_architecture=type(original).__name__,
         initialize=False,
     )
-    from .report import parameter_breakdown, weight_bytes
-
     before = {"parameters": parameter_breakdown(original), "bytes_on_disk": weight_bytes(source)}
     after_parameters = parameter_breakdown(folded)
     recipes, aliases, layer_prefix = _recipes(original, folded, plan)
-    resolve = _Resolver(checkpoint, original)
-    originals = _Originals(checkpoint, resolve, layer_prefix, plan)
+    originals = _Originals(checkpoint, _Resolver(checkpoint, original), layer_prefix, plan)
     for recipe in recipes:  # every input exists before any work starts
-        for layer, name in recipe.inputs:
-            resolve(name if layer is None else layer_prefix[layer] + name)
+        for key in recipe.inputs:
+            originals.name_of(key)
     units = _units(recipes, plan)
 
     whitened = bool(plan.factors and plan.whiten)
@@ -334,9 +330,6 @@ def stream_fold(
             for i in entry["layers"]:
                 gram_needs[i].add(entry["projection"])
     grams: dict[tuple[int, str], torch.Tensor] = {}
-    from .calibrate import BlockWalk
-    from .io import ALIASES_KEY
-
     walk = None
     if whitened:
         _materialize_embeddings(original, originals, family)
@@ -351,8 +344,8 @@ def stream_fold(
         try:
             walked = -1
             for unit in tqdm(units, desc="streamed fold", unit="unit", disable=not progress):
-                last = max([i for r in unit for i, _ in r.inputs if i is not None], default=plan.num_layers)
-                while walk is not None and walked < min(last, plan.num_layers - 1):
+                last = min(_last_layer(unit, plan.num_layers), plan.num_layers - 1)
+                while walk is not None and walked < last:
                     walked += 1
                     grams.update(_measure(walk, walked, original, originals, family, gram_needs.get(walked, ())))
                 for name, tensor in _compute(unit, originals, plan, grams, family, original):
@@ -421,15 +414,12 @@ def _compute(unit, originals: _Originals, plan: FoldPlan, grams: dict, family, o
         yield unit[0].name, values[unit[0].inputs[0]]
         return
     if kind in ("shared", "lora_A", "lora_B"):
-        detail = next(r.detail for r in unit)
-        g, path = detail["group"], detail["path"]
-        shared = {}
+        path = unit[0].detail["path"]
+        shared = {}  # the unit always holds its shared weight (and bias, if shared): computed first
         for recipe in unit:
             if recipe.kind == "shared":
                 shared[recipe.detail["attr"]] = average([values[k] for k in recipe.inputs])
                 yield recipe.name, shared[recipe.detail["attr"]]
-        if "weight" not in shared:  # relaxations only need the shared weight
-            shared["weight"] = average([values[j, f"{path}.weight"] for j in plan.init_sources()[g]])
         done: dict[int, tuple] = {}
         for recipe in unit:
             if recipe.kind in ("lora_A", "lora_B"):
