@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import layerfold
 from layerfold import FoldPlan, LayerfoldError
-from layerfold.io import atomic_output_dir
+from layerfold.outputs import atomic_output_dir
 
 # Ties layers 0 and 3, drops layer 1, relaxes at rank 2: every part of the format is exercised.
 PLAN = dict(groups=[[0, 3]], drop=[1], num_layers=4, rank=2)
@@ -140,9 +140,14 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
     (out / "precious.txt").write_text("mine")
     with pytest.raises(LayerfoldError, match="already exists"):
         layerfold.save(model, out)
+    # --overwrite replaces only what layerfold wrote: a folder of someone else's files is refused by name.
+    with pytest.raises(LayerfoldError, match="holds files layerfold did not write .'precious.txt'"):
+        layerfold.save(model, out, overwrite=True)
     assert (out / "precious.txt").read_text() == "mine"
-    layerfold.save(model, out, overwrite=True)
-    assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
+    (out / "precious.txt").unlink()
+    layerfold.save(model, out, overwrite=True)  # an empty folder
+    layerfold.save(model, out, overwrite=True)  # its own output
+    assert (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

@@ -12,6 +12,7 @@ from .families import family_of
 from .fold import fold
 from .io import load, load_source, read_checkpoint_config, save
 from .modules import fold_state
+from .outputs import check_output
 from .plan import FoldPlan
 from .report import human_count, markdown_table, parameter_breakdown, size_table, weight_bytes
 
@@ -19,15 +20,6 @@ from .report import human_count, markdown_table, parameter_breakdown, size_table
 def size_report(model, path: str | Path | None = None) -> dict:
     """Unique parameters split by role, and the bytes of the weight files at ``path`` if given."""
     return {"parameters": parameter_breakdown(model), "bytes_on_disk": weight_bytes(path) if path else None}
-
-
-def check_output_path(out: str | Path, source: str | Path, overwrite: bool) -> None:
-    """Fail before any slow work if the output cannot be written as asked."""
-    out, source = Path(out), Path(source)
-    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
-        raise LayerfoldError(f"--out must be outside the original model: {out}")
-    if out.exists() and not overwrite:
-        raise LayerfoldError(f"output directory already exists: {out} (pass --overwrite to replace it)")
 
 
 def fold_model_dir(
@@ -41,7 +33,7 @@ def fold_model_dir(
 ) -> dict:
     """Load an original model, fold it with a plan (or a function of the layer count), save it, report sizes."""
     start = time.perf_counter()
-    check_output_path(out, model_dir, overwrite)
+    check_output(out, {"original model": model_dir}, overwrite=overwrite)
     model = load_source(model_dir)
     num_layers = len(family_of(model).layer_list(model))
     plan = plan_for if isinstance(plan_for, FoldPlan) else plan_for(num_layers)
@@ -88,7 +80,7 @@ def fold_with_method(
     budget = Budget.from_options(keep, keep_blocks)
     if chosen.calibrated and calib is None:
         raise LayerfoldError(f"method {method} needs calibration text: --calib PATH")
-    check_output_path(out, model_dir, overwrite)
+    check_output(out, {"original model": model_dir, "calibration text": calib}, overwrite=overwrite)
     if calib is not None:
         datasets.read_text(calib)  # missing, empty or non-UTF-8: fail before the model loads
     model = load_source(model_dir)
@@ -145,6 +137,7 @@ def fold_streamed(
     from .io import load_tokenizer
     from .stream import method_plan, stream_fold
 
+    check_output(out, {"original model": model_dir, "calibration text": calib}, overwrite=overwrite)
     budget = None
     if method is not None:
         budget = Budget.from_options(keep, keep_blocks)
@@ -173,6 +166,7 @@ def fold_streamed(
         calibration=calibration,
         max_shard_bytes=max_shard_bytes,
         overwrite=overwrite,
+        other_inputs={"calibration text": calib},
         progress=progress,
     )
     if budget is not None:

@@ -42,7 +42,7 @@ def parse_size(text: str) -> int:
         number, scale = lowered, 1
     try:
         value = int(float(number) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise LayerfoldError(f"--max-shard-size: not a size: {text!r} (e.g. 1GB, 500MB)") from None
     if value < 1:
         raise LayerfoldError(f"--max-shard-size must be positive, got {text!r}")
@@ -60,11 +60,20 @@ def _read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def _shard_path(folder: Path, name: str, index: Path) -> Path:
+    """A shard named by an index: a plain file name inside the checkpoint folder, nothing else."""
+    path = folder / name
+    if not name or Path(name).name != name or name in (".", "..") or path.resolve().parent != folder.resolve():
+        raise LayerfoldError(f"{index}: shard {name!r} is not a file inside {folder}")
+    return path
+
+
 def weight_files(folder: str | Path) -> list[Path]:
     """The safetensors files of a checkpoint folder: the index's shards or the single file."""
     folder = Path(folder)
     if (folder / INDEX_NAME).is_file():
-        return [folder / name for name in dict.fromkeys(_read_index(folder / INDEX_NAME).values())]
+        index = folder / INDEX_NAME
+        return [_shard_path(folder, name, index) for name in dict.fromkeys(_read_index(index).values())]
     return [folder / SINGLE_NAME]
 
 
@@ -88,6 +97,8 @@ class SourceCheckpoint:
                 f"no {SINGLE_NAME} or {INDEX_NAME} in {self.folder}: streamed folding reads safetensors checkpoints"
             )
         files = sorted(set(listed.values())) if listed is not None else [SINGLE_NAME]
+        for name in files if listed is not None else ():
+            _shard_path(self.folder, name, self.folder / INDEX_NAME)
         self.shard_of: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
@@ -268,14 +279,45 @@ def read_metadata(folder: str | Path) -> dict[str, str]:
     """The metadata a checkpoint was written with (from the index, or the single file's header)."""
     folder = Path(folder)
     if (folder / INDEX_NAME).is_file():
-        return json.loads((folder / INDEX_NAME).read_text(encoding="utf-8")).get("metadata", {})
-    with safe_open(folder / SINGLE_NAME, framework="pt") as handle:
-        return handle.metadata() or {}
+        _read_index(folder / INDEX_NAME)
+        metadata = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8")).get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise LayerfoldError(f"{folder / INDEX_NAME}: its metadata is not a mapping")
+        return metadata
+    try:
+        with safe_open(folder / SINGLE_NAME, framework="pt") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise LayerfoldError(f"{folder / SINGLE_NAME}: not a readable safetensors file ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def stored_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every stored tensor's shape, read from the headers only (no data), each file checked against its size:
+    a truncated, corrupt or oversized file fails here with one line."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in weight_files(folder):
+        if not shard.is_file():
+            raise LayerfoldError(f"checkpoint shard missing: {shard}")
+        try:
+            with safe_open(shard, framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except (SafetensorError, OSError, ValueError, OverflowError) as err:
+            raise LayerfoldError(f"{shard}: not a readable safetensors file ({_first_line(err)})") from None
+    return shapes
 
 
 def load_all(folder: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint folder (single file or shards)."""
     tensors: dict[str, torch.Tensor] = {}
     for shard in weight_files(folder):
-        tensors.update(load_file(shard))
+        try:
+            tensors.update(load_file(shard))
+        except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as err:
+            raise LayerfoldError(f"{shard}: not a readable safetensors file ({_first_line(err)})") from None
     return tensors

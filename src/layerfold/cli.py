@@ -143,7 +143,9 @@ def fold_command(
     """Fold a model and save it: by a plan or tying strategy, or by a method at a parameter budget."""
     from .api import fold_model_dir, fold_report_markdown, fold_streamed, fold_with_method
     from .checkpoint import parse_size
+    from .outputs import check_output
 
+    check_output(out, {"original model": model_dir, "plan": plan, "calibration text": calib}, overwrite=overwrite)
     max_shard_bytes = parse_size(max_shard_size)
 
     method_options = {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import tempfile
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from .analysis import Analysis, analyze, write_analysis
-from .api import check_output_path, size_report
+from .api import size_report
 from .budget import Budget, kept_fractions
 from .calibrate import Calibration, calibration_batches
 from .errors import LayerfoldError
 from .evaluate import is_causal_lm
 from .families import family_of
-from .io import atomic_output_dir, load, load_source, load_tokenizer, write_folded
+from .io import load, load_source, load_tokenizer, write_folded
+from .outputs import REPORT_HEADER, atomic_output_dir, check_output, write_files_atomically
 from .planner import PlanSearch, Proxy, parse_allow, search
 from .report import markdown_table, size_table
 
@@ -97,10 +98,11 @@ def analyze_model_dir(
 ) -> dict:
     """``layerfold analyze``: analysis.json, analysis.md and heat-maps in ``out`` (written atomically)."""
     start = time.perf_counter()
-    check_output_path(out, model_dir, overwrite)
+    inputs = {"original model": model_dir, "data": data}
+    check_output(out, inputs, overwrite=overwrite)
     prepared = prepare(model_dir, data, tokens=tokens)
     analysis = run_analysis(prepared, gate_steps=gate_steps, progress=progress)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         markdown = write_analysis(analysis, tmp)
     return {
         "model": str(model_dir),
@@ -140,19 +142,14 @@ def plan_for_budget(
     return analysis, result
 
 
-def _write_plan(result: PlanSearch, path: Path, overwrite: bool) -> None:
+def _plan_text(result: PlanSearch, path: Path) -> str:
     plan = result.best.plan
     plan.provenance = {
         **plan.provenance,
         "budget": {"fraction": result.budget.keep, "counts": "blocks" if result.budget.blocks_only else "all"},
         "candidates": [{"name": c.name, result.proxy_name: c.proxy} for c in result.candidates[:5]],
     }
-    if path.exists() and not overwrite:
-        raise LayerfoldError(f"output file already exists: {path} (pass --overwrite to replace it)")
-    text = plan.to_yaml() if path.suffix in (".yaml", ".yml") else plan.to_json()
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    tmp.replace(path)
+    return plan.to_yaml() if path.suffix in (".yaml", ".yml") else plan.to_json()
 
 
 def plan_model_dir(
@@ -175,17 +172,20 @@ def plan_model_dir(
     out = Path(out)
     if out.suffix not in (".yaml", ".yml", ".json"):
         raise LayerfoldError(f"--out: the plan file must end in .yaml, .yml or .json, got {out.name}")
-    if out.exists() and not overwrite:
-        raise LayerfoldError(f"output file already exists: {out} (pass --overwrite to replace it)")
+    side = out.with_suffix(".md")  # the reasons, beside the plan: guarded like it
+    inputs = {"original model": model_dir, "data": data}
+    check_output(out, inputs, overwrite=overwrite, kind="file")
+    check_output(side, inputs, overwrite=overwrite, kind="file", flag="the plan's reasons file")
     if not out.parent.is_dir():
         raise LayerfoldError(f"--out: folder does not exist: {out.parent}")
     prepared = prepare(model_dir, data, tokens=tokens)
     analysis, result = plan_for_budget(
         prepared, budget, allow=allow, gate_steps=gate_steps, keep_model=False, progress=progress
     )
-    _write_plan(result, out, overwrite)
     explanation = result.explanation()
-    out.with_suffix(".md").write_text(explanation + "\n")
+    check_output(out, inputs, overwrite=overwrite, kind="file")  # nothing appeared there meanwhile
+    check_output(side, inputs, overwrite=overwrite, kind="file", flag="the plan's reasons file")
+    write_files_atomically({out: _plan_text(result, out), side: f"{REPORT_HEADER}\n{explanation}\n"})
     return {
         "model": str(model_dir),
         "out": str(out),
@@ -222,7 +222,8 @@ def compress_model_dir(
     parse_allow(allow)
     if heal_steps < 0:
         raise LayerfoldError(f"--heal-steps must be 0 or more, got {heal_steps}")
-    check_output_path(out, model_dir, overwrite)
+    inputs = {"original model": model_dir, "data": data}
+    check_output(out, inputs, overwrite=overwrite)
     out = Path(out)
     prepared = prepare(model_dir, data, tokens=tokens)
     before = size_report(prepared.model, model_dir)
@@ -230,15 +231,19 @@ def compress_model_dir(
     folded = result.best_model
     fidelity = {"original": result.original_proxy, "folded": result.best.proxy}
     healed_report = None
-    with atomic_output_dir(out, overwrite=overwrite) as final:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as final:
         if heal_steps:
-            with tempfile.TemporaryDirectory(prefix="layerfold-compress-") as scratch:
-                unhealed = Path(scratch) / "folded"
-                unhealed.mkdir()
-                write_folded(folded, unhealed, source=model_dir)
-                config = heal_config or HealConfig(steps=heal_steps)
-                config.steps = heal_steps
-                healed_report = heal(unhealed, model_dir, data, final, config, overwrite=True)
+            # Scratch lives inside the output's temporary folder, so that nothing is left anywhere else.
+            scratch = final / ".work"
+            unhealed = scratch / "folded"
+            unhealed.mkdir(parents=True)
+            write_folded(folded, unhealed, source=model_dir)
+            config = heal_config or HealConfig(steps=heal_steps)
+            config.steps = heal_steps
+            healed_report = heal(unhealed, model_dir, data, scratch / "healed", config)
+            for item in (scratch / "healed").iterdir():
+                item.replace(final / item.name)
+            shutil.rmtree(scratch)
             folded = load(final)
         else:
             write_folded(folded, final, source=model_dir)
@@ -272,7 +277,7 @@ def compress_model_dir(
             "after": after,
             "seconds": round(time.perf_counter() - start, 1),
         }
-        _write_plan(result, final / "plan.yaml", overwrite=True)
+        (final / "plan.yaml").write_text(_plan_text(result, final / "plan.yaml"))
         write_analysis(analysis, final)
         (final / "compress.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (final / "compress.md").write_text(compress_markdown(report, result) + "\n")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .api import check_output_path
 from .errors import LayerfoldError
 from .evaluate import embedding_fidelity, sentence_embeddings
 from .io import load, load_source
+from .outputs import check_output
 
 DEMO_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 HELD_OUT = 128
@@ -52,7 +52,7 @@ def run_demo(
     torch.manual_seed(0)
     model_path = default_model_path()
     if out is not None:
-        check_output_path(out, model_path, overwrite)
+        check_output(out, {"embedded model": model_path}, overwrite=overwrite)
     paragraphs = pydoc_paragraphs(limit=100_000, min_words=8)
     held_out, train = paragraphs[-HELD_OUT:], paragraphs[:-HELD_OUT]
     with tempfile.TemporaryDirectory() as scratch:

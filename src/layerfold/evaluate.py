@@ -27,7 +27,11 @@ TASKS = ("ppl", "sts", "fidelity", "size", "speed")
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return is_causal_lm_class(type(model))
+
+
+def is_causal_lm_class(model_class: type) -> bool:
+    return model_class.__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def require_kind(model: nn.Module, task: str, causal: bool) -> None:

@@ -36,6 +36,9 @@ def fold(
         statistics=calibration,
         progress=progress,
     )
+    from .io import install_save_hook  # io builds on this module
+
+    install_save_hook(model)
     return model
 
 

@@ -656,6 +656,10 @@ def _prepare_checkpoints(folder: Path, settings: dict, *, resume: bool, overwrit
     if not is_main:
         # The main process checks, clears and creates the folder (the others would see it appear and refuse).
         return last_complete_checkpoint(folder, clean=False) if resume else None
+    if folder.exists() and not (folder.is_dir() and (settings_file.is_file() or not any(folder.iterdir()))):
+        raise LayerfoldError(
+            f"{folder} is where this run keeps its checkpoints, but it holds something else; move it away"
+        )
     if folder.exists() and not resume:
         if not overwrite:
             raise LayerfoldError(
@@ -679,6 +683,22 @@ def _prepare_checkpoints(folder: Path, settings: dict, *, resume: bool, overwrit
     folder.mkdir(parents=True, exist_ok=True)
     settings_file.write_text(json.dumps(settings, indent=2, default=str) + "\n")
     return start
+
+
+def _check_resumable(checkpoint: Path) -> None:
+    """A checkpoint to resume from must be whole: a folded checkpoint that loads and a readable trainer state."""
+    from .io import check_checkpoint, read_weights
+
+    try:
+        check_checkpoint(checkpoint)
+        read_weights(checkpoint)
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+            raise ValueError("trainer_state.json has no global_step")
+    except (LayerfoldError, OSError, ValueError) as err:
+        raise LayerfoldError(
+            f"--resume: the checkpoint {checkpoint} is damaged ({err}); pass --overwrite to start over"
+        ) from None
 
 
 # ---- the whole step ---------------------------------------------------------------------------------------
@@ -728,24 +748,32 @@ def heal(
     and are removed at the end unless ``keep_checkpoints``. Returns the report."""
     from transformers import TrainingArguments, set_seed
 
-    from .io import is_folded_checkpoint, load, load_source, load_tokenizer, read_checkpoint_config, save
+    from .evaluate import is_causal_lm_class
+    from .io import check_checkpoint, is_folded_checkpoint, load, load_source, load_tokenizer, save
+    from .outputs import check_inputs, check_output
 
     student_dir, teacher_path, out = Path(student_dir), Path(teacher_path), Path(out)
-    read_checkpoint_config(student_dir)  # a clear line when it is not a folded checkpoint
+    checked = check_checkpoint(student_dir)  # a clear line when it is not a (sound) folded checkpoint
     if not teacher_path.exists():
         raise LayerfoldError(f"teacher not found: {teacher_path}")
     if is_folded_checkpoint(teacher_path):
         raise LayerfoldError(f"the teacher {teacher_path} is a folded model; heal from the original model")
-    if out.exists() and not overwrite:
-        raise LayerfoldError(f"output directory already exists: {out} (pass --overwrite to replace it)")
-    if out.resolve() in (student_dir.resolve(), teacher_path.resolve()):
-        raise LayerfoldError("--out must not be the folded model's or the teacher's folder")
     if not Path(data).exists():
         raise LayerfoldError(f"data not found: {data}")
+    config = config or HealConfig()
+    inputs = {"folded model": student_dir, "teacher": teacher_path, "data": data, "teacher cache": config.teacher_cache}
+    check_output(out, inputs, overwrite=overwrite)
+    checkpoints = checkpoint_dir_for(out)
+    check_inputs(checkpoints, inputs, flag="the checkpoint folder")
+    # Every argument is checked before a model loads.
+    config = config.resolved(is_causal_lm_class(checked.model_class))
+    mapping = teacher_layer_map(checked.plan)
+    layers = len(mapping)
+    if any(not -layers <= p < layers for p in config.hidden_layers):
+        raise LayerfoldError(f"--hidden-layers: the folded model has {layers} layers, got {config.hidden_layers}")
 
     student = load(student_dir)
     causal = is_causal_lm(student)
-    config = (config or HealConfig()).resolved(causal)
     tokenizer = load_tokenizer(student_dir)
     teacher = load_source(teacher_path, dtype=torch.float32)
     check_teacher(student, teacher, tokenizer, _optional_tokenizer(teacher_path))
@@ -761,11 +789,7 @@ def heal(
         held_out=config.eval_examples,
         limit=config.max_examples,
     )
-    mapping = teacher_layer_map(fold_state(student).plan)
-    layers = len(mapping)
     positions = sorted({p % layers for p in config.hidden_layers}) if config.loss.hidden else []
-    if any(not -layers <= p < layers for p in config.hidden_layers):
-        raise LayerfoldError(f"--hidden-layers: the folded model has {layers} layers, got {config.hidden_layers}")
     # hidden_states[i + 1] is the output of layer i (hidden_states[0] is the embeddings).
     hidden_pairs = [(p + 1, mapping[p] + 1) for p in positions]
     if positions and positions[-1] == layers - 1:
@@ -779,9 +803,10 @@ def heal(
         "data": str(Path(data).resolve()),
         **config.to_dict(),
     }
-    checkpoints = checkpoint_dir_for(out)
     is_main = int(os.environ.get("RANK", "0")) == 0
     start = _prepare_checkpoints(checkpoints, settings, resume=resume, overwrite=overwrite, is_main=is_main)
+    if start is not None:
+        _check_resumable(start)
 
     cache, cache_info = None, None
     if config.teacher_cache:

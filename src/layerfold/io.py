@@ -9,13 +9,12 @@ load it with ``trust_remote_code=True``. Nothing is unpickled on load.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
-import os
+import re
 import shutil
-import tempfile
+import types
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import transformers
@@ -25,11 +24,19 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.pytorch_utils import Conv1D
 
 from . import __version__
-from .checkpoint import DEFAULT_MAX_SHARD_BYTES, has_weights, load_all, read_metadata, write_tensors
+from .checkpoint import (
+    DEFAULT_MAX_SHARD_BYTES,
+    has_weights,
+    load_all,
+    read_metadata,
+    stored_shapes,
+    write_tensors,
+)
 from .errors import LayerfoldError
-from .families import family_for_model_type, family_of
+from .families import Family, family_for_model_type, family_of
 from .fold import apply_structure
 from .modules import STATE_ATTRIBUTE, BasisLinear, TiedLinear, fold_state
+from .outputs import atomic_output_dir, check_output
 from .plan import FoldPlan
 
 WEIGHTS_NAME = "model.safetensors"
@@ -53,39 +60,6 @@ TOKENIZER_FILES = (
 )
 
 
-# ---- output directories ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out`` that replaces ``out`` only when the block succeeds."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise LayerfoldError(f"output path exists and is not a directory: {out}")
-    if out.exists() and not overwrite:
-        raise LayerfoldError(f"output directory already exists: {out} (pass --overwrite to replace it)")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new folder
-    except OSError as err:
-        raise LayerfoldError(f"cannot write output directory {out}: {err.strerror or err}") from None
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError) and not isinstance(err, LayerfoldError):
-            raise LayerfoldError(f"cannot write output directory {out}: {err.strerror or err}") from None
-        raise
-
-
 # ---- original models --------------------------------------------------------------------------------------
 def _strip_gguf_quantizer(model: nn.Module) -> None:
     """A GGUF checkpoint is dequantised to plain float weights on load; let it save like any other model."""
@@ -95,29 +69,103 @@ def _strip_gguf_quantizer(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
+# Config fields that set how much a model allocates when it is built. Each must be a positive integer; the sizes
+# of a folded checkpoint must also fit its stored tensors (see ``check_base_config``).
+_LAYER_FIELDS = ("num_hidden_layers", "n_layer")
+_SIZE_FIELDS = (
+    *_LAYER_FIELDS,
+    "hidden_size",
+    "n_embd",
+    "n_head",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "n_inner",
+    "ffn_dim",
+    "word_embed_proj_dim",
+)
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "type_vocab_size")
+MAX_POSITIONS = 1 << 24  # BERT-like models allocate buffers of this length
+
+
+def check_config_sizes(config: dict, where: str, *, largest_dimension: int | None = None) -> None:
+    """Every size field is a positive integer; with ``largest_dimension`` (a folded checkpoint's largest stored
+    tensor side), none is larger than the tensors could hold."""
+    for name in _SIZE_FIELDS + _POSITION_FIELDS:
+        value = config.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LayerfoldError(f"{where}.{name}: must be a positive integer, got {value!r}")
+        if name in _POSITION_FIELDS:
+            limit = MAX_POSITIONS
+        elif name in _LAYER_FIELDS:
+            continue  # checked against the layers the weights hold
+        else:
+            limit = largest_dimension
+        if limit is not None and value > limit:
+            raise LayerfoldError(f"{where}.{name}: {value} is larger than the checkpoint's tensors allow (at most {limit})")
+
+
+def model_class_for(name: object, model_type: str, where: str) -> type:
+    """The transformers model class called ``name``, only if it is one of ``model_type``'s own model classes:
+    a config never names arbitrary code to call."""
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    try:
+        config_class = CONFIG_MAPPING[model_type]
+    except KeyError:
+        config_class = None
+    if (
+        not isinstance(cls, type)
+        or not issubclass(cls, transformers.PreTrainedModel)
+        or config_class is None
+        or getattr(cls, "config_class", None) is not config_class
+    ):
+        raise LayerfoldError(f"{where}: {name!r} is not a {model_type} model class of transformers")
+    return cls
+
+
 def _model_class(config) -> type:
     for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
+        try:
+            return model_class_for(name, config.model_type, "config.json architectures")
+        except LayerfoldError:
+            continue
     return transformers.AutoModel
+
+
+def _read_json(file: Path) -> object:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LayerfoldError(f"cannot read {file}: {err}") from None
 
 
 def source_config(path: Path) -> tuple[transformers.PretrainedConfig, type]:
     """The config and model class of an original model folder, checked: a readable config.json of a
-    supported architecture, not a folded model."""
+    supported architecture with sane sizes, not a folded model."""
     if not (path / CONFIG_NAME).is_file():
         raise LayerfoldError(f"no config.json in {path}: not a Hugging Face model folder")
-    try:
-        raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LayerfoldError(f"cannot read {path / CONFIG_NAME}: {err}") from None
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    raw = _read_json(path / CONFIG_NAME)
+    if not isinstance(raw, dict):
+        raise LayerfoldError(f"{path / CONFIG_NAME}: not a JSON object")
+    model_type = raw.get("model_type")
     if model_type == "layerfold":
         raise LayerfoldError(f"{path} is already a folded model; fold the original model instead")
     family_for_model_type(str(model_type))
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    check_config_sizes(raw, f"{path / CONFIG_NAME}")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise LayerfoldError(f"cannot read {path / CONFIG_NAME}: {_first_line(err)}") from None
     return config, _model_class(config)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_source(path: str | Path, *, dtype: torch.dtype | str | None = None) -> nn.Module:
@@ -132,9 +180,11 @@ def load_source(path: str | Path, *, dtype: torch.dtype | str | None = None) -> 
         raise LayerfoldError(f"not a model folder or .gguf file: {path}")
     config, model_class = source_config(path)
     try:
-        model = model_class.from_pretrained(path, local_files_only=True, dtype=dtype or "auto")
-    except (OSError, ValueError) as err:
-        raise LayerfoldError(f"cannot load model from {path}: {str(err).splitlines()[0]}") from None
+        model = model_class.from_pretrained(
+            path, local_files_only=True, dtype=dtype or "auto", trust_remote_code=False
+        )
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as err:
+        raise LayerfoldError(f"cannot load model from {path}: {_first_line(err)}") from None
     return model.eval()
 
 
@@ -143,9 +193,14 @@ def _load_gguf(path: Path) -> nn.Module:
         import gguf  # noqa: F401
     except ImportError:
         raise LayerfoldError("reading .gguf files needs the gguf package: pip install 'layerfold[gguf]'") from None
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, local_files_only=True, dtype=torch.float32
-    )
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, local_files_only=True, dtype=torch.float32
+        )
+    except LayerfoldError:
+        raise
+    except Exception as err:  # the gguf reader raises many kinds on a file that is not GGUF
+        raise LayerfoldError(f"cannot read {path} as a GGUF model: {_first_line(err)}") from None
     _strip_gguf_quantizer(model)
     family_of(model)
     return model.eval()
@@ -181,8 +236,11 @@ def _auto_classes(base_architecture: str) -> dict[str, str]:
     return auto_map
 
 
-def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict with each tensor once, and the other names under which a tensor appears."""
+def _unique_state(
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each tensor once, and the other names under which a tensor appears. Which names are
+    one tensor comes from the model; the values from ``state_dict`` when given (Trainer passes one)."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_name: dict[tuple, str] = {}
@@ -193,6 +251,15 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         else:
             first_name[key] = name
             tensors[name] = tensor.detach().contiguous()
+    if state_dict is not None:
+        missing = sorted(set(tensors) - set(state_dict))
+        if missing:
+            raise LayerfoldError(f"cannot save the folded model: the state dict given lacks {missing[0]}")
+        for name, tensor in tensors.items():
+            given = state_dict[name]
+            if tuple(given.shape) != tuple(tensor.shape):
+                raise LayerfoldError(f"cannot save the folded model: {name} is {tuple(given.shape)} in the state dict")
+            tensors[name] = given.detach().to(tensor.dtype).contiguous()
     # Tensors that only partly overlap another's storage are stored as copies of their own.
     seen_storage: set[int] = set()
     for name, tensor in tensors.items():
@@ -201,6 +268,55 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
             tensors[name] = tensor.clone()
         seen_storage.add(ptr)
     return tensors, aliases
+
+
+# Weight files a folder may hold from an earlier save, which would be read instead of (or mixed with) new ones.
+_STALE_WEIGHTS = re.compile(r"^(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?$")
+
+
+def _save_pretrained_folded(
+    self: nn.Module,
+    save_directory: str | Path,
+    is_main_process: bool = True,
+    state_dict: dict | None = None,
+    max_shard_size: int | str = "5GB",
+    push_to_hub: bool = False,
+    **_ignored,
+) -> None:
+    """``save_pretrained`` of a folded model (bound to it by ``install_save_hook``): the plain method would write
+    the base architecture's config beside the folded tensor names, a folder that reloads with random weights.
+    This writes a layerfold checkpoint instead (safetensors always), which ``layerfold.load`` and
+    ``from_pretrained(..., trust_remote_code=True)`` reload bit for bit. Trainer.save_model and
+    SentenceTransformer.save call this."""
+    from .checkpoint import parse_size
+
+    state = fold_state(self)
+    if state is None or type(self).__name__ != state.base_architecture:
+        raise LayerfoldError(
+            f"this {type(self).__name__} is part of a folded {state.base_architecture if state else 'model'}: "
+            "save the whole model (model.save_pretrained or layerfold.save)"
+        )
+    if push_to_hub:
+        raise LayerfoldError("push_to_hub: layerfold saves folded models locally; upload the folder yourself")
+    if not is_main_process:
+        return
+    directory = Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise LayerfoldError(f"cannot save the folded model: {directory} is a file")
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.iterdir():
+        if _STALE_WEIGHTS.match(stale.name) and stale.is_file():
+            stale.unlink()
+    max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(str(max_shard_size))
+    write_folded(self, directory, max_shard_bytes=max_bytes, state_dict=state_dict)
+
+
+def install_save_hook(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` write a layerfold checkpoint (see ``_save_pretrained_folded``)."""
+    model.save_pretrained = types.MethodType(_save_pretrained_folded, model)
+    base = getattr(model, "base_model", model)
+    if base is not model:
+        base.save_pretrained = types.MethodType(_save_pretrained_folded, base)
 
 
 def save(
@@ -217,7 +333,7 @@ def save(
     if fold_state(model) is None:
         raise LayerfoldError("the model is not folded: call layerfold.fold(model, plan) first")
     path = Path(path)
-    with atomic_output_dir(path, overwrite=overwrite) as tmp:
+    with atomic_output_dir(path, overwrite=overwrite, inputs={"original model": source}) as tmp:
         write_folded(model, tmp, source=source, max_shard_bytes=max_shard_bytes)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
@@ -230,10 +346,11 @@ def write_folded(
     *,
     source: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write a folded model's files into an existing ``directory`` (not atomically: ``save`` wraps this)."""
     directory = Path(directory)
-    tensors, aliases = _unique_state(model)
+    tensors, aliases = _unique_state(model, state_dict)
     write_tensors(directory, tensors, max_shard_bytes=max_shard_bytes, metadata={ALIASES_KEY: json.dumps(aliases)})
     write_folded_config(model, directory, source=source)
 
@@ -263,13 +380,31 @@ def write_folded_config(model: nn.Module, directory: Path, *, source: str | Path
 
 
 def _aliases(path: Path) -> dict[str, str]:
-    return json.loads(read_metadata(path).get(ALIASES_KEY, "{}"))
+    """The alias table of a checkpoint's metadata: other names of stored tensors (tied embeddings)."""
+    text = read_metadata(path).get(ALIASES_KEY, "{}")
+    try:
+        aliases = json.loads(text)
+    except (TypeError, json.JSONDecodeError):
+        raise LayerfoldError(f"{path}: the weights' {ALIASES_KEY} metadata is not JSON") from None
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise LayerfoldError(f"{path}: the weights' {ALIASES_KEY} metadata is not a map of tensor names")
+    return aliases
+
+
+def _check_aliases(path: Path, aliases: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> None:
+    """An alias names a tensor that is stored, under a name that is not stored itself, with the same shape."""
+    for alias, name in aliases.items():
+        if alias in shapes:
+            raise LayerfoldError(f"{path}: alias {alias} would replace a stored tensor of that name")
+        if name not in shapes:
+            raise LayerfoldError(f"{path}: alias {alias} names {name}, which is not stored")
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a folded checkpoint's weight files, each stored tensor also under its aliases' names."""
     path = Path(path)
     aliases = _aliases(path)
+    _check_aliases(path, aliases, stored_shapes(path))
     tensors = load_all(path)
     for alias, name in aliases.items():
         tensors[alias] = tensors[name]
@@ -301,35 +436,88 @@ from layerfold.hub import (  # noqa: F401
 
 
 def read_checkpoint_config(path: str | Path) -> dict:
+    """A folded checkpoint's config.json, checked for the fields ``load`` needs (nothing is built yet)."""
     path = Path(path)
     if not path.exists():
         raise LayerfoldError(f"folded model not found: {path}")
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise LayerfoldError(f"no config.json in {path}: not a layerfold checkpoint")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LayerfoldError(f"cannot read {config_file}: {err}") from None
+    config = _read_json(config_file)
     if not isinstance(config, dict) or config.get("model_type") != "layerfold":
         raise LayerfoldError(f"{path} is not a layerfold checkpoint (its config.json has no layerfold model type)")
+    for key, kind in (("base_architecture", str), ("base_config", dict), ("fold_plan", dict)):
+        if not isinstance(config.get(key), kind):
+            raise LayerfoldError(f"{config_file}: {key} is missing or not a {'string' if kind is str else 'mapping'}")
+    if not isinstance(config["base_config"].get("model_type"), str):
+        raise LayerfoldError(f"{config_file}: base_config.model_type is missing")
     if not has_weights(path):
         raise LayerfoldError(f"{path} has no {WEIGHTS_NAME} (nor shards with an index)")
     return config
 
 
-def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a folded model from a layerfold checkpoint, without the original model."""
+@dataclasses.dataclass
+class CheckedCheckpoint:
+    """What ``load`` builds from, after every check that needs no model: see ``check_checkpoint``."""
+
+    config: dict
+    family: Family
+    base: transformers.PretrainedConfig
+    model_class: type
+    plan: FoldPlan
+    shapes: dict[str, tuple[int, ...]]
+    aliases: dict[str, str]
+
+
+def _layer_indices(names, family: Family) -> set[int]:
+    pattern = re.compile(r"(?:^|\.)" + re.escape(family.layers) + r"\.(\d+)\.")
+    return {int(m.group(1)) for name in names if (m := pattern.search(name))}
+
+
+def check_checkpoint(path: str | Path) -> CheckedCheckpoint:
+    """Validate a folded checkpoint before anything is built: the config's fields, the base architecture (only
+    the family's own model classes), the plan against the base config (layer counts, sizes), the weight files'
+    headers and the aliases. Every failure is one ``LayerfoldError`` line."""
     path = Path(path)
     config = read_checkpoint_config(path)
+    where = f"{path / CONFIG_NAME}"
     base_config = dict(config["base_config"])
     model_type = base_config.pop("model_type")
-    family_for_model_type(model_type)
-    base = CONFIG_MAPPING[model_type].from_dict(base_config)
-    model_class = getattr(transformers, config["base_architecture"])
+    family = family_for_model_type(model_type)
+    model_class = model_class_for(config["base_architecture"], model_type, f"{where}: base_architecture")
     plan = FoldPlan.from_dict(config["fold_plan"])
-    with init_empty_weights(include_buffers=False):
-        model = model_class(base)
+    shapes = stored_shapes(path)
+    aliases = _aliases(path)
+    _check_aliases(path, aliases, shapes)
+    largest = max((max(shape, default=1) for shape in shapes.values()), default=1)
+    check_config_sizes(base_config, f"{where}: base_config", largest_dimension=largest)
+    layers = next((base_config[name] for name in _LAYER_FIELDS if name in base_config), None)
+    if plan.num_layers != layers:
+        raise LayerfoldError(f"{where}: fold_plan.num_layers is {plan.num_layers} but base_config has {layers} layers")
+    kept = plan.num_layers - len(set(plan.drop))
+    stored = len(_layer_indices(list(shapes) + list(aliases), family))
+    if kept != stored:
+        raise LayerfoldError(f"{where}: fold_plan keeps {kept} layers but the weights hold {stored}")
+    # Built only now: some configs allocate per layer (layer_types), so the layer count is checked first.
+    try:
+        base = CONFIG_MAPPING[model_type].from_dict(base_config)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise LayerfoldError(f"{where}: base_config cannot be read: {_first_line(err)}") from None
+    return CheckedCheckpoint(config, family, base, model_class, plan, shapes, aliases)
+
+
+def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a folded model from a layerfold checkpoint, without the original model. The checkpoint is
+    validated first (``check_checkpoint``); nothing is unpickled and no code from the folder runs."""
+    path = Path(path)
+    checked = check_checkpoint(path)
+    config, plan = checked.config, checked.plan
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = checked.model_class(checked.base)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
+        raise LayerfoldError(f"{path / CONFIG_NAME}: cannot build {config['base_architecture']}: {_first_line(err)}") from None
+    plan.validate(model)  # ranks within each matrix's shape, projections of this family
     apply_structure(
         model,
         plan,
@@ -337,23 +525,33 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
         base_architecture=config["base_architecture"],
         initialize=False,
     )
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for alias, name in checked.aliases.items():
+        if alias in expected and expected[alias] != checked.shapes[name]:
+            raise LayerfoldError(f"{path}: alias {alias} names {name} of another shape")
+    for name, shape in checked.shapes.items():
+        if name in expected and expected[name] != shape:
+            raise LayerfoldError(f"{path}: {name} is {list(shape)} in the weights but {list(expected[name])} in the config")
     tensors = read_weights(path)
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as err:
         raise LayerfoldError(f"{path / WEIGHTS_NAME} does not match its config: {str(err).splitlines()[0]}") from None
     # Re-tie: each alias becomes the very same Parameter object as its source, as in the original model.
-    aliases = _aliases(path)
     parameters = dict(model.named_parameters(remove_duplicate=False))
-    for alias, name in aliases.items():
+    for alias, name in checked.aliases.items():
         if alias in parameters and name in parameters:
             module_path, _, attr = alias.rpartition(".")
             setattr(model.get_submodule(module_path), attr, parameters[name])
     if dtype is not None:
         model.to(dtype)
     if (path / "generation_config.json").is_file():
-        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+        try:
+            model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+        except (OSError, ValueError, TypeError) as err:
+            raise LayerfoldError(f"{path / 'generation_config.json'}: {_first_line(err)}") from None
     model.config._name_or_path = str(path)
+    install_save_hook(model)
     return model.eval()
 
 
@@ -382,15 +580,18 @@ def materialize(model: nn.Module) -> nn.Module:
             plain.to(weight.dtype)
             block.set_submodule(name, plain)
     delattr(model.base_model, STATE_ATTRIBUTE)
+    for module in (model, model.base_model):  # plain again: the standard save_pretrained is right
+        module.__dict__.pop("save_pretrained", None)
     return model
 
 
 def export(path: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write a folded checkpoint as a plain Hugging Face checkpoint (relaxations merged into per-layer weights)
     that loads without layerfold."""
+    check_output(out, {"folded model": path}, overwrite=overwrite)
     model = materialize(load(path))
     out = Path(out)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs={"folded model": path}) as tmp:
         model.save_pretrained(tmp)
         copy_tokenizer(path, tmp)
     return out
@@ -412,11 +613,15 @@ def load_any(path: str | Path) -> nn.Module:
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer of a model folder (folded or not) or of a .gguf file."""
+    """The tokenizer of a model folder (folded or not) or of a .gguf file. Never runs code from the folder
+    (``trust_remote_code=False``); a folded checkpoint's tokenizer is read with its base model's config."""
     path = Path(path)
     try:
         if path.is_file() and path.suffix == ".gguf":
             return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=is_folded_checkpoint(path))
-    except (OSError, ValueError, TypeError) as err:
-        raise LayerfoldError(f"no usable tokenizer in {path}: {str(err).splitlines()[0]}") from None
+        options = {}
+        if is_folded_checkpoint(path):
+            options["config"] = check_checkpoint(path).base
+        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, **options)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise LayerfoldError(f"no usable tokenizer in {path}: {_first_line(err)}") from None

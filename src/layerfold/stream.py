@@ -32,13 +32,13 @@ from accelerate import init_empty_weights
 from torch import nn
 from tqdm.auto import tqdm
 
-from .api import check_output_path
 from .calibrate import BlockWalk
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES, TORCH_DTYPES, ShardWriter, SourceCheckpoint
 from .errors import LayerfoldError
 from .families import family_of, is_transposed
 from .fold import apply_structure
-from .io import ALIASES_KEY, atomic_output_dir, source_config, write_folded_config
+from .io import ALIASES_KEY, source_config, write_folded_config
+from .outputs import atomic_output_dir, check_output
 from .methods.basis import decompose, summed_gram
 from .methods.drop import merged_value
 from .methods.tie import average, relaxation
@@ -285,6 +285,7 @@ def stream_fold(
     calibration: Callable[[nn.Module], list[dict]] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
+    other_inputs: dict[str, str | Path | None] | None = None,
     progress: bool = True,
 ) -> dict:
     """Fold the checkpoint folder ``source`` into ``out`` without loading it (see the module docstring).
@@ -295,7 +296,7 @@ def stream_fold(
     source, out = Path(source), Path(out)
     if not source.is_dir():
         raise LayerfoldError(f"model folder not found: {source} (streamed folding reads a checkpoint folder)")
-    check_output_path(out, source, overwrite)
+    check_output(out, {"original model": source, **(other_inputs or {})}, overwrite=overwrite)
     config, model_class = source_config(source)
     checkpoint = SourceCheckpoint(source)
     float_dtypes = [TORCH_DTYPES[d] for d in checkpoint.dtypes.values() if d in ("F16", "BF16", "F32", "F64")]
@@ -334,7 +335,7 @@ def stream_fold(
     if whitened:
         _materialize_embeddings(original, originals, family)
         walk = BlockWalk(original, calibration(original))
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs={"original model": source, **(other_inputs or {})}) as tmp:
         writer = ShardWriter(
             tmp,
             [(r.name, r.shape, r.dtype) for unit in units for r in unit],
