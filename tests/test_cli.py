@@ -127,8 +127,13 @@ def test_existing_output_needs_overwrite(capsys, tiny_dir, tmp_path):
     code, _, err = run(capsys, "fold", tiny_dir, "--out", out, "--strategy", "cycle", "--unique", "2")
     assert_one_line_error(code, err, "output directory already exists")
     assert (out / "keep.txt").read_text() == "mine"
-    code, _, _ = run(capsys, "fold", tiny_dir, "--out", out, "--strategy", "cycle", "--unique", "2", "--overwrite")
-    assert code == 0 and not (out / "keep.txt").exists()
+    code, _, err = run(capsys, "fold", tiny_dir, "--out", out, "--strategy", "cycle", "--unique", "2", "--overwrite")
+    assert_one_line_error(code, err, "holds files layerfold did not write ('keep.txt')")
+    assert (out / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    assert run(capsys, "fold", tiny_dir, "--out", ours, "--strategy", "cycle", "--unique", "2")[0] == 0
+    code, _, _ = run(capsys, "fold", tiny_dir, "--out", ours, "--strategy", "cycle", "--unique", "3", "--overwrite")
+    assert code == 0 and json.loads((ours / "config.json").read_text())["fold_plan"]["groups"] == [[0, 3]]
 
 
 def test_unwritable_output(capsys, tiny_dir, tmp_path):

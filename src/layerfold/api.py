@@ -9,7 +9,7 @@ from typing import Callable
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES
 from .errors import LayerfoldError
 from .families import family_of
-from .fold import fold
+from .folding import fold
 from .io import load, load_source, read_checkpoint_config, save
 from .modules import fold_state
 from .outputs import check_output
@@ -277,6 +277,8 @@ def evaluate_path(
         raise LayerfoldError(f"--max-tokens must be at least 2, got {max_tokens}")
     if data is not None:
         datasets.read_text(data)  # a missing, empty or non-UTF-8 file fails here, before a model loads
+    if task == "sts" and not datasets.is_sts_file(data):
+        raise LayerfoldError(f"{data}: not an STS-B file (tab-separated; score in column 5, sentences in 6 and 7)")
     model = load_any(model_path)
     if task == "ppl":
         ev.require_kind(model, task, causal=True)
@@ -284,8 +286,6 @@ def evaluate_path(
         result = ev.perplexity(model, ids, max_length=max_length, stride=stride, progress=progress)
     elif task == "sts":
         ev.require_kind(model, task, causal=False)
-        if not datasets.is_sts_file(data):
-            raise LayerfoldError(f"{data}: not an STS-B file (tab-separated; score in column 5, sentences in 6 and 7)")
         result = ev.sts_spearman(model, load_tokenizer(model_path), datasets.read_sts(data, limit))
     elif task == "fidelity":
         reference_model = load_any(reference)

@@ -484,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         typer.echo(f"layerfold: error: {err.format_message()}", err=True)
         return err.exit_code
+    if result == 130:  # typer (standalone_mode=False) turns a Ctrl-C inside a command into this exit code
+        typer.echo("layerfold: interrupted", err=True)
     return result if isinstance(result, int) else 0
 
 

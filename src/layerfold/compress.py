@@ -170,11 +170,11 @@ def plan_model_dir(
     budget = Budget.from_options(keep, keep_blocks)
     parse_allow(allow)
     out = Path(out)
-    if out.suffix not in (".yaml", ".yml", ".json"):
-        raise LayerfoldError(f"--out: the plan file must end in .yaml, .yml or .json, got {out.name}")
     side = out.with_suffix(".md")  # the reasons, beside the plan: guarded like it
     inputs = {"original model": model_dir, "data": data}
     check_output(out, inputs, overwrite=overwrite, kind="file")
+    if out.suffix not in (".yaml", ".yml", ".json"):
+        raise LayerfoldError(f"--out: the plan file must end in .yaml, .yml or .json, got {out.name}")
     check_output(side, inputs, overwrite=overwrite, kind="file", flag="the plan's reasons file")
     if not out.parent.is_dir():
         raise LayerfoldError(f"--out: folder does not exist: {out.parent}")

@@ -198,8 +198,9 @@ def _dataset_folder_texts(path: Path) -> list[str]:
         raise LayerfoldError("reading a datasets folder needs the datasets package") from None
     try:
         loaded = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as err:
-        raise LayerfoldError(f"{path}: not a datasets folder saved with save_to_disk ({err})") from None
+    except Exception as err:  # datasets and pyarrow raise many kinds on a folder that is not a saved dataset
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise LayerfoldError(f"{path}: not a datasets folder saved with save_to_disk ({first})") from None
     if isinstance(loaded, datasets.DatasetDict):
         split = "train" if "train" in loaded else next(iter(loaded))
         loaded = loaded[split]
@@ -651,15 +652,18 @@ def last_complete_checkpoint(folder: Path, *, clean: bool = True) -> Path | None
     return max(complete, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
 
 
+def _check_checkpoint_folder(folder: Path) -> None:
+    """OUT.checkpoints is removed by --overwrite: it may only hold an earlier heal run's checkpoints."""
+    if folder.exists() and not (folder.is_dir() and ((folder / SETTINGS_NAME).is_file() or not any(folder.iterdir()))):
+        raise LayerfoldError(f"{folder} is where this run keeps its checkpoints, but it holds something else; move it away")
+
+
 def _prepare_checkpoints(folder: Path, settings: dict, *, resume: bool, overwrite: bool, is_main: bool) -> Path | None:
     settings_file = folder / SETTINGS_NAME
     if not is_main:
         # The main process checks, clears and creates the folder (the others would see it appear and refuse).
         return last_complete_checkpoint(folder, clean=False) if resume else None
-    if folder.exists() and not (folder.is_dir() and (settings_file.is_file() or not any(folder.iterdir()))):
-        raise LayerfoldError(
-            f"{folder} is where this run keeps its checkpoints, but it holds something else; move it away"
-        )
+    _check_checkpoint_folder(folder)
     if folder.exists() and not resume:
         if not overwrite:
             raise LayerfoldError(
@@ -765,6 +769,7 @@ def heal(
     check_output(out, inputs, overwrite=overwrite)
     checkpoints = checkpoint_dir_for(out)
     check_inputs(checkpoints, inputs, flag="the checkpoint folder")
+    _check_checkpoint_folder(checkpoints)
     # Every argument is checked before a model loads.
     config = config.resolved(is_causal_lm_class(checked.model_class))
     mapping = teacher_layer_map(checked.plan)

@@ -34,7 +34,7 @@ from .checkpoint import (
 )
 from .errors import LayerfoldError
 from .families import Family, family_for_model_type, family_of
-from .fold import apply_structure
+from .folding import apply_structure
 from .modules import STATE_ATTRIBUTE, BasisLinear, TiedLinear, fold_state
 from .outputs import atomic_output_dir, check_output
 from .plan import FoldPlan
@@ -565,7 +565,7 @@ def materialize(model: nn.Module) -> nn.Module:
         for name, module in list(block.named_modules()):
             if not isinstance(module, (TiedLinear, BasisLinear)):
                 continue
-            weight = module.merged_weight().detach()
+            weight = module.merged_weight().detach().clone()  # tied layers without relaxation share a tensor
             bias = module._bias()
             out_features, in_features = weight.shape
             with torch.device(weight.device):

@@ -37,7 +37,7 @@ from .calibrate import Calibration
 from .errors import LayerfoldError
 from .evaluate import is_causal_lm
 from .families import family_of, projection_shape
-from .fold import fold
+from .folding import fold
 from .plan import FoldPlan
 from .report import markdown_table, parameter_breakdown
 

@@ -36,7 +36,7 @@ from .calibrate import BlockWalk
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES, TORCH_DTYPES, ShardWriter, SourceCheckpoint
 from .errors import LayerfoldError
 from .families import family_of, is_transposed
-from .fold import apply_structure
+from .folding import apply_structure
 from .io import ALIASES_KEY, source_config, write_folded_config
 from .outputs import atomic_output_dir, check_output
 from .methods.basis import decompose, summed_gram

@@ -17,7 +17,7 @@ from ..budget import Budget
 from ..calibrate import Calibration
 from ..errors import LayerfoldError
 from ..families import family_of
-from ..fold import fold
+from ..folding import fold
 from ..plan import FoldPlan
 from ..report import parameter_breakdown
 from .basis import factor_plan
