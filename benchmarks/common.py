@@ -33,7 +33,8 @@ def smollm2_dir() -> Path:
     if not (target / "config.json").is_file():
         from transformers import AutoTokenizer
 
-        from layerfold.io import atomic_output_dir, load_source
+        from layerfold.io import load_source
+        from layerfold.outputs import atomic_output_dir
 
         gguf = smollm2_gguf()
         model = load_source(gguf)

@@ -16,7 +16,7 @@ from layerfold.cli import main
 from layerfold.compress import plan_for_budget, prepare
 from layerfold.demo import pydoc_paragraphs
 from layerfold.families import family_of
-from layerfold.fold import fold
+from layerfold.folding import fold
 from layerfold.io import load
 from layerfold.plan import FoldPlan
 from layerfold.planner import cluster

@@ -14,7 +14,7 @@ from layerfold.calibrate import Calibration, calibration_batches
 from layerfold.checkpoint import INDEX_NAME, ShardWriter
 from layerfold.cli import main
 from layerfold.demo import pydoc_paragraphs
-from layerfold.fold import fold
+from layerfold.folding import fold
 from layerfold.io import _aliases, load, load_source, load_tokenizer, read_weights, save
 from layerfold.plan import FoldPlan
 from layerfold.stream import method_plan, stream_fold

@@ -10,7 +10,7 @@ from .checkpoint import DEFAULT_MAX_SHARD_BYTES
 from .errors import LayerfoldError
 from .families import family_of
 from .folding import fold
-from .io import load, load_source, read_checkpoint_config, save
+from .io import load, load_source, read_checkpoint_config, save, source_config
 from .modules import fold_state
 from .outputs import check_output
 from .plan import FoldPlan
@@ -34,6 +34,13 @@ def fold_model_dir(
     """Load an original model, fold it with a plan (or a function of the layer count), save it, report sizes."""
     start = time.perf_counter()
     check_output(out, {"original model": model_dir}, overwrite=overwrite)
+    if Path(model_dir).is_dir():  # a plan that cannot fit fails before the model loads
+        layers = getattr(source_config(Path(model_dir))[0], "num_hidden_layers", None)
+        early = plan_for if isinstance(plan_for, FoldPlan) else plan_for(layers) if layers else None
+        if early is not None:
+            early.check()
+            if layers and early.num_layers != layers:
+                raise LayerfoldError(f"plan.num_layers: the plan is for {early.num_layers} layers but the model has {layers}")
     model = load_source(model_dir)
     num_layers = len(family_of(model).layer_list(model))
     plan = plan_for if isinstance(plan_for, FoldPlan) else plan_for(num_layers)
@@ -265,7 +272,9 @@ def evaluate_path(
     """One measurement of a model (original or folded) on a data file; see ``layerfold eval --help``."""
     from . import data as datasets
     from . import evaluate as ev
-    from .io import load_any, load_tokenizer
+    import transformers
+
+    from .io import load_any, load_tokenizer, model_class_of
 
     if task not in ev.TASKS:
         raise LayerfoldError(f"unknown task '{task}' (choose from {', '.join(ev.TASKS)})")
@@ -277,6 +286,9 @@ def evaluate_path(
         raise LayerfoldError(f"--max-tokens must be at least 2, got {max_tokens}")
     if data is not None:
         datasets.read_text(data)  # a missing, empty or non-UTF-8 file fails here, before a model loads
+    model_class = model_class_of(model_path)  # a wrong kind of model fails before it loads
+    if model_class is not None and model_class is not transformers.AutoModelForCausalLM and task in ("ppl", "sts"):
+        ev.require_kind(model_class, task, causal=task == "ppl")
     if task == "sts" and not datasets.is_sts_file(data):
         raise LayerfoldError(f"{data}: not an STS-B file (tab-separated; score in column 5, sentences in 6 and 7)")
     model = load_any(model_path)

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from .errors import LayerfoldError
+from .errors import LayerfoldError, first_line
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -288,12 +288,7 @@ def read_metadata(folder: str | Path) -> dict[str, str]:
         with safe_open(folder / SINGLE_NAME, framework="pt") as handle:
             return handle.metadata() or {}
     except (SafetensorError, OSError) as err:
-        raise LayerfoldError(f"{folder / SINGLE_NAME}: not a readable safetensors file ({_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+        raise LayerfoldError(f"{folder / SINGLE_NAME}: not a readable safetensors file ({first_line(err)})") from None
 
 
 def stored_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
@@ -308,7 +303,7 @@ def stored_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
                 for key in handle.keys():
                     shapes[key] = tuple(handle.get_slice(key).get_shape())
         except (SafetensorError, OSError, ValueError, OverflowError) as err:
-            raise LayerfoldError(f"{shard}: not a readable safetensors file ({_first_line(err)})") from None
+            raise LayerfoldError(f"{shard}: not a readable safetensors file ({first_line(err)})") from None
     return shapes
 
 
@@ -319,5 +314,5 @@ def load_all(folder: str | Path) -> dict[str, torch.Tensor]:
         try:
             tensors.update(load_file(shard))
         except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as err:
-            raise LayerfoldError(f"{shard}: not a readable safetensors file ({_first_line(err)})") from None
+            raise LayerfoldError(f"{shard}: not a readable safetensors file ({first_line(err)})") from None
     return tensors

@@ -3,3 +3,9 @@
 
 class LayerfoldError(Exception):
     """Bad input: a model, plan, path or option that cannot work. The CLI prints it as one line."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run to many lines), or its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

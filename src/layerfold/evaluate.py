@@ -34,11 +34,13 @@ def is_causal_lm_class(model_class: type) -> bool:
     return model_class.__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
-def require_kind(model: nn.Module, task: str, causal: bool) -> None:
-    if is_causal_lm(model) != causal:
+def require_kind(model: nn.Module | type, task: str, causal: bool) -> None:
+    """``model`` may be the model or, before loading it, its class."""
+    model_class = model if isinstance(model, type) else type(model)
+    if is_causal_lm_class(model_class) != causal:
         kind = "a causal language model" if causal else "an encoder (sentence embeddings)"
-        found = "a causal language model" if is_causal_lm(model) else "an encoder"
-        raise LayerfoldError(f"task {task} needs {kind}; {type(model).__name__} is {found}")
+        found = "a causal language model" if is_causal_lm_class(model_class) else "an encoder"
+        raise LayerfoldError(f"task {task} needs {kind}; {model_class.__name__} is {found}")
 
 
 # ---- encoders --------------------------------------------------------------------------------------------

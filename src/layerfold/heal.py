@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as datafiles
-from .errors import LayerfoldError
+from .errors import LayerfoldError, first_line
 from .evaluate import embedding_fidelity, is_causal_lm, next_token_fidelity, sentence_embeddings
 from .modules import BasisLinear, TiedLinear, fold_state
 
@@ -199,8 +199,7 @@ def _dataset_folder_texts(path: Path) -> list[str]:
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as err:  # datasets and pyarrow raise many kinds on a folder that is not a saved dataset
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise LayerfoldError(f"{path}: not a datasets folder saved with save_to_disk ({first})") from None
+        raise LayerfoldError(f"{path}: not a datasets folder saved with save_to_disk ({first_line(err)})") from None
     if isinstance(loaded, datasets.DatasetDict):
         split = "train" if "train" in loaded else next(iter(loaded))
         loaded = loaded[split]

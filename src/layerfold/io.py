@@ -32,7 +32,7 @@ from .checkpoint import (
     stored_shapes,
     write_tensors,
 )
-from .errors import LayerfoldError
+from .errors import LayerfoldError, first_line
 from .families import Family, family_for_model_type, family_of
 from .folding import apply_structure
 from .modules import STATE_ATTRIBUTE, BasisLinear, TiedLinear, fold_state
@@ -159,13 +159,8 @@ def source_config(path: Path) -> tuple[transformers.PretrainedConfig, type]:
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise LayerfoldError(f"cannot read {path / CONFIG_NAME}: {_first_line(err)}") from None
+        raise LayerfoldError(f"cannot read {path / CONFIG_NAME}: {first_line(err)}") from None
     return config, _model_class(config)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_source(path: str | Path, *, dtype: torch.dtype | str | None = None) -> nn.Module:
@@ -184,7 +179,7 @@ def load_source(path: str | Path, *, dtype: torch.dtype | str | None = None) -> 
             path, local_files_only=True, dtype=dtype or "auto", trust_remote_code=False
         )
     except (OSError, ValueError, TypeError, RuntimeError, KeyError) as err:
-        raise LayerfoldError(f"cannot load model from {path}: {_first_line(err)}") from None
+        raise LayerfoldError(f"cannot load model from {path}: {first_line(err)}") from None
     return model.eval()
 
 
@@ -200,7 +195,7 @@ def _load_gguf(path: Path) -> nn.Module:
     except LayerfoldError:
         raise
     except Exception as err:  # the gguf reader raises many kinds on a file that is not GGUF
-        raise LayerfoldError(f"cannot read {path} as a GGUF model: {_first_line(err)}") from None
+        raise LayerfoldError(f"cannot read {path} as a GGUF model: {first_line(err)}") from None
     _strip_gguf_quantizer(model)
     family_of(model)
     return model.eval()
@@ -502,7 +497,7 @@ def check_checkpoint(path: str | Path) -> CheckedCheckpoint:
     try:
         base = CONFIG_MAPPING[model_type].from_dict(base_config)
     except (TypeError, ValueError, KeyError, AttributeError) as err:
-        raise LayerfoldError(f"{where}: base_config cannot be read: {_first_line(err)}") from None
+        raise LayerfoldError(f"{where}: base_config cannot be read: {first_line(err)}") from None
     return CheckedCheckpoint(config, family, base, model_class, plan, shapes, aliases)
 
 
@@ -516,7 +511,7 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
         with init_empty_weights(include_buffers=False):
             model = checked.model_class(checked.base)
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
-        raise LayerfoldError(f"{path / CONFIG_NAME}: cannot build {config['base_architecture']}: {_first_line(err)}") from None
+        raise LayerfoldError(f"{path / CONFIG_NAME}: cannot build {config['base_architecture']}: {first_line(err)}") from None
     plan.validate(model)  # ranks within each matrix's shape, projections of this family
     apply_structure(
         model,
@@ -549,7 +544,7 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
         try:
             model.generation_config = transformers.GenerationConfig.from_pretrained(path)
         except (OSError, ValueError, TypeError) as err:
-            raise LayerfoldError(f"{path / 'generation_config.json'}: {_first_line(err)}") from None
+            raise LayerfoldError(f"{path / 'generation_config.json'}: {first_line(err)}") from None
     model.config._name_or_path = str(path)
     install_save_hook(model)
     return model.eval()
@@ -607,6 +602,19 @@ def is_folded_checkpoint(path: str | Path) -> bool:
         return False
 
 
+def model_class_of(path: str | Path) -> type | None:
+    """The model class a path would load as, read from its config alone (None when the config does not say)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return transformers.AutoModelForCausalLM  # GGUF files here are causal LMs
+    if is_folded_checkpoint(path):
+        return check_checkpoint(path).model_class
+    if not path.is_dir():
+        return None
+    model_class = source_config(path)[1]
+    return None if model_class is transformers.AutoModel else model_class
+
+
 def load_any(path: str | Path) -> nn.Module:
     """A folded checkpoint (layerfold.load) or an original model folder or .gguf file (load_source)."""
     return load(path) if is_folded_checkpoint(path) else load_source(path)
@@ -624,4 +632,4 @@ def load_tokenizer(path: str | Path):
             options["config"] = check_checkpoint(path).base
         return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False, **options)
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise LayerfoldError(f"no usable tokenizer in {path}: {_first_line(err)}") from None
+        raise LayerfoldError(f"no usable tokenizer in {path}: {first_line(err)}") from None
