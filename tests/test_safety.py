@@ -575,18 +575,30 @@ def test_a_long_output_name_works(capsys, world, tmp_path):
     assert layerfold.load(out).config.num_hidden_layers == 4
 
 
-def test_compress_leaves_nothing_outside_its_output(capsys, world, tmp_path, monkeypatch):
-    import tempfile
+_KILLED_COMPRESS = """
+import os, signal, sys, tempfile
+tempfile.tempdir = sys.argv[1]
+import transformers
+transformers.Trainer.train = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # killed mid-heal
+from layerfold.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
 
+
+def test_a_compress_killed_while_healing_leaves_only_its_temporary_folder(capsys, world, tmp_path):
     scratch = tmp_path / "system-tmp"
     scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    args = _commands(world, tmp_path / "small")["compress"] + ["--heal-steps", "1", "--gate-steps", "0"]
-    code, _, err = run(capsys, *args, "--calib-tokens", "2048", "--allow", "drop")
-    assert code == 0, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["small", "system-tmp"]
-    assert not [p for p in scratch.iterdir() if p.name.startswith("layerfold")]
-    assert not (tmp_path / "small" / ".work").exists() and (tmp_path / "small" / "heal.json").is_file()
+    args = _commands(world, tmp_path / "small")["compress"] + ["--heal-steps", "2", "--gate-steps", "0"]
+    args += ["--calib-tokens", "2048", "--allow", "drop"]
+    result = subprocess.run([sys.executable, "-c", _KILLED_COMPRESS, scratch, *map(str, args)], env=ENV, capture_output=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert list(scratch.iterdir()) == []  # no scratch model in the system temp folder
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "system-tmp")
+    assert len(left) == 1 and left[0].startswith(".layerfold-") and left[0].endswith(".partial"), left
+    assert (tmp_path / left[0] / ".work" / "healed.checkpoints").is_dir()  # the heal's checkpoints were inside it
+    code, _, err = run(capsys, *_commands(world, tmp_path / "next")["fold"])
+    assert code == 0 and "removed" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["next", "system-tmp"]
 
 
 def test_ctrl_c_while_starting_is_one_line_and_exit_130(world):
@@ -605,3 +617,28 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(world):
             continue  # finished before the signal
         assert process.returncode == 130 and "Traceback" not in err, err
         assert err.strip().splitlines()[-1] == "layerfold: interrupted"
+
+
+def test_arguments_are_checked_before_any_model_loads(capsys, world, monkeypatch):
+    import layerfold.api
+    import layerfold.io
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    for module, name in ((layerfold.api, "load_source"), (layerfold.io, "load"), (layerfold.io, "load_source"),
+                         (layerfold.io, "load_any")):  # fmt: skip
+        monkeypatch.setattr(module, name, no_loading)
+    m = world / "models"
+    for args, message in (
+        (["fold", m / "llama", "--out", world / "x", "--strategy", "cycle", "--unique", "2", "--rank", "999"], "rank 999"),
+        (["fold", m / "llama", "--out", world / "x", "--strategy", "cycle", "--unique", "9"], "unique"),
+        (_commands(world, world / "x")["heal"] + ["--hidden-layers", "7"], "--hidden-layers"),
+        (_commands(world, world / "x")["heal"] + ["--loss", "cosine"], "cosine loss is for encoders"),
+        (["eval", m / "bert", "--task", "ppl", "--data", world / "text.txt"], "needs a causal language model"),
+        (["eval", m / "bert-folded", "--task", "sts", "--data", world / "text.txt"], "not an STS-B file"),
+        (["eval", m / "llama-folded", "--task", "sts", "--data", world / "text.txt"], "needs an encoder"),
+    ):
+        code, _, err = run(capsys, *args)
+        assert_one_line_error(code, err, message)
+    assert not (world / "x").exists()

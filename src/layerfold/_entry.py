@@ -16,8 +16,11 @@ import signal
 import sys
 
 INTERRUPTED = 130
-# What the commands import lazily; loaded up front (except for --help) under the start-up handler.
-PRELOAD = ("torch", "transformers", "layerfold.api", "layerfold.compress", "layerfold.heal", "transformers.trainer")
+# What the commands import lazily; loaded up front (except for --help) under the start-up handler. Trainer only
+# for the commands that train.
+PRELOAD = ("torch", "transformers", "layerfold.api")
+TRAINING = ("layerfold.compress", "layerfold.heal", "transformers.trainer")
+TRAINING_COMMANDS = ("heal", "analyze", "plan", "compress", "demo")
 
 
 def _interrupted_while_starting(signum, frame) -> None:
@@ -34,8 +37,10 @@ def main() -> int:
     try:
         from .cli import main as run
 
-        if _runs_a_command(sys.argv[1:]):
-            for name in PRELOAD:
+        args = sys.argv[1:]
+        if _runs_a_command(args):
+            trains = next((a for a in args if not a.startswith("-")), None) in TRAINING_COMMANDS
+            for name in PRELOAD + (TRAINING if trains else ()):
                 importlib.import_module(name)
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -10,7 +10,7 @@ from .checkpoint import DEFAULT_MAX_SHARD_BYTES
 from .errors import LayerfoldError
 from .families import family_of
 from .folding import fold
-from .io import load, load_source, read_checkpoint_config, save, source_config
+from .io import load, load_source, read_checkpoint_config, save, skeleton_of
 from .modules import fold_state
 from .outputs import check_output
 from .plan import FoldPlan
@@ -34,13 +34,11 @@ def fold_model_dir(
     """Load an original model, fold it with a plan (or a function of the layer count), save it, report sizes."""
     start = time.perf_counter()
     check_output(out, {"original model": model_dir}, overwrite=overwrite)
-    if Path(model_dir).is_dir():  # a plan that cannot fit fails before the model loads
-        layers = getattr(source_config(Path(model_dir))[0], "num_hidden_layers", None)
-        early = plan_for if isinstance(plan_for, FoldPlan) else plan_for(layers) if layers else None
-        if early is not None:
-            early.check()
-            if layers and early.num_layers != layers:
-                raise LayerfoldError(f"plan.num_layers: the plan is for {early.num_layers} layers but the model has {layers}")
+    if Path(model_dir).is_dir():  # a plan that does not fit (layers, ranks) fails before the weights load
+        skeleton = skeleton_of(Path(model_dir))
+        layers = len(family_of(skeleton).layer_list(skeleton))
+        (plan_for if isinstance(plan_for, FoldPlan) else plan_for(layers)).validate(skeleton)
+        del skeleton
     model = load_source(model_dir)
     num_layers = len(family_of(model).layer_list(model))
     plan = plan_for if isinstance(plan_for, FoldPlan) else plan_for(num_layers)

@@ -183,6 +183,18 @@ def load_source(path: str | Path, *, dtype: torch.dtype | str | None = None) -> 
     return model.eval()
 
 
+def skeleton_of(path: Path) -> nn.Module:
+    """An original model folder's model on the meta device: its structure and shapes, no weights read."""
+    config, model_class = source_config(path)
+    try:
+        with init_empty_weights(include_buffers=False):
+            if model_class is transformers.AutoModel:
+                return transformers.AutoModel.from_config(config)
+            return model_class._from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
+        raise LayerfoldError(f"cannot build the model of {path}: {first_line(err)}") from None
+
+
 def _load_gguf(path: Path) -> nn.Module:
     try:
         import gguf  # noqa: F401

@@ -235,7 +235,10 @@ def atomic_output_dir(
             except BaseException:
                 os.replace(old, out)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink():  # --out was a link to a folder: the link is replaced, its target left alone
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
     except BaseException as err:
