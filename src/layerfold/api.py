@@ -322,9 +322,7 @@ def evaluate_path(
     elif task == "size":
         result = ev.size(model, model_path)
     else:
-        from .demo import pydoc_paragraphs
-
-        texts = datasets.text_units(data, limit) if data is not None else pydoc_paragraphs()
+        texts = datasets.text_units(data, limit) if data is not None else datasets.pydoc_paragraphs()
         result = ev.speed(model, load_tokenizer(model_path), texts)
     return {"model": str(model_path), "data": str(data) if data is not None else None, **result}
 

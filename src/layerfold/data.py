@@ -104,3 +104,18 @@ def text_units(path: str | Path, limit: int | None = None) -> list[str]:
     if not units:
         raise LayerfoldError(f"{path}: no text found")
     return units[:limit] if limit else units
+
+
+def pydoc_paragraphs(limit: int = 128, min_words: int = 20) -> list[str]:
+    """English paragraphs from the Python documentation that every Python ships (pydoc_data.topics)."""
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for key in sorted(topics):
+        for block in topics[key].split("\n\n"):
+            text = " ".join(block.split())
+            if len(text.split()) >= min_words:
+                paragraphs.append(text)
+    if not paragraphs:
+        raise LayerfoldError("pydoc_data.topics has no paragraphs to measure with")
+    return paragraphs[:limit]

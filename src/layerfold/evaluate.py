@@ -44,6 +44,13 @@ def require_kind(model: nn.Module | type, task: str, causal: bool) -> None:
 
 
 # ---- encoders --------------------------------------------------------------------------------------------
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of each sequence's hidden states over its real tokens (padding excluded), in ``hidden``'s dtype:
+    the sentence embedding of sentence-transformers, used by ``eval``, the heal loss and the planner's proxy."""
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
 @torch.no_grad()
 def sentence_embeddings(
     model: nn.Module, tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int = 256
@@ -55,9 +62,7 @@ def sentence_embeddings(
         batch = tokenizer(
             texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        pooled = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
         chunks.append(F.normalize(pooled.float(), dim=-1))
     return torch.cat(chunks)
 

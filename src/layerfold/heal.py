@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import data as datafiles
 from .errors import LayerfoldError, first_line
-from .evaluate import embedding_fidelity, is_causal_lm, next_token_fidelity, sentence_embeddings
+from .evaluate import embedding_fidelity, is_causal_lm, mean_pool, next_token_fidelity, sentence_embeddings
 from .modules import BasisLinear, TiedLinear, fold_state
 
 TRAIN_CHOICES = ("relax", "relax+shared", "all")
@@ -335,11 +335,6 @@ def teacher_layer_map(plan) -> list[int]:
     return [reach[layer] for layer in plan.kept_layers()]
 
 
-def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-
-
 def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """A causal LM's logits from its last hidden state (the output embedding, then Gemma 2's soft cap): the same
     as ``model(...).logits``, checked on every supported decoder family by the tests."""
@@ -467,8 +462,8 @@ def distillation_losses(
             errors.append((hs - ht).pow(2).sum() / ht.pow(2).sum().clamp(min=1e-12))
         parts["hidden"] = torch.stack(errors).mean()
     if weights.cosine:
-        student = _mean_pool(student_out.hidden_states[-1].float(), batch["attention_mask"])
-        teacher = _mean_pool(teacher_out.hidden_states[-1].float(), batch["attention_mask"])
+        student = mean_pool(student_out.hidden_states[-1].float(), batch["attention_mask"])
+        teacher = mean_pool(teacher_out.hidden_states[-1].float(), batch["attention_mask"])
         parts["cosine"] = (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
     return parts
 

@@ -35,7 +35,7 @@ from .analysis import Analysis
 from .budget import Budget, kept_fractions
 from .calibrate import Calibration
 from .errors import LayerfoldError
-from .evaluate import is_causal_lm
+from .evaluate import is_causal_lm, mean_pool
 from .families import family_of, projection_shape
 from .folding import fold
 from .plan import FoldPlan
@@ -74,9 +74,7 @@ class Proxy:
         model.eval()
         if self.causal:
             return F.log_softmax(model(**batch, use_cache=False).logits.float(), dim=-1)
-        hidden = model(**batch).last_hidden_state.float()
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+        return F.normalize(mean_pool(model(**batch).last_hidden_state.float(), batch["attention_mask"]), dim=-1)
 
     def value(self, model: nn.Module) -> float:
         return self._mean([self._output(model, b) for b in self.batches])
