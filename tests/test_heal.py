@@ -391,7 +391,7 @@ def other_teachers(saved):
     "case, message",
     [
         ("empty data", "data file is empty"),
-        ("missing data", "data not found"),
+        ("missing data", "data file not found"),
         ("missing teacher", "teacher not found"),
         ("teacher of another architecture", "the teacher is a BertModel"),
         ("teacher of another vocabulary", "vocabulary"),

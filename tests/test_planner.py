@@ -286,7 +286,7 @@ def test_compress_with_healing_writes_a_loadable_model_and_reports(capsys, saved
         (["--keep-blocks", "0.1", "--allow", "drop,tie"], "no allowed method fits"),
         (["--keep-blocks", "0.5", "--allow", "fold"], "--allow: unknown kind 'fold'"),
         (["--keep-blocks", "0.5", "--allow", "lora"], "allow tie as well"),
-        (["--keep-blocks", "0.5", "--data-missing"], "data not found"),
+        (["--keep-blocks", "0.5", "--data-missing"], "data file not found"),
         (["--keep-blocks", "0.5", "--tiny-data"], "calibration data too short"),
     ],
 )

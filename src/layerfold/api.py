@@ -87,7 +87,7 @@ def fold_with_method(
         raise LayerfoldError(f"method {method} needs calibration text: --calib PATH")
     check_output(out, {"original model": model_dir, "calibration text": calib}, overwrite=overwrite)
     if calib is not None:
-        datasets.read_text(calib)  # missing, empty or non-UTF-8: fail before the model loads
+        datasets.read_documents(calib)  # missing, empty or unreadable: fail before the model loads
     model = load_source(model_dir)
     family_of(model)  # an unsupported architecture fails here, before calibration
     before = size_report(model, model_dir)
@@ -158,7 +158,7 @@ def fold_streamed(
 
     calibration = None
     if calib is not None:
-        datasets.read_text(calib)  # missing, empty or non-UTF-8: fail before any work
+        datasets.read_documents(calib)  # missing, empty or unreadable: fail before any work
         tokenizer = load_tokenizer(model_dir)
 
         def calibration(model):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import is_sts_file, read_sts, read_text, text_units
+from .data import read_documents, text_lines
 from .errors import LayerfoldError
 from .evaluate import is_causal_lm
 from .families import family_of, projection_shape
@@ -75,13 +75,10 @@ def calibration_batches(
     if tokens < MIN_CALIBRATION_TOKENS:
         raise LayerfoldError(f"--calib-tokens must be at least {MIN_CALIBRATION_TOKENS}, got {tokens}")
     where = str(source) if isinstance(source, (str, Path)) else "the calibration texts"
+    # A path is read by the one loader every command uses (text, WikiText, STS-B, .jsonl, a datasets folder).
+    documents, kind = read_documents(source) if isinstance(source, (str, Path)) else (list(source), "texts")
     if is_causal_lm(model):
-        if not isinstance(source, (str, Path)):
-            text = "\n".join(source)
-        elif is_sts_file(source):
-            text = "\n".join(p.first + "\n" + p.second for p in read_sts(source))
-        else:
-            text = read_text(source)
+        text = "\n".join(documents)  # an STS-B file: its sentences in order, one per line
         limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_DECODER_WINDOW
         window = min(window or DEFAULT_DECODER_WINDOW, limit)
         ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0][:tokens]  # long on purpose
@@ -99,12 +96,10 @@ def calibration_batches(
             }
             for k in range(count)
         ]
-    if isinstance(source, (str, Path)):
-        texts = (
-            [s for p in read_sts(source) for s in (p.first, p.second)] if is_sts_file(source) else text_units(source)
-        )
-    else:
-        texts = [t for t in source if t.strip()]
+    if kind == "text":  # plain text and WikiText: its lines (paragraphs), without WikiText's title lines
+        texts = [line for document in documents for line in text_lines(document)]
+    else:  # STS-B sentences, .jsonl and datasets documents, given texts: as they are
+        texts = [t for t in documents if t.strip()]
     length = window or DEFAULT_ENCODER_LENGTH
     batches, total = [], 0
     for start in range(0, len(texts), batch_size):

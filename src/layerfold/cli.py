@@ -115,7 +115,7 @@ def fold_command(
     keep_blocks: Optional[float] = typer.Option(
         None, "--keep-blocks", help="Fraction of the transformer-block parameters to keep (embeddings not counted)."
     ),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (plain, WikiText or STS-B)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text: plain, WikiText, STS-B, .jsonl or a datasets folder."),
     calib_tokens: int = typer.Option(65536, "--calib-tokens", help="Calibration tokens to use."),
     calib_window: Optional[int] = typer.Option(
         None, "--calib-window", help="Tokens per calibration window [default: 2048 decoders, 128 encoders]."

@@ -16,6 +16,7 @@ from .analysis import Analysis, analyze, write_analysis
 from .api import size_report
 from .budget import Budget, kept_fractions
 from .calibrate import Calibration, calibration_batches
+from .data import read_documents
 from .errors import LayerfoldError
 from .evaluate import is_causal_lm
 from .families import family_of
@@ -50,18 +51,15 @@ def prepare(
     model_dir: str | Path, data: str | Path, *, tokens: int = DEFAULT_TOKENS, window: int | None = None
 ) -> Prepared:
     """Load the original and cut the data into calibration batches, the last few held out for the proxy."""
-    from .heal import read_documents
-
-    texts, kind = read_documents(data)  # missing or empty data fails here, before the model loads
+    read_documents(data)  # missing or empty data fails here, before the model loads
     model = load_source(model_dir, dtype=torch.float32)
     family_of(model)
     tokenizer = load_tokenizer(model_dir)
     causal = is_causal_lm(model)
-    source = data if kind in ("text", "sts") else texts
     batches = calibration_batches(
         model,
         tokenizer,
-        source,
+        data,
         tokens=tokens,
         window=window or (DECODER_WINDOW if causal else None),
         batch_size=16,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LayerfoldError
+from .errors import LayerfoldError, first_line
 
 _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
 
@@ -96,14 +97,67 @@ def text_lines(text: str) -> list[str]:
 
 
 def text_units(path: str | Path, limit: int | None = None) -> list[str]:
-    """Short texts for sentence-level measures: STS-B sentences, or the non-empty paragraphs/lines of a text."""
-    if is_sts_file(path):
-        units = [s for pair in read_sts(path) for s in (pair.first, pair.second)]
-    else:
-        units = text_lines(read_text(path))
+    """Short texts for sentence-level measures: STS-B sentences, or the non-empty lines of the other sources'
+    documents (any format ``read_documents`` reads)."""
+    texts, kind = read_documents(path)
+    units = texts if kind == "sts" else [line for text in texts for line in text_lines(text)]
     if not units:
         raise LayerfoldError(f"{path}: no text found")
     return units[:limit] if limit else units
+
+
+def read_documents(path: str | Path) -> tuple[list[str], str]:
+    """The texts of a data source and its kind, for every command that reads text (calibration, heal, analysis,
+    eval): a local HF ``datasets`` folder (``save_to_disk``), a ``.jsonl`` file of ``{"text": ...}`` objects (or
+    strings), an STS-B file (its sentences, in order) or plain text / WikiText raw (one document)."""
+    path = Path(path)
+    if not path.exists():
+        raise LayerfoldError(f"data file not found: {path}")
+    if path.is_dir():
+        return _dataset_folder_texts(path), "datasets"
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(read_text(path).split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise LayerfoldError(f"{path}:{number}: not JSON ({err.msg})") from None
+            text = item.get("text") if isinstance(item, dict) else item
+            if not isinstance(text, str):
+                raise LayerfoldError(f"{path}:{number}: expected a string or an object with a 'text' string")
+            texts.append(text)
+        kind = "jsonl"
+    elif is_sts_file(path):
+        texts = [s for pair in read_sts(path) for s in (pair.first, pair.second)]
+        kind = "sts"
+    else:
+        texts = [read_text(path)]
+        kind = "text"
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise LayerfoldError(f"{path}: no text found")
+    return texts, kind
+
+
+def _dataset_folder_texts(path: Path) -> list[str]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        raise LayerfoldError("reading a datasets folder needs the datasets package") from None
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets and pyarrow raise many kinds on a folder that is not a saved dataset
+        raise LayerfoldError(f"{path}: not a datasets folder saved with save_to_disk ({first_line(err)})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        split = "train" if "train" in loaded else next(iter(loaded))
+        loaded = loaded[split]
+    columns = [name for name, feature in loaded.features.items() if getattr(feature, "dtype", None) == "string"]
+    if not columns:
+        raise LayerfoldError(f"{path}: the dataset has no text column")
+    column = "text" if "text" in columns else columns[0]
+    return [t for t in loaded[column] if isinstance(t, str)]
 
 
 def pydoc_paragraphs(limit: int = 128, min_words: int = 20) -> list[str]:

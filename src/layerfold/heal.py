@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as datafiles
+from .data import read_documents  # noqa: F401 (heal reads its data through it; tests import it from here)
 from .errors import LayerfoldError, first_line
 from .evaluate import embedding_fidelity, is_causal_lm, mean_pool, next_token_fidelity, sentence_embeddings
 from .modules import BasisLinear, TiedLinear, fold_state
@@ -157,59 +158,6 @@ class HealConfig:
 
 
 # ---- data -------------------------------------------------------------------------------------------------
-def read_documents(path: str | Path) -> tuple[list[str], str]:
-    """The texts of a heal data source and its kind: a local HF ``datasets`` folder (``save_to_disk``), a
-    ``.jsonl`` file of ``{"text": ...}`` objects (or strings), an STS-B file (its sentences) or plain text."""
-    path = Path(path)
-    if not path.exists():
-        raise LayerfoldError(f"data not found: {path}")
-    if path.is_dir():
-        return _dataset_folder_texts(path), "datasets"
-    if path.suffix == ".jsonl":
-        texts = []
-        for number, line in enumerate(datafiles.read_text(path).split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise LayerfoldError(f"{path}:{number}: not JSON ({err.msg})") from None
-            text = item.get("text") if isinstance(item, dict) else item
-            if not isinstance(text, str):
-                raise LayerfoldError(f"{path}:{number}: expected a string or an object with a 'text' string")
-            texts.append(text)
-        kind = "jsonl"
-    elif datafiles.is_sts_file(path):
-        texts = [s for pair in datafiles.read_sts(path) for s in (pair.first, pair.second)]
-        kind = "sts"
-    else:
-        texts = [datafiles.read_text(path)]
-        kind = "text"
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise LayerfoldError(f"{path}: no text found")
-    return texts, kind
-
-
-def _dataset_folder_texts(path: Path) -> list[str]:
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        raise LayerfoldError("reading a datasets folder needs the datasets package") from None
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as err:  # datasets and pyarrow raise many kinds on a folder that is not a saved dataset
-        raise LayerfoldError(f"{path}: not a datasets folder saved with save_to_disk ({first_line(err)})") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        split = "train" if "train" in loaded else next(iter(loaded))
-        loaded = loaded[split]
-    columns = [name for name, feature in loaded.features.items() if getattr(feature, "dtype", None) == "string"]
-    if not columns:
-        raise LayerfoldError(f"{path}: the dataset has no text column")
-    column = "text" if "text" in columns else columns[0]
-    return [t for t in loaded[column] if isinstance(t, str)]
-
-
 def _sentences(texts: list[str], kind: str) -> list[str]:
     """Encoders train on sentence-sized units: STS-B sentences as they are, other texts split into lines."""
     if kind == "sts":
@@ -757,7 +705,7 @@ def heal(
     if is_folded_checkpoint(teacher_path):
         raise LayerfoldError(f"the teacher {teacher_path} is a folded model; heal from the original model")
     if not Path(data).exists():
-        raise LayerfoldError(f"data not found: {data}")
+        raise LayerfoldError(f"data file not found: {data}")
     config = config or HealConfig()
     inputs = {"folded model": student_dir, "teacher": teacher_path, "data": data, "teacher cache": config.teacher_cache}
     check_output(out, inputs, overwrite=overwrite)
