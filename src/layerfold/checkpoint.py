@@ -49,7 +49,8 @@ def parse_size(text: str) -> int:
     return value
 
 
-def _read_index(index: Path) -> dict[str, str]:
+def _index_data(index: Path) -> dict:
+    """A safetensors index file, checked: JSON with a map of tensor names to file names."""
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
         weight_map = data["weight_map"]
@@ -57,7 +58,11 @@ def _read_index(index: Path) -> dict[str, str]:
             raise TypeError("weight_map is not a map of tensor names to file names")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise LayerfoldError(f"{index}: not a readable safetensors index ({err})") from None
-    return weight_map
+    return data
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    return _index_data(index)["weight_map"]
 
 
 def _shard_path(folder: Path, name: str, index: Path) -> Path:
@@ -113,8 +118,8 @@ class SourceCheckpoint:
                         self.shard_of[key] = name
                         self.shapes[key] = tuple(piece.get_shape())
                         self.dtypes[key] = piece.get_dtype()
-            except (SafetensorError, OSError) as err:
-                raise LayerfoldError(f"{shard}: not a readable safetensors file ({err})") from None
+            except (SafetensorError, OSError, ValueError, OverflowError) as err:
+                raise LayerfoldError(f"{shard}: not a readable safetensors file ({first_line(err)})") from None
         if listed is not None:
             missing = [key for key, shard in listed.items() if self.shard_of.get(key) != shard]
             if missing:
@@ -279,8 +284,7 @@ def read_metadata(folder: str | Path) -> dict[str, str]:
     """The metadata a checkpoint was written with (from the index, or the single file's header)."""
     folder = Path(folder)
     if (folder / INDEX_NAME).is_file():
-        _read_index(folder / INDEX_NAME)
-        metadata = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8")).get("metadata", {})
+        metadata = _index_data(folder / INDEX_NAME).get("metadata", {})
         if not isinstance(metadata, dict):
             raise LayerfoldError(f"{folder / INDEX_NAME}: its metadata is not a mapping")
         return metadata
@@ -292,19 +296,9 @@ def read_metadata(folder: str | Path) -> dict[str, str]:
 
 
 def stored_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
-    """Every stored tensor's shape, read from the headers only (no data), each file checked against its size:
-    a truncated, corrupt or oversized file fails here with one line."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for shard in weight_files(folder):
-        if not shard.is_file():
-            raise LayerfoldError(f"checkpoint shard missing: {shard}")
-        try:
-            with safe_open(shard, framework="pt") as handle:
-                for key in handle.keys():
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
-        except (SafetensorError, OSError, ValueError, OverflowError) as err:
-            raise LayerfoldError(f"{shard}: not a readable safetensors file ({first_line(err)})") from None
-    return shapes
+    """Every stored tensor's shape, read from the headers only (no data), each file checked against its size
+    (``SourceCheckpoint``): a truncated, corrupt or oversized file fails here with one line."""
+    return SourceCheckpoint(folder).shapes
 
 
 def load_all(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -37,11 +37,12 @@ from .data import read_documents  # noqa: F401 (heal reads its data through it; 
 from .errors import LayerfoldError, first_line
 from .evaluate import embedding_fidelity, is_causal_lm, mean_pool, next_token_fidelity, sentence_embeddings
 from .modules import BasisLinear, TiedLinear, fold_state
+from .outputs import HEAL_SETTINGS_NAME
 
 TRAIN_CHOICES = ("relax", "relax+shared", "all")
 LOSS_NAMES = ("kl", "lm", "hidden", "cosine")
 CHECKPOINT_PREFIX = "checkpoint-"
-SETTINGS_NAME = "heal_settings.json"
+SETTINGS_NAME = HEAL_SETTINGS_NAME
 REPORT_JSON = "heal.json"
 REPORT_MD = "heal.md"
 
@@ -632,12 +633,12 @@ def _prepare_checkpoints(folder: Path, settings: dict, *, resume: bool, overwrit
 
 
 def _check_resumable(checkpoint: Path) -> None:
-    """A checkpoint to resume from must be whole: a folded checkpoint that loads and a readable trainer state."""
-    from .io import check_checkpoint, read_weights
+    """A checkpoint to resume from must be whole: a sound folded checkpoint (its headers checked against the files;
+    Trainer reads the weights themselves right after) and a readable trainer state."""
+    from .io import check_checkpoint
 
     try:
         check_checkpoint(checkpoint)
-        read_weights(checkpoint)
         state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
         if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
             raise ValueError("trainer_state.json has no global_step")

@@ -70,7 +70,7 @@ def _strip_gguf_quantizer(model: nn.Module) -> None:
 
 
 # Config fields that set how much a model allocates when it is built. Each must be a positive integer; the sizes
-# of a folded checkpoint must also fit its stored tensors (see ``check_base_config``).
+# of a folded checkpoint must also fit its stored tensors (see ``check_checkpoint``).
 _LAYER_FIELDS = ("num_hidden_layers", "n_layer")
 _SIZE_FIELDS = (
     *_LAYER_FIELDS,
@@ -407,11 +407,13 @@ def _check_aliases(path: Path, aliases: dict[str, str], shapes: dict[str, tuple[
             raise LayerfoldError(f"{path}: alias {alias} names {name}, which is not stored")
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a folded checkpoint's weight files, each stored tensor also under its aliases' names."""
+def read_weights(path: str | Path, aliases: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a folded checkpoint's weight files, each stored tensor also under its aliases' names.
+    ``aliases``: the checkpoint's alias table when the caller has already read and checked it."""
     path = Path(path)
-    aliases = _aliases(path)
-    _check_aliases(path, aliases, stored_shapes(path))
+    if aliases is None:
+        aliases = _aliases(path)
+        _check_aliases(path, aliases, stored_shapes(path))
     tensors = load_all(path)
     for alias, name in aliases.items():
         tensors[alias] = tensors[name]
@@ -532,18 +534,17 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
         base_architecture=config["base_architecture"],
         initialize=False,
     )
+    # Shapes from the headers (an alias has its tensor's), checked before any data is read.
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    for alias, name in checked.aliases.items():
-        if alias in expected and expected[alias] != checked.shapes[name]:
-            raise LayerfoldError(f"{path}: alias {alias} names {name} of another shape")
-    for name, shape in checked.shapes.items():
+    stored = {**checked.shapes, **{alias: checked.shapes[name] for alias, name in checked.aliases.items()}}
+    for name, shape in stored.items():
         if name in expected and expected[name] != shape:
             raise LayerfoldError(f"{path}: {name} is {list(shape)} in the weights but {list(expected[name])} in the config")
-    tensors = read_weights(path)
+    tensors = read_weights(path, checked.aliases)
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as err:
-        raise LayerfoldError(f"{path / WEIGHTS_NAME} does not match its config: {str(err).splitlines()[0]}") from None
+        raise LayerfoldError(f"{path / WEIGHTS_NAME} does not match its config: {first_line(err)}") from None
     # Re-tie: each alias becomes the very same Parameter object as its source, as in the original model.
     parameters = dict(model.named_parameters(remove_duplicate=False))
     for alias, name in checked.aliases.items():

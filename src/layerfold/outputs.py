@@ -33,6 +33,8 @@ _PARTIAL = ".partial"
 _OLD = ".old"
 # First line of every Markdown report layerfold writes as a file of its own (plan's side file).
 REPORT_HEADER = "<!-- written by layerfold -->"
+# The file a heal run keeps in OUT.checkpoints (heal.py writes it): what marks that folder as layerfold's.
+HEAL_SETTINGS_NAME = "heal_settings.json"
 
 
 def resolved(path: str | Path) -> Path:
@@ -49,7 +51,7 @@ def _describe_contents(folder: Path) -> str:
 def is_layerfold_folder(folder: Path) -> bool:
     """A folder layerfold wrote: it holds the marker, or it is a folded checkpoint (earlier versions wrote no
     marker), or a heal run's checkpoint folder."""
-    if (folder / MARKER_NAME).is_file() or (folder / "heal_settings.json").is_file():
+    if (folder / MARKER_NAME).is_file() or (folder / HEAL_SETTINGS_NAME).is_file():
         return True
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
