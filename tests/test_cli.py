@@ -39,7 +39,7 @@ def test_fold_prints_a_size_table_and_writes_a_loadable_model(capsys, tiny_dir, 
     assert "| unique parameters" in out and "| size on disk" in out
     code, out, _ = run(capsys, "info", tmp_path / "f", "--json")
     info = json.loads(out)
-    assert code == 0 and info["unique_blocks"] == 2 and info["plan"]["rank"] == 4
+    assert code == 0 and info["unique_blocks"] == 2 and info["plan"]["operations"][0]["rank"] == 4
     assert info["bytes_on_disk"] == (tmp_path / "f" / "model.safetensors").stat().st_size
 
 
@@ -64,7 +64,8 @@ def test_fold_json_report(capsys, tiny_dir, tmp_path):
     )
     report = json.loads(out)
     assert code == 0
-    assert report["plan"]["share"] == "attention" and report["plan"]["rank"] == {"attention": 2, "mlp": "full"}
+    tie = report["plan"]["operations"][0]
+    assert tie["share"] == "attention" and tie["rank"] == {"attention": 2, "mlp": "full"} and tie["sources"] == [0]
     assert report["after"]["parameters"]["total"] < report["before"]["parameters"]["total"]
     assert report["after"]["bytes_on_disk"] < report["before"]["bytes_on_disk"]
 
@@ -85,7 +86,7 @@ def test_fold_with_a_plan_file_then_export(capsys, tiny_dir, tmp_path):
     [
         (["{missing}", "--strategy", "cycle", "--unique", "2"], "model path not found"),
         (["{model}", "--strategy", "cycle", "--unique", "9"], "unique: must be between 1 and the number of layers (4)"),
-        (["{model}", "--strategy", "cycle", "--unique", "2", "--rank", "999"], "plan.rank: rank 999 is larger than"),
+        (["{model}", "--strategy", "cycle", "--unique", "2", "--rank", "999"], "(tie).rank: rank 999 is larger than"),
         (
             ["{model}", "--strategy", "cycle", "--unique", "2", "--rank", "lots"],
             "--rank: must be a non-negative integer or 'full'",
@@ -133,7 +134,7 @@ def test_existing_output_needs_overwrite(capsys, tiny_dir, tmp_path):
     ours = tmp_path / "ours"
     assert run(capsys, "fold", tiny_dir, "--out", ours, "--strategy", "cycle", "--unique", "2")[0] == 0
     code, _, _ = run(capsys, "fold", tiny_dir, "--out", ours, "--strategy", "cycle", "--unique", "3", "--overwrite")
-    assert code == 0 and json.loads((ours / "config.json").read_text())["fold_plan"]["groups"] == [[0, 3]]
+    assert code == 0 and json.loads((ours / "config.json").read_text())["fold_plan"]["operations"][0]["layers"] == [0, 3]
 
 
 def test_unwritable_output(capsys, tiny_dir, tmp_path):

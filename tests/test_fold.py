@@ -7,7 +7,7 @@ from conftest import build_tiny, outputs, sample_inputs
 import layerfold
 from layerfold import FoldPlan, LayerfoldError
 from layerfold.families import family_of
-from layerfold.modules import TiedLinear
+from layerfold.operations.tie.modules import TiedLinear
 
 
 def test_identity_plan_is_bit_identical(family):
@@ -131,9 +131,9 @@ def test_backward_reaches_shared_weights_and_relaxations(family):
     "plan, message",
     [
         (FoldPlan.cycle(6, 3), r"plan.num_layers: the plan is for 6 layers but the model has 4"),
-        (FoldPlan.cycle(4, 2, rank=65), r"plan.rank: rank 65 is larger than .* allows"),
-        (FoldPlan.cycle(4, 2, rank={"nonsense": 2}), r"plan.rank\['nonsense'\]: unknown projection"),
-        (FoldPlan.from_groups([[0, 7]], num_layers=4), r"plan.groups\[0\]: layer 7 is out of range"),
+        (FoldPlan.cycle(4, 2, rank=65), r"\(tie\).rank: rank 65 is larger than .* allows"),
+        (FoldPlan.cycle(4, 2, rank={"nonsense": 2}), r"\(tie\).rank\['nonsense'\]: unknown projection"),
+        (FoldPlan.from_groups([[0, 7]], num_layers=4), r"\(tie\).layers: layer 7 is out of range"),
     ],
 )
 def test_plans_that_do_not_fit_the_model_are_rejected(family, plan, message):

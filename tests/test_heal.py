@@ -32,6 +32,7 @@ from layerfold.heal import (
     teacher_layer_map,
 )
 from layerfold.io import load_tokenizer
+from layerfold.operations import Drop, Merge
 from layerfold.plan import FoldPlan
 
 STS_LINE = "main-captions\tMSRvid\t2012test\t0001\t{score}\t{a}\t{b}\n"
@@ -61,7 +62,7 @@ def saved(tmp_path_factory):
             )
             == 0
         )
-        plan = FoldPlan(num_layers=4, drop=[1, 3])
+        plan = FoldPlan.from_groups([], drop=[1, 3], num_layers=4)
         plan.save(root / "drop.yaml")
         assert (
             main(["fold", str(root / name), "--plan", str(root / "drop.yaml"), "--out", str(root / f"{name}-dropped")])
@@ -204,9 +205,9 @@ def test_defaults_depend_on_the_model_kind():
 
 
 def test_teacher_layer_map_follows_drops_and_merges():
-    assert teacher_layer_map(FoldPlan(num_layers=6, drop=[1, 3])) == [0, 2, 4, 5]
+    assert teacher_layer_map(FoldPlan.from_groups([], drop=[1, 3], num_layers=6)) == [0, 2, 4, 5]
     # LaCo: layer 0 absorbs 1 and 2, then layer 3 absorbs 4 (a merge into a layer that a later merge absorbs).
-    plan = FoldPlan(num_layers=6, drop=[1, 2, 4], merges=[{"into": 3, "layers": [4]}, {"into": 0, "layers": [1, 2]}])
+    plan = FoldPlan(6, [Merge(into=3, layers=[4]), Merge(into=0, layers=[1, 2]), Drop([1, 2, 4])])
     assert teacher_layer_map(plan) == [2, 4, 5]
 
 

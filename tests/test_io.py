@@ -86,7 +86,7 @@ def test_every_tensor_is_stored_once(saved_families, name):
         aliases = json.loads(handle.metadata()["layerfold_aliases"])
     assert not stored & set(aliases)
     # Layer 0 and layer 3 share one stored weight per projection, under the fold state.
-    assert any(".layerfold_shared.0." in key or key.startswith("layerfold_shared.0.") for key in stored)
+    assert any(".layerfold_shared.tie_0." in key or key.startswith("layerfold_shared.tie_0.") for key in stored)
 
 
 def test_loaded_model_keeps_tied_embeddings_tied(saved_families):

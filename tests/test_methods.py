@@ -13,9 +13,12 @@ from layerfold.budget import Budget
 from layerfold.calibrate import Calibration, collect_statistics, restricted_stack
 from layerfold.families import family_of, linear_weight
 from layerfold.methods import registry
-from layerfold.methods.basis import decompose, factor_plan, whitening_factor
-from layerfold.methods.drop import merge_blocks
-from layerfold.modules import BasisLinear
+from layerfold.methods.basis import factor_plan
+from layerfold.operations import Drop, Factor, Merge
+from layerfold.operations.factor.decompose import decompose, whitening_factor
+from layerfold.operations.factor.modules import BasisLinear
+from layerfold.operations.merge.build import merge_blocks
+from layerfold.store import fold_state
 from layerfold.report import parameter_breakdown
 
 
@@ -84,10 +87,8 @@ def test_basis_sharing_at_full_rank_reproduces_the_original(family, group_size):
         out_features, in_features = linear_weight(layers[0].get_submodule(projection)).shape
         for start in range(0, 4, group_size):
             members = list(range(start, start + group_size))
-            factors.append(
-                {"layers": members, "projection": projection, "rank": min(out_features * group_size, in_features)}
-            )
-    folded = layerfold.fold(copy.deepcopy(model), FoldPlan(num_layers=4, factors=factors), calibration=stats)
+            factors.append(Factor(members, projection, min(out_features * group_size, in_features)))
+    folded = layerfold.fold(copy.deepcopy(model), FoldPlan(4, factors), calibration=stats)
     assert sum(isinstance(m, BasisLinear) for m in folded.modules()) == 4 * len(fam.projections)
     assert (outputs(folded, inputs) - expected).abs().max().item() <= 1e-4
 
@@ -99,8 +100,8 @@ def test_a_shared_basis_is_one_tensor_used_by_every_layer_of_its_group(llama, tm
     q0, q1 = (layer.self_attn.q_proj for layer in folded.model.layers[:2])
     assert isinstance(q0, BasisLinear) and q0.basis is q1.basis and q0.coefficients is not q1.coefficients
     names = [n for n, _ in folded.named_parameters()]
-    assert sum(".lora" in n or "coefficients" in n for n in names) == len(plan.factors) * 2 - sum(
-        1 for f in plan.factors if len(f["layers"]) == 1
+    assert sum(".lora" in n or "coefficients" in n for n in names) == len(plan.factors()) * 2 - sum(
+        1 for f in plan.factors() if len(f.layers) == 1
     )
 
 
@@ -137,7 +138,7 @@ def test_block_influence_of_an_identity_block_is_zero():
     assert abs(stats.block_influence[1]) < 1e-6 and abs(stats.angular_distance[1]) < 1e-3
     assert min(stats.block_influence[i] for i in (0, 2, 3)) > 1e-3
     plan = registry.get("shortgpt").plan(model, Budget(0.75, blocks_only=True), Calibration(model, [sample_inputs()]))
-    assert plan.drop == [1]
+    assert plan.dropped() == [1]
 
 
 def test_restricted_stack_runs_only_the_chosen_layers_and_restores_the_model():
@@ -195,7 +196,7 @@ def laco_replayed(model, calibration, budget, serialise):
     """Fold with LaCo (every merge accepted), then fold the original again from the serialised plan; return the
     plan after checking that both models compute the same."""
     folded = registry.build(registry.get("laco"), copy.deepcopy(model), budget, calibration, threshold=-1.0)
-    plan = layerfold.modules.fold_state(folded).plan
+    plan = fold_state(folded).plan
     replayed = layerfold.fold(copy.deepcopy(model), serialise(plan))
     inputs = sample_inputs()
     assert torch.equal(outputs(replayed, inputs), outputs(folded, inputs))
@@ -205,7 +206,7 @@ def laco_replayed(model, calibration, budget, serialise):
 def test_laco_plan_replays_on_the_original(llama):
     model, calibration = llama
     plan = laco_replayed(model, calibration, Budget(0.6), lambda p: FoldPlan.from_json(p.to_json()))
-    assert plan.merges and set(plan.drop) == {i for m in plan.merges for i in m["layers"]}
+    assert plan.merges() and set(plan.dropped()) == {i for m in plan.merges() for i in m.layers}
 
 
 def test_laco_threshold_that_rejects_every_merge_is_a_clear_error(llama):
@@ -224,46 +225,44 @@ def test_unreachable_budget_is_a_clear_error(llama):
 @pytest.mark.parametrize(
     "factors, message",
     [
-        ([{"layers": [0], "projection": "self_attn.q_proj"}], "exactly layers, projection and rank"),
-        ([{"layers": [0], "projection": "self_attn.q_proj", "rank": 0}], "rank: must be a positive integer"),
-        ([{"layers": [9], "projection": "self_attn.q_proj", "rank": 2}], "out of range"),
+        ([{"op": "factor", "layers": [0], "projection": "self_attn.q_proj"}], "a factor operation needs rank"),
+        ([{"op": "factor", "layers": [0], "projection": "self_attn.q_proj", "rank": 0}], "rank: must be a positive"),
+        ([{"op": "factor", "layers": [9], "projection": "self_attn.q_proj", "rank": 2}], "out of range"),
         (
-            [{"layers": [0, 1], "projection": "mlp.up_proj", "rank": 2}] * 2,
-            "already factorised in plan.factors[0]",
+            [{"op": "factor", "layers": [0, 1], "projection": "mlp.up_proj", "rank": 2}] * 2,
+            "already factorised by plan.operations[0]",
         ),
     ],
 )
 def test_bad_factor_plans_name_the_field(factors, message):
     with pytest.raises(LayerfoldError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        FoldPlan(num_layers=4, factors=factors).check()
+        FoldPlan.from_dict({"num_layers": 4, "operations": factors})
 
 
 def test_factor_plan_checks_against_the_model():
     model = build_tiny("llama")
     with pytest.raises(LayerfoldError, match="not a projection of llama"):
-        FoldPlan(num_layers=4, factors=[{"layers": [0], "projection": "attn.c_attn", "rank": 2}]).validate(model)
+        FoldPlan(4, [Factor([0], "attn.c_attn", 2)]).validate(model)
     with pytest.raises(LayerfoldError, match="at most 64"):
-        FoldPlan(num_layers=4, factors=[{"layers": [0], "projection": "self_attn.q_proj", "rank": 65}]).validate(model)
+        FoldPlan(4, [Factor([0], "self_attn.q_proj", 65)]).validate(model)
     with pytest.raises(LayerfoldError, match="needs calibration data"):
-        layerfold.fold(model, FoldPlan(num_layers=4, factors=[{"layers": [0], "projection": "mlp.up_proj", "rank": 2}]))
+        layerfold.fold(model, FoldPlan(4, [Factor([0], "mlp.up_proj", 2)]))
 
 
 def test_plan_with_factors_and_merges_round_trips():
     plan = FoldPlan(
-        num_layers=4,
-        drop=[3],
-        merges=[{"into": 2, "layers": [3]}],
-        factors=[{"layers": [0, 1], "projection": "mlp.up_proj", "rank": 5}],
+        4,
+        [Merge(into=2, layers=[3]), Factor([0, 1], "mlp.up_proj", 5), Drop([3])],
         provenance={"method": "basis", "keep": 0.8},
     )
     assert FoldPlan.from_json(plan.to_json()) == plan == FoldPlan.from_yaml(plan.to_yaml())
-    with pytest.raises(LayerfoldError, match="must be in plan.drop"):
-        FoldPlan(num_layers=4, merges=[{"into": 2, "layers": [3]}]).check()
+    with pytest.raises(LayerfoldError, match="merged away, so a drop must remove it"):
+        FoldPlan(4, [Merge(into=2, layers=[3])]).check()
     # LaCo may merge an already merged layer again: then it is dropped, absorbed by the later merge.
-    nested = [{"into": 2, "layers": [3]}, {"into": 1, "layers": [2]}]
-    FoldPlan(num_layers=4, drop=[2, 3], merges=nested).check()
+    nested = [Merge(into=2, layers=[3]), Merge(into=1, layers=[2])]
+    FoldPlan(4, [*nested, Drop([2, 3])]).check()
     with pytest.raises(LayerfoldError, match="no later merge absorbs it"):
-        FoldPlan(num_layers=4, drop=[2, 3], merges=nested[:1] + [{"into": 0, "layers": [3]}]).check()
+        FoldPlan(4, [nested[0], Merge(into=0, layers=[3]), Drop([2, 3])]).check()
 
 
 def test_laco_merges_into_merged_layers_on_a_deep_model():
@@ -274,7 +273,7 @@ def test_laco_merges_into_merged_layers_on_a_deep_model():
         layer.self_attn.layer_idx = i
     calibration = Calibration(model, calibration_batches())
     plan = laco_replayed(model, calibration, Budget(0.5, blocks_only=True), lambda p: FoldPlan.from_yaml(p.to_yaml()))
-    assert any(m["into"] in plan.drop for m in plan.merges)  # a merged layer was merged again
+    assert any(m.into in plan.dropped() for m in plan.merges())  # a merged layer was merged again
 
 
 def test_method_options_are_checked(llama):

@@ -117,7 +117,7 @@ def test_cluster_groups_the_most_similar_layers_first():
 def test_planner_ties_identical_blocks_first(twins):
     _, result = twins
     best = result.best
-    assert best.plan.tie_groups() == [(0, list(TWINS))], result.explanation()
+    assert [op.layers for op in best.plan.ties()] == [list(TWINS)], result.explanation()
     # Tying two identical blocks loses nothing: the proxy equals the original's.
     assert best.proxy == pytest.approx(result.original_proxy, abs=1e-5)
     assert result.candidates[0].proxy == best.proxy and len(result.candidates) >= 3
@@ -157,7 +157,7 @@ def test_candidates_are_scored_once_per_plan_and_the_choice_is_refitted_on_all_d
     for duplicate in (c for c in result.rejected if c.rejected.startswith("the same plan as")):
         assert duplicate.name not in [c.name for c in result.candidates]
     best = result.best
-    assert best.kind == "basis" and best.plan.whiten, result.explanation()
+    assert best.kind == "basis" and best.plan.whitens(), result.explanation()
     everything = prepared.all_calibration()
     assert result.refit_tokens == everything.settings["tokens"] > prepared.calibration.settings["tokens"]
     assert "fitted again on all" in result.explanation()

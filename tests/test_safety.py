@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import outputs, sample_inputs, save_tiny_with_tokenizer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import layerfold
 from layerfold.cli import main
@@ -390,12 +390,14 @@ DAMAGES = {
     "no-fold-plan": lambda f: _edit_config(f, lambda c: c.pop("fold_plan")),
     "no-base-config": lambda f: _edit_config(f, lambda c: c.pop("base_config")),
     "base-config-a-list": lambda f: _edit_config(f, lambda c: c.update(base_config=[1])),
-    "plan-layer-out-of-range": lambda f: _edit_config(f, lambda c: c["fold_plan"].update(groups=[[0, 9]])),
+    "plan-layer-out-of-range": lambda f: _edit_config(f, lambda c: c["fold_plan"]["operations"][0].update(layers=[0, 9])),
     "plan-more-layers": lambda f: _edit_config(f, lambda c: c["fold_plan"].update(num_layers=6)),
     "plan-drops-layers-the-weights-hold": lambda f: _edit_config(
-        f, lambda c: c["fold_plan"].update(groups=[[0, 2]], drop=[1, 3])
+        f, lambda c: c["fold_plan"]["operations"].append({"op": "drop", "layers": [1, 3]})
     ),
-    "rank-beyond-shape": lambda f: _edit_config(f, lambda c: c["fold_plan"].update(rank=10**9)),
+    "rank-beyond-shape": lambda f: _edit_config(f, lambda c: c["fold_plan"]["operations"][0].update(rank=10**9)),
+    "unknown-operation": lambda f: _edit_config(f, lambda c: c["fold_plan"]["operations"].append({"op": "mos"})),
+    "future-format": lambda f: _edit_config(f, lambda c: c.update(layerfold_format=3)),
     "non-numeric-size": lambda f: _edit_config(f, lambda c: c["base_config"].update(hidden_size="sixty-four")),
     "config-not-json": lambda f: (f / "config.json").write_text("{"),
     "index-not-json": lambda f: _shard(f, index_text="{nope"),

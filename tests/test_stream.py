@@ -16,6 +16,7 @@ from layerfold.cli import main
 from layerfold.demo import pydoc_paragraphs
 from layerfold.folding import fold
 from layerfold.io import _aliases, load, load_source, load_tokenizer, read_weights, save
+from layerfold.operations import Drop, Merge, Tie
 from layerfold.plan import FoldPlan
 from layerfold.stream import method_plan, stream_fold
 
@@ -50,11 +51,9 @@ PLANS = {
         4, 2, share="attention", share_bias=True, init="stepwise", rank={"attention": 2}
     ),
     "drop": lambda: FoldPlan.from_groups([], drop=[1, 2], num_layers=4),
-    "LaCo merge + tie": lambda: FoldPlan(
-        num_layers=4, merges=[{"into": 1, "layers": [2]}], drop=[2], groups=[[0, 3]], rank=2
-    ),
+    "LaCo merge + tie": lambda: FoldPlan(4, [Merge(into=1, layers=[2]), Tie(layers=[0, 3], rank=2), Drop([2])]),
     "chained LaCo merges": lambda: FoldPlan(
-        num_layers=4, merges=[{"into": 2, "layers": [3]}, {"into": 0, "layers": [1, 2]}], drop=[1, 2, 3]
+        4, [Merge(into=2, layers=[3]), Merge(into=0, layers=[1, 2]), Drop([1, 2, 3])]
     ),
 }
 
@@ -104,7 +103,7 @@ def test_streamed_whitened_factorisation_is_bit_identical(with_tokenizer, family
         source, streamed, method_plan(method, Budget(0.6, blocks_only=True)), calibration=batches, progress=False
     )
     plan = FoldPlan.from_dict(report["plan"])
-    assert plan.whiten and plan.factors
+    assert plan.whitens() and plan.factors()
     assert_same_checkpoint(streamed, in_memory_fold(source, plan, tmp_path / "memory", batches))
 
 

@@ -11,7 +11,7 @@ from .errors import LayerfoldError
 from .families import family_of
 from .folding import fold
 from .io import load, load_source, read_checkpoint_config, save, skeleton_of
-from .modules import fold_state
+from .store import fold_state
 from .outputs import check_output
 from .plan import FoldPlan
 from .report import human_count, markdown_table, parameter_breakdown, size_table, weight_bytes

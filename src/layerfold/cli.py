@@ -87,8 +87,7 @@ def _build_plan(
         if unique is not None:
             raise LayerfoldError("--unique goes with --strategy, not with --plan")
         plan = FoldPlan.load(plan_file)
-        for key, value in options.items():
-            setattr(plan, key, value)
+        plan.set_tie_options(**options)
         plan.check()
         return plan
     if strategy is None:

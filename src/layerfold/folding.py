@@ -7,11 +7,13 @@ from torch import nn
 from .calibrate import Statistics
 from .errors import LayerfoldError
 from .families import family_of
-from .methods.basis import factorize_layers
-from .methods.drop import drop_layers, merge_layers
-from .methods.tie import tie_layers
-from .modules import STATE_ATTRIBUTE, FoldState, fold_state
+from .operations import Factor, Merge, Tie
+from .operations.drop.build import drop_layers
+from .operations.factor.build import factorize_layers
+from .operations.merge.build import merge_layers
+from .operations.tie.build import tie_layers
 from .plan import FoldPlan
+from .store import STATE_ATTRIBUTE, FoldState, fold_state
 
 
 def fold(
@@ -21,7 +23,7 @@ def fold(
 
     The shared weights start as the plan's ``init`` says; each tied layer's LoRA relaxation starts from the
     truncated SVD of its difference to the shared weight. ``rank="full"`` reproduces the original exactly.
-    ``plan.factors`` are computed from the (whitened) SVD of the original weights; whitening needs
+    Factorisations are computed from the (whitened) SVD of the original weights; whitening needs
     ``calibration`` (see ``layerfold.calibrate``).
     """
     if fold_state(model) is not None:
@@ -55,10 +57,13 @@ def apply_structure(
     """Build a folded model's modules. ``fold`` fills them from the original; ``load`` from a checkpoint."""
     family = family_of(model)
     state = FoldState(plan, base_config, base_architecture)
+    keyed = plan.keyed()
     if initialize:
-        merge_layers(family, model, plan.merges)
-    tie_layers(model, family, plan, state, initialize=initialize, progress=progress)
-    factorize_layers(model, family, plan, state, initialize=initialize, statistics=statistics, progress=progress)
+        merge_layers(model, family, [op for _, op in keyed if isinstance(op, Merge)])
+    ties = [(key, op) for key, op in keyed if isinstance(op, Tie)]
+    tie_layers(model, family, ties, state, initialize=initialize, progress=progress)
+    factors = [(key, op) for key, op in keyed if isinstance(op, Factor)]
+    factorize_layers(model, family, factors, state, initialize=initialize, statistics=statistics, progress=progress)
     drop_layers(model, family, plan.kept_layers(), plan.num_layers)
     model.base_model.add_module(STATE_ATTRIBUTE, state)
     return state

@@ -34,9 +34,11 @@ from tqdm.auto import tqdm
 
 from . import data as datafiles
 from .data import read_documents  # noqa: F401 (heal reads its data through it; tests import it from here)
-from .errors import LayerfoldError, first_line
+from .errors import LayerfoldError
 from .evaluate import embedding_fidelity, is_causal_lm, mean_pool, next_token_fidelity, sentence_embeddings
-from .modules import BasisLinear, TiedLinear, fold_state
+from .operations.factor.modules import BasisLinear
+from .operations.tie.modules import TiedLinear
+from .store import fold_state
 from .outputs import HEAL_SETTINGS_NAME
 
 TRAIN_CHOICES = ("relax", "relax+shared", "all")
@@ -279,8 +281,8 @@ def teacher_layer_map(plan) -> list[int]:
     """For each layer of the folded model, the original layer whose output it stands in for: itself, or after
     a LaCo merge the last layer it absorbed."""
     reach = list(range(plan.num_layers))
-    for merge in plan.merges:
-        reach[merge["into"]] = max([reach[merge["into"]]] + [reach[k] for k in merge["layers"]])
+    for merge in plan.merges():
+        reach[merge.into] = max([reach[merge.into]] + [reach[k] for k in merge.layers])
     return [reach[layer] for layer in plan.kept_layers()]
 
 

@@ -35,7 +35,9 @@ from .checkpoint import (
 from .errors import LayerfoldError, first_line
 from .families import Family, family_for_model_type, family_of
 from .folding import apply_structure
-from .modules import STATE_ATTRIBUTE, BasisLinear, TiedLinear, fold_state
+from .operations.factor.modules import BasisLinear
+from .operations.tie.modules import TiedLinear
+from .store import FORMAT_KEY, FORMAT_VERSION, STATE_ATTRIBUTE, fold_state
 from .outputs import atomic_output_dir, check_output
 from .plan import FoldPlan
 
@@ -358,8 +360,13 @@ def write_folded(
     """Write a folded model's files into an existing ``directory`` (not atomically: ``save`` wraps this)."""
     directory = Path(directory)
     tensors, aliases = _unique_state(model, state_dict)
-    write_tensors(directory, tensors, max_shard_bytes=max_shard_bytes, metadata={ALIASES_KEY: json.dumps(aliases)})
+    write_tensors(directory, tensors, max_shard_bytes=max_shard_bytes, metadata=weights_metadata(aliases))
     write_folded_config(model, directory, source=source)
+
+
+def weights_metadata(aliases: dict[str, str]) -> dict[str, str]:
+    """The metadata of a folded checkpoint's weight files: its alias table and format version."""
+    return {ALIASES_KEY: json.dumps(aliases), FORMAT_KEY: str(FORMAT_VERSION)}
 
 
 def write_folded_config(model: nn.Module, directory: Path, *, source: str | Path | None = None) -> None:
@@ -373,6 +380,7 @@ def write_folded_config(model: nn.Module, directory: Path, *, source: str | Path
         "base_architecture": state.base_architecture,
         "base_config": state.base_config,
         "fold_plan": state.plan.to_dict(),
+        FORMAT_KEY: FORMAT_VERSION,
         "layerfold_version": __version__,
         "transformers_version": transformers.__version__,
     }
@@ -474,8 +482,43 @@ class CheckedCheckpoint:
     base: transformers.PretrainedConfig
     model_class: type
     plan: FoldPlan
-    shapes: dict[str, tuple[int, ...]]
-    aliases: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]  # by the names the model has (a format-1 checkpoint's renamed)
+    aliases: dict[str, str]  # likewise
+    renamed: dict[str, str]  # stored name -> the model's name, for the names that differ
+
+
+def checkpoint_format(config: dict, where: str) -> int:
+    """The checkpoint format of a folded checkpoint's config: 1 when it does not say (layerfold 0.1)."""
+    version = config.get(FORMAT_KEY, 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise LayerfoldError(f"{where}: {FORMAT_KEY} must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise LayerfoldError(
+            f"{where}: written in checkpoint format {version} by a newer layerfold; this one "
+            f"({__version__}) reads formats 1 to {FORMAT_VERSION}: upgrade layerfold (pip install -U layerfold)"
+        )
+    return version
+
+
+def format_1_names(raw_plan: dict, names) -> dict[str, str]:
+    """Format 1 named the store's entries by position: entry g < len(groups) held ``groups[g]``'s shared
+    projections, entry len(groups) + f the basis of ``factors[f]``. The new name of each such stored name."""
+    groups = raw_plan.get("groups", []) if isinstance(raw_plan.get("groups"), list) else []
+    keys: dict[int, str] = {}
+    ties = 0
+    for g, members in enumerate(groups):
+        if isinstance(members, list) and len(members) >= 2:
+            keys[g], ties = f"tie_{ties}", ties + 1
+    factors = raw_plan.get("factors", []) if isinstance(raw_plan.get("factors"), list) else []
+    for f in range(len(factors)):
+        keys[len(groups) + f] = f"factor_{f}"
+    pattern = re.compile(r"((?:^|\.)" + STATE_ATTRIBUTE + r"\.)(\d+)(\.)")
+    renamed = {}
+    for name in names:
+        match = pattern.search(name)
+        if match and int(match.group(2)) in keys:
+            renamed[name] = name[: match.start(2)] + keys[int(match.group(2))] + name[match.end(2) :]
+    return renamed
 
 
 def _layer_indices(names, family: Family) -> set[int]:
@@ -494,16 +537,21 @@ def check_checkpoint(path: str | Path) -> CheckedCheckpoint:
     model_type = base_config.pop("model_type")
     family = family_for_model_type(model_type)
     model_class = model_class_for(config["base_architecture"], model_type, f"{where}: base_architecture")
+    version = checkpoint_format(config, where)
     plan = FoldPlan.from_dict(config["fold_plan"])
     shapes = stored_shapes(path)
     aliases = _aliases(path)
     _check_aliases(path, aliases, shapes)
+    renamed = format_1_names(config["fold_plan"], list(shapes) + list(aliases)) if version == 1 else {}
+    if renamed:
+        shapes = {renamed.get(name, name): shape for name, shape in shapes.items()}
+        aliases = {renamed.get(a, a): renamed.get(n, n) for a, n in aliases.items()}
     largest = max((max(shape, default=1) for shape in shapes.values()), default=1)
     check_config_sizes(base_config, f"{where}: base_config", largest_dimension=largest)
     layers = next((base_config[name] for name in _LAYER_FIELDS if name in base_config), None)
     if plan.num_layers != layers:
         raise LayerfoldError(f"{where}: fold_plan.num_layers is {plan.num_layers} but base_config has {layers} layers")
-    kept = plan.num_layers - len(set(plan.drop))
+    kept = plan.num_layers - len(plan.dropped())  # not kept_layers(): num_layers may be huge here
     stored = len(_layer_indices(list(shapes) + list(aliases), family))
     if kept != stored:
         raise LayerfoldError(f"{where}: fold_plan keeps {kept} layers but the weights hold {stored}")
@@ -512,7 +560,7 @@ def check_checkpoint(path: str | Path) -> CheckedCheckpoint:
         base = CONFIG_MAPPING[model_type].from_dict(base_config)
     except (TypeError, ValueError, KeyError, AttributeError) as err:
         raise LayerfoldError(f"{where}: base_config cannot be read: {first_line(err)}") from None
-    return CheckedCheckpoint(config, family, base, model_class, plan, shapes, aliases)
+    return CheckedCheckpoint(config, family, base, model_class, plan, shapes, aliases, renamed)
 
 
 def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
@@ -540,7 +588,11 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
     for name, shape in stored.items():
         if name in expected and expected[name] != shape:
             raise LayerfoldError(f"{path}: {name} is {list(shape)} in the weights but {list(expected[name])} in the config")
-    tensors = read_weights(path, checked.aliases)
+    tensors = load_all(path)
+    if checked.renamed:
+        tensors = {checked.renamed.get(name, name): tensor for name, tensor in tensors.items()}
+    for alias, name in checked.aliases.items():
+        tensors[alias] = tensors[name]
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as err:

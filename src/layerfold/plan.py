@@ -1,62 +1,45 @@
-"""FoldPlan: which layers are dropped, which are tied into groups, what is shared and how it is relaxed.
+"""FoldPlan: an ordered list of typed operations (``layerfold.operations``) over an L-layer model.
 
-A plan is plain data that round-trips through JSON and YAML. Layer indices always refer to the original
-model's layers (0 .. num_layers-1). Layers that are neither dropped nor in a group of two or more stay unique.
+A plan is plain data that round-trips through JSON and YAML::
+
+    num_layers: 4
+    operations:
+    - {op: tie, layers: [0, 2], share: all, sources: [0, 2], rank: 2, share_bias: false}
+    - {op: factor, layers: [1, 3], projection: self_attn.q_proj, rank: 8, whiten: true}
+    - {op: drop, layers: [3]}
+    provenance: {method: ...}
+
+Layer indices always refer to the original model's layers. Operations apply in order; drops take effect last.
+Each operation that holds shared tensors does so in the fold's store under its key, ``<kind>_<n>`` (the n-th
+operation of its kind). Plan files of layerfold 0.1 (one field per kind of step: ``groups``, ``drop``,
+``factors``, ...) are converted on reading.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
 from .errors import LayerfoldError
-from .families import ATTENTION, MLP, family_of, linear_weight
+from .families import family_of
+from .operations import OPERATIONS, Drop, Factor, Merge, Operation, Rank, Tie
+from .operations.tie.spec import init_sources
 
-Rank = Union[int, str]  # an int >= 0 or "full"
-SHARE_CHOICES = ("all", ATTENTION, MLP)
 INIT_CHOICES = ("average", "stepwise", "lower")
+_LEGACY_FIELDS = ("groups", "drop", "share", "init", "rank", "share_bias", "merges", "factors", "whiten")
 
 
 @dataclass
 class FoldPlan:
-    """How to fold an L-layer model.
-
-    - ``groups``: lists of original layer indices; the layers of a group share one set of projection weights.
-    - ``drop``: original layer indices removed from the model.
-    - ``share``: which projections a group shares: ``all``, ``attention`` or ``mlp``.
-    - ``init``: how a group's shared weights start: ``average`` of its members; ``lower``, the weights of the
-      g-th lowest tied layer for the g-th group (Relaxed Recursive Transformers' "Lower"); ``stepwise``, of
-      evenly spaced tied layers ("Stepwise").
-    - ``rank``: per-layer LoRA relaxation of every shared projection, initialised from the truncated SVD of
-      (original - shared): 0 for none, an int, ``"full"`` (exact), or a dict from a projection kind
-      (``attention``/``mlp``), a projection name (``q_proj``) or path (``self_attn.q_proj``) to a rank.
-    - ``share_bias``: tie biases too (by default every layer keeps its own).
-    - ``merges``: LaCo-style layer collapses, applied in order before dropping: ``{"into": l, "layers": [...]}``
-      sets layer l's parameters to θ_l + Σ_k (θ_k − θ_l) over the listed layers, which must also be in ``drop``.
-    - ``factors``: low-rank factorisations, each ``{"layers": [...], "projection": path, "rank": k}``: the
-      projection of those layers becomes ``coefficients_i @ basis`` with one rank-k basis shared by the
-      listed layers (Basis Sharing) or, for a single layer, its own truncated SVD. k is stored so that a
-      checkpoint can be rebuilt without calibration data.
-    - ``whiten``: factorisations start from the SVD of the weights whitened by the Cholesky factor of their
-      inputs' Gram matrix (needs calibration data), not of the bare weights.
-    - ``provenance``: free-form record of how the plan was made (method, budget, calibration); not used to
-      rebuild the model.
-    """
+    """How to fold an L-layer model: ``operations`` in order, and ``provenance``, a free-form record of how the
+    plan was made (method, budget, calibration) that is not used to rebuild the model."""
 
     num_layers: int
-    groups: list[list[int]] = field(default_factory=list)
-    drop: list[int] = field(default_factory=list)
-    share: str = "all"
-    init: str = "average"
-    rank: Rank | dict[str, Rank] = 0
-    share_bias: bool = False
-    merges: list[dict[str, Any]] = field(default_factory=list)
-    factors: list[dict[str, Any]] = field(default_factory=list)
-    whiten: bool = True
+    operations: list[Operation] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
 
     # ---- constructors -------------------------------------------------------------------------------
@@ -68,8 +51,7 @@ class FoldPlan:
     def cycle(cls, num_layers: int, unique: int, **options: Any) -> "FoldPlan":
         """Layer i uses unique block i mod K (the model loops K blocks)."""
         _check_unique(num_layers, unique, minimum=1)
-        groups = [list(range(k, num_layers, unique)) for k in range(unique)]
-        return cls(num_layers=num_layers, groups=_tied(groups), **options)
+        return cls.from_groups([list(range(k, num_layers, unique)) for k in range(unique)], num_layers=num_layers, **options)
 
     @classmethod
     def sequence(cls, num_layers: int, unique: int, **options: Any) -> "FoldPlan":
@@ -81,14 +63,14 @@ class FoldPlan:
             end = start + size + (1 if k < extra else 0)
             groups.append(list(range(start, end)))
             start = end
-        return cls(num_layers=num_layers, groups=_tied(groups), **options)
+        return cls.from_groups(groups, num_layers=num_layers, **options)
 
     @classmethod
     def middle_cycle(cls, num_layers: int, unique: int, **options: Any) -> "FoldPlan":
         """First and last layers stay unique; the middle layers cycle over the remaining K-2 blocks."""
         _check_unique(num_layers, unique, minimum=3)
         groups = [list(range(1 + k, num_layers - 1, unique - 2)) for k in range(unique - 2)]
-        return cls(num_layers=num_layers, groups=_tied(groups), **options)
+        return cls.from_groups(groups, num_layers=num_layers, **options)
 
     @classmethod
     def from_groups(
@@ -97,8 +79,15 @@ class FoldPlan:
         drop: list[int] | tuple[int, ...] = (),
         *,
         num_layers: int | None = None,
-        **options: Any,
+        share: str = "all",
+        init: str = "average",
+        rank: Rank | dict[str, Rank] = 0,
+        share_bias: bool = False,
+        provenance: dict[str, Any] | None = None,
     ) -> "FoldPlan":
+        """Tie each group of two or more layers (a one-layer group is just a unique layer) and drop ``drop``.
+        ``init``: the shared weights start as the ``average`` of a group's layers, or from one layer each,
+        ``lower`` or ``stepwise`` (see ``operations.tie.spec.init_sources``)."""
         groups = [sorted(int(i) for i in g) for g in groups]
         drop = sorted(int(i) for i in drop)
         if num_layers is None:
@@ -106,162 +95,166 @@ class FoldPlan:
             if not indices:
                 raise LayerfoldError("plan: from_groups needs num_layers when no groups or drops are given")
             num_layers = max(indices) + 1
-        return cls(num_layers=num_layers, groups=groups, drop=drop, **options)
+        if init not in INIT_CHOICES:
+            raise LayerfoldError(f"plan.init: must be one of {', '.join(INIT_CHOICES)}, got {init!r}")
+        tied = [g for g in groups if len(g) >= 2]
+        operations: list[Operation] = [
+            Tie(layers=g, share=share, sources=s, rank=rank, share_bias=share_bias)
+            for g, s in zip(tied, init_sources(tied, init))
+        ]
+        if drop:
+            operations.append(Drop(layers=drop))
+        return cls(num_layers=num_layers, operations=operations, provenance=dict(provenance or {}))
+
+    def set_tie_options(self, *, init: str | None = None, **options: Any) -> None:
+        """Set ``rank``, ``share`` or ``share_bias`` of every tie, and with ``init`` their sources."""
+        for op in self.ties():
+            for name, value in options.items():
+                setattr(op, name, value)
+        if init is not None:
+            if init not in INIT_CHOICES:
+                raise LayerfoldError(f"plan.init: must be one of {', '.join(INIT_CHOICES)}, got {init!r}")
+            for op, sources in zip(self.ties(), init_sources([op.layers for op in self.ties()], init)):
+                op.sources = sources
 
     # ---- derived views ------------------------------------------------------------------------------
+    def of_kind(self, kind: type[Operation]) -> list[Operation]:
+        return [op for op in self.operations if isinstance(op, kind)]
+
+    def ties(self) -> list[Tie]:
+        return self.of_kind(Tie)
+
+    def factors(self) -> list[Factor]:
+        return self.of_kind(Factor)
+
+    def merges(self) -> list[Merge]:
+        return self.of_kind(Merge)
+
+    def dropped(self) -> list[int]:
+        return sorted(i for op in self.of_kind(Drop) for i in op.layers)
+
     def kept_layers(self) -> list[int]:
-        dropped = set(self.drop)
+        dropped = set(self.dropped())
         return [i for i in range(self.num_layers) if i not in dropped]
 
-    def tie_groups(self) -> list[tuple[int, list[int]]]:
-        """(index into ``groups``, members) for the groups that really share (two or more members)."""
-        return [(g, sorted(members)) for g, members in enumerate(self.groups) if len(members) >= 2]
+    def keyed(self) -> list[tuple[str, Operation]]:
+        """Each operation with its key, ``<kind>_<n>``: the name its shared tensors have in the store."""
+        counts: dict[str, int] = {}
+        keyed = []
+        for op in self.operations:
+            n = counts.get(op.kind, 0)
+            counts[op.kind] = n + 1
+            keyed.append((f"{op.kind}_{n}", op))
+        return keyed
 
-    def init_sources(self) -> dict[int, list[int]]:
-        """For each tie group (by index into ``groups``), the original layers its shared weights start from."""
-        tied = sorted(self.tie_groups(), key=lambda item: item[1][0])
-        if self.init == "average":
-            return {g: members for g, members in tied}
-        pool = sorted(i for _, members in tied for i in members)
-        sources = {}
-        for order, (g, _) in enumerate(tied):
-            position = order if self.init == "lower" else (order * len(pool)) // len(tied)
-            sources[g] = [pool[position]]
-        return sources
+    def operation(self, key: str) -> Operation:
+        for name, op in self.keyed():
+            if name == key:
+                return op
+        raise LayerfoldError(f"plan: no operation {key}")
 
-    def rank_for(self, projection: str, kind: str) -> Rank:
-        """The relaxation rank of one projection (path relative to a block, e.g. ``self_attn.q_proj``)."""
-        if not isinstance(self.rank, dict):
-            return self.rank
-        leaf = projection.rsplit(".", 1)[-1]
-        for key in (projection, leaf, kind):
-            if key in self.rank:
-                return self.rank[key]
-        return 0
-
-    def factored(self) -> dict[tuple[int, str], int]:
-        """(layer, projection) -> index into ``factors``."""
-        return {(i, f["projection"]): n for n, f in enumerate(self.factors) for i in f["layers"]}
+    def whitens(self) -> bool:
+        """Whether folding needs calibration statistics (a whitened factorisation)."""
+        return any(op.whiten for op in self.factors())
 
     def unique_blocks(self) -> int:
         """How many distinct sets of shared projections the folded model has."""
-        grouped = {i for _, members in self.tie_groups() for i in members}
-        return len(self.tie_groups()) + sum(1 for i in self.kept_layers() if i not in grouped)
+        grouped = {i for op in self.ties() for i in op.layers}
+        return len(self.ties()) + sum(1 for i in self.kept_layers() if i not in grouped)
 
     def describe(self) -> str:
         parts = [f"{self.num_layers} layers -> {len(self.kept_layers())} kept, {self.unique_blocks()} unique blocks"]
-        if self.tie_groups():
-            parts.append(f"share={self.share}, init={self.init}, rank={self.rank}")
-        if self.merges:
-            parts.append(f"{len(self.merges)} LaCo merges")
-        if self.factors:
-            shared = sum(1 for f in self.factors if len(f["layers"]) > 1)
+        ties = self.ties()
+        if ties:
+            shares = {t.share for t in ties}
+            ranks = {json.dumps(t.rank, sort_keys=True) for t in ties}
+            if len(shares) == 1 and len(ranks) == 1:
+                parts.append(f"share={ties[0].share}, init={self._init_name()}, rank={ties[0].rank}")
+            else:
+                parts.append(f"{len(ties)} tie groups")
+        if self.merges():
+            parts.append(f"{len(self.merges())} LaCo merges")
+        factors = self.factors()
+        if factors:
+            shared = sum(1 for f in factors if len(f.layers) > 1)
+            whitened = {f.whiten for f in factors}
+            note = ", whitened" if whitened == {True} else ", some whitened" if len(whitened) > 1 else ""
             parts.append(
-                f"{len(self.factors)} low-rank factorisations ({shared} with a basis shared across layers"
-                f"{', whitened' if self.whiten else ''})"
+                f"{len(factors)} low-rank factorisations ({shared} with a basis shared across layers{note})"
             )
         if self.provenance.get("method"):
             parts.append(f"method={self.provenance['method']}")
         return "; ".join(parts)
 
+    def _init_name(self) -> str:
+        groups = [t.layers for t in self.ties()]
+        sources = [t.sources for t in self.ties()]
+        return next((init for init in INIT_CHOICES if init_sources(groups, init) == sources), "given sources")
+
     # ---- checks ------------------------------------------------------------------------------------
     def check(self) -> None:
-        """Reject plans that are impossible for any model; the message names the offending field."""
+        """Reject plans that are impossible for any model; the message names the offending operation."""
         if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
             raise LayerfoldError(f"plan.num_layers: must be a positive integer, got {self.num_layers!r}")
-        if self.share not in SHARE_CHOICES:
-            raise LayerfoldError(f"plan.share: must be one of {', '.join(SHARE_CHOICES)}, got {self.share!r}")
-        if self.init not in INIT_CHOICES:
-            raise LayerfoldError(f"plan.init: must be one of {', '.join(INIT_CHOICES)}, got {self.init!r}")
-        if not isinstance(self.share_bias, bool):
-            raise LayerfoldError(f"plan.share_bias: must be true or false, got {self.share_bias!r}")
-        seen_drop = set()
-        for i in self.drop:
-            self._check_index(i, "plan.drop")
-            if i in seen_drop:
-                raise LayerfoldError(f"plan.drop: layer {i} is listed twice")
-            seen_drop.add(i)
-        if len(seen_drop) == self.num_layers:
-            raise LayerfoldError(f"plan.drop: drops all {self.num_layers} layers; at least one must stay")
-        owner: dict[int, int] = {}
-        for g, members in enumerate(self.groups):
-            where = f"plan.groups[{g}]"
-            if not isinstance(members, (list, tuple)) or not members:
-                raise LayerfoldError(f"{where}: must be a non-empty list of layer indices, got {members!r}")
-            for i in members:
-                self._check_index(i, where)
-                if i in seen_drop:
-                    raise LayerfoldError(f"{where}: layer {i} is also in plan.drop")
-                if i in owner:
-                    if owner[i] == g:
-                        raise LayerfoldError(f"{where}: layer {i} is listed twice")
-                    raise LayerfoldError(f"{where}: layer {i} is already in plan.groups[{owner[i]}]")
-                owner[i] = g
-        ranks = self.rank.items() if isinstance(self.rank, dict) else [(None, self.rank)]
-        for key, value in ranks:
-            where = "plan.rank" if key is None else f"plan.rank[{key!r}]"
-            if value == "full":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise LayerfoldError(f"{where}: must be 0, a positive integer or 'full', got {value!r}")
-        if not isinstance(self.whiten, bool):
-            raise LayerfoldError(f"plan.whiten: must be true or false, got {self.whiten!r}")
         if not isinstance(self.provenance, dict):
             raise LayerfoldError(f"plan.provenance: must be a mapping, got {self.provenance!r}")
-        if not isinstance(self.merges, list):
-            raise LayerfoldError(f"plan.merges: must be a list, got {self.merges!r}")
-        for n, entry in enumerate(self.merges):
-            where = f"plan.merges[{n}]"
-            if not isinstance(entry, dict) or set(entry) != {"into", "layers"}:
-                raise LayerfoldError(f"{where}: must be a mapping with exactly into and layers")
-            self._check_index(entry["into"], f"{where}.into")
-            absorbed_later = any(entry["into"] in later.get("layers", []) for later in self.merges[n + 1 :])
-            if entry["into"] in seen_drop and not absorbed_later:
-                raise LayerfoldError(
-                    f"{where}.into: layer {entry['into']} is dropped and no later merge absorbs it; "
-                    "merge into a kept layer"
-                )
-            if not isinstance(entry["layers"], list) or not entry["layers"]:
-                raise LayerfoldError(f"{where}.layers: must be a non-empty list of layer indices")
-            for i in entry["layers"]:
-                self._check_index(i, f"{where}.layers")
-                if i not in seen_drop:
-                    raise LayerfoldError(f"{where}.layers: layer {i} is merged away, so it must be in plan.drop")
-        if not isinstance(self.factors, list):
-            raise LayerfoldError(f"plan.factors: must be a list, got {self.factors!r}")
-        tied = {i for _, members in self.tie_groups() for i in members}
-        taken: dict[tuple[int, str], int] = {}
-        for n, entry in enumerate(self.factors):
-            where = f"plan.factors[{n}]"
-            if not isinstance(entry, dict) or set(entry) != {"layers", "projection", "rank"}:
-                raise LayerfoldError(f"{where}: must be a mapping with exactly layers, projection and rank")
-            layers, projection, rank = entry["layers"], entry["projection"], entry["rank"]
-            if not isinstance(layers, list) or not layers:
-                raise LayerfoldError(f"{where}.layers: must be a non-empty list of layer indices, got {layers!r}")
-            if not isinstance(projection, str) or not projection:
-                raise LayerfoldError(f"{where}.projection: must be a projection path such as self_attn.q_proj")
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-                raise LayerfoldError(f"{where}.rank: must be a positive integer, got {rank!r}")
-            for i in layers:
-                self._check_index(i, f"{where}.layers")
-                if i in seen_drop:
-                    raise LayerfoldError(f"{where}.layers: layer {i} is also in plan.drop")
+        if not isinstance(self.operations, list):
+            raise LayerfoldError(f"plan.operations: must be a list, got {self.operations!r}")
+        for n, op in enumerate(self.operations):
+            if not isinstance(op, Operation):
+                raise LayerfoldError(f"plan.operations[{n}]: not an operation: {op!r}")
+            op.check(self.num_layers, _where(n, op))
+        dropped: dict[int, int] = {}
+        for n, op in enumerate(self.operations):
+            for i in op.layers if isinstance(op, Drop) else ():
+                if i in dropped:
+                    raise LayerfoldError(f"{_where(n, op)}.layers: layer {i} is already dropped by {_where(dropped[i])}")
+                dropped[i] = n
+        if len(dropped) == self.num_layers:
+            raise LayerfoldError(f"plan: drops all {self.num_layers} layers; at least one must stay")
+        tied: dict[int, int] = {}
+        for n, op in enumerate(self.operations):
+            for i in op.layers if isinstance(op, Tie) else ():
+                if i in dropped:
+                    raise LayerfoldError(f"{_where(n, op)}.layers: layer {i} is also dropped by {_where(dropped[i])}")
                 if i in tied:
-                    raise LayerfoldError(f"{where}.layers: layer {i} is tied in plan.groups; factorise untied layers")
-                if (i, projection) in taken:
+                    raise LayerfoldError(f"{_where(n, op)}.layers: layer {i} is already tied by {_where(tied[i])}")
+                tied[i] = n
+        factored: dict[tuple[int, str], int] = {}
+        reads_weights = None  # the first operation that reads weights a merge may still change
+        for n, op in enumerate(self.operations):
+            where = _where(n, op)
+            if isinstance(op, (Tie, Factor)) and reads_weights is None:
+                reads_weights = n
+            if isinstance(op, Merge):
+                if reads_weights is not None:
+                    raise LayerfoldError(f"{where}: merges must come before {_where(reads_weights)}")
+                later = self.operations[n + 1 :]
+                absorbed_later = any(isinstance(m, Merge) and op.into in m.layers for m in later)
+                if op.into in dropped and not absorbed_later:
                     raise LayerfoldError(
-                        f"{where}: layer {i} {projection} is already factorised in plan.factors[{taken[i, projection]}]"
+                        f"{where}.into: layer {op.into} is dropped and no later merge absorbs it; merge into a kept layer"
                     )
-                taken[i, projection] = n
-
-    def _check_index(self, i: Any, where: str) -> None:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise LayerfoldError(f"{where}: layer indices must be integers, got {i!r}")
-        if not 0 <= i < self.num_layers:
-            raise LayerfoldError(f"{where}: layer {i} is out of range for a {self.num_layers}-layer model")
+                for i in op.layers:
+                    if i not in dropped:
+                        raise LayerfoldError(f"{where}.layers: layer {i} is merged away, so a drop must remove it")
+            elif isinstance(op, Factor):
+                for i in op.layers:
+                    if i in dropped:
+                        raise LayerfoldError(f"{where}.layers: layer {i} is also dropped by {_where(dropped[i])}")
+                    if i in tied:
+                        raise LayerfoldError(
+                            f"{where}.layers: layer {i} is tied by {_where(tied[i])}; factorise untied layers"
+                        )
+                    if (i, op.projection) in factored:
+                        raise LayerfoldError(
+                            f"{where}: layer {i} {op.projection} is already factorised by "
+                            f"{_where(factored[i, op.projection])}"
+                        )
+                    factored[i, op.projection] = n
 
     def validate(self, model) -> None:
-        """Check the plan against a model: layer count, rank keys and ranks within each matrix's size."""
+        """Check the plan against a model: layer count, projections and ranks within each matrix's size."""
         self.check()
         family = family_of(model)
         layers = family.layer_list(model)
@@ -269,60 +262,43 @@ class FoldPlan:
             raise LayerfoldError(
                 f"plan.num_layers: the plan is for {self.num_layers} layers but the model has {len(layers)}"
             )
-        shared = family.shared_projections(self.share)
-        if isinstance(self.rank, dict):
-            allowed = {ATTENTION, MLP} | set(family.projections) | {p.rsplit(".", 1)[-1] for p in family.projections}
-            for key in self.rank:
-                if key not in allowed:
-                    raise LayerfoldError(
-                        f"plan.rank[{key!r}]: unknown projection for {family.model_type} "
-                        f"(use one of: {', '.join(sorted(allowed))})"
-                    )
-        for n, entry in enumerate(self.factors):
-            if entry["projection"] not in family.projections:
-                raise LayerfoldError(
-                    f"plan.factors[{n}].projection: {entry['projection']!r} is not a projection of "
-                    f"{family.model_type} (one of: {', '.join(family.projections)})"
-                )
-            out_features, in_features = linear_weight(
-                layers[entry["layers"][0]].get_submodule(entry["projection"])
-            ).shape
-            limit = min(out_features * len(entry["layers"]), in_features)
-            if entry["rank"] > limit:
-                raise LayerfoldError(
-                    f"plan.factors[{n}].rank: {entry['rank']} is larger than {entry['projection']} of "
-                    f"{len(entry['layers'])} layer(s) allows (at most {limit})"
-                )
-        if not self.tie_groups():
-            return
-        block = layers[self.tie_groups()[0][1][0]]
-        for projection in shared:
-            rank = self.rank_for(projection, family.kind_of(projection))
-            out_features, in_features = linear_weight(block.get_submodule(projection)).shape
-            if rank != "full" and rank > min(out_features, in_features):
-                raise LayerfoldError(
-                    f"plan.rank: rank {rank} is larger than {projection} allows "
-                    f"({out_features}x{in_features}, at most {min(out_features, in_features)})"
-                )
+        for n, op in enumerate(self.operations):
+            op.validate(family, layers, _where(n, op))
 
     # ---- serialisation ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "num_layers": self.num_layers,
+            "operations": [op.to_dict() for op in self.operations],
+            "provenance": self.provenance,
+        }
 
     @classmethod
     def from_dict(cls, data: Any) -> "FoldPlan":
         if not isinstance(data, dict):
             raise LayerfoldError(f"plan: expected a mapping of fields, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        if "operations" not in data and set(data) & set(_LEGACY_FIELDS):
+            data = convert_legacy(data)
+        known = ("num_layers", "operations", "provenance")
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise LayerfoldError(f"plan.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+            raise LayerfoldError(f"plan.{unknown[0]}: unknown field (known: {', '.join(known)})")
         if "num_layers" not in data:
             raise LayerfoldError("plan.num_layers: missing")
-        for name in ("groups", "drop", "merges", "factors"):
-            if not isinstance(data.get(name, []), list):
-                raise LayerfoldError(f"plan.{name}: must be a list")
-        plan = cls(**data)
+        entries = data.get("operations", [])
+        if not isinstance(entries, list):
+            raise LayerfoldError("plan.operations: must be a list")
+        operations = []
+        for n, entry in enumerate(entries):
+            if not isinstance(entry, dict) or "op" not in entry:
+                raise LayerfoldError(f"plan.operations[{n}]: must be a mapping with an op field, got {entry!r}")
+            kind = OPERATIONS.get(entry["op"]) if isinstance(entry["op"], str) else None
+            if kind is None:
+                raise LayerfoldError(
+                    f"plan.operations[{n}].op: unknown operation {entry['op']!r} (known: {', '.join(OPERATIONS)})"
+                )
+            operations.append(kind.from_dict(entry, f"plan.operations[{n}]"))
+        plan = cls(num_layers=data["num_layers"], operations=operations, provenance=data.get("provenance", {}))
         plan.check()
         return plan
 
@@ -362,11 +338,58 @@ class FoldPlan:
         return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
 
 
+def _where(n: int, op: Operation | None = None) -> str:
+    return f"plan.operations[{n}]" + (f" ({op.kind})" if op is not None else "")
+
+
 def _check_unique(num_layers: int, unique: int, minimum: int) -> None:
     if not minimum <= unique <= num_layers:
         raise LayerfoldError(f"unique: must be between {minimum} and the number of layers ({num_layers}), got {unique}")
 
 
-def _tied(groups: list[list[int]]) -> list[list[int]]:
-    """Keep only groups that share; a one-layer group is just a unique layer."""
-    return [g for g in groups if len(g) >= 2]
+# ---- layerfold 0.1's plan schema ---------------------------------------------------------------------------
+def legacy_tie_groups(data: dict) -> list[list[int]]:
+    """The groups of a 0.1 plan that tie (two or more layers), in its order: the n-th is ``tie_n``."""
+    return [sorted(g) for g in data.get("groups", []) if isinstance(g, list) and len(g) >= 2]
+
+
+def convert_legacy(data: dict) -> dict:
+    """A plan mapping in layerfold 0.1's schema as an ordered list of operations: merges (in order), ties,
+    factorisations, then one drop."""
+    unknown = sorted(set(data) - set(_LEGACY_FIELDS) - {"num_layers", "provenance"})
+    if unknown:
+        raise LayerfoldError(f"plan.{unknown[0]}: unknown field (known: num_layers, operations, provenance)")
+    for name in ("groups", "drop", "merges", "factors"):
+        if not isinstance(data.get(name, []), list):
+            raise LayerfoldError(f"plan.{name}: must be a list")
+    init = data.get("init", "average")
+    if init not in INIT_CHOICES:
+        raise LayerfoldError(f"plan.init: must be one of {', '.join(INIT_CHOICES)}, got {init!r}")
+    for g, members in enumerate(data.get("groups", [])):
+        if not isinstance(members, list) or not members or not all(isinstance(i, int) for i in members):
+            raise LayerfoldError(f"plan.groups[{g}]: must be a non-empty list of layer indices, got {members!r}")
+    operations: list[dict] = []
+    for n, entry in enumerate(data.get("merges", [])):
+        if not isinstance(entry, dict) or set(entry) != {"into", "layers"}:
+            raise LayerfoldError(f"plan.merges[{n}]: must be a mapping with exactly into and layers")
+        operations.append({"op": "merge", **entry})
+    tied = legacy_tie_groups(data)
+    for members, sources in zip(tied, init_sources(tied, init)):
+        operations.append(
+            {
+                "op": "tie",
+                "layers": members,
+                "share": data.get("share", "all"),
+                "sources": sources,
+                "rank": data.get("rank", 0),
+                "share_bias": data.get("share_bias", False),
+            }
+        )
+    for n, entry in enumerate(data.get("factors", [])):
+        if not isinstance(entry, dict) or set(entry) != {"layers", "projection", "rank"}:
+            raise LayerfoldError(f"plan.factors[{n}]: must be a mapping with exactly layers, projection and rank")
+        operations.append({"op": "factor", **entry, "whiten": data.get("whiten", True)})
+    if data.get("drop"):
+        operations.append({"op": "drop", "layers": list(data["drop"])})
+    converted = {"num_layers": data.get("num_layers"), "operations": operations, "provenance": data.get("provenance", {})}
+    return {k: v for k, v in converted.items() if v is not None}

@@ -361,16 +361,17 @@ def search(
                 if duplicate is not None:
                     break
                 if kind == "lora":
-                    tied = sum(len(g) for g in plan.groups if len(g) >= 2)
+                    tied = sum(len(op.layers) for op in plan.ties())
                     base = parameter_breakdown(fold(copy.deepcopy(model), plan, progress=False))[counted_key]
                     rank = (allowed - base) // max(_relaxation_cost(model, tied), 1)
                     if rank < 1:
                         raise LayerfoldError("no room for a relaxation of rank 1")
-                    plan.rank = int(rank)
-                if plan.factors and plan.whiten and statistics is None:
+                    for op in plan.ties():
+                        op.rank = int(rank)
+                if plan.whitens() and statistics is None:
                     statistics = calibration.statistics(progress=False)
                 trial = fold(
-                    copy.deepcopy(model), plan, calibration=statistics if plan.factors else None, progress=False
+                    copy.deepcopy(model), plan, calibration=statistics if plan.factors() else None, progress=False
                 )
                 if parameter_breakdown(trial)[counted_key] <= allowed:
                     folded = trial
@@ -409,7 +410,7 @@ def search(
     seconds = round(time.perf_counter() - start, 2)
     refit_tokens, refit_seconds = None, None
     best_plan = scored[0].plan
-    if keep_model and refit is not None and best_plan.factors and best_plan.whiten:
+    if keep_model and refit is not None and best_plan.whitens():
         started = time.perf_counter()
         refitted = fold(
             copy.deepcopy(model), best_plan, calibration=refit.statistics(progress=progress), progress=False

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .families import family_of
-from .modules import fold_state
+from .store import fold_state
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 

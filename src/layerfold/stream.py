@@ -17,7 +17,6 @@ last layer.
 from __future__ import annotations
 
 import copy
-import json
 import re
 import resource
 import time
@@ -37,13 +36,16 @@ from .checkpoint import DEFAULT_MAX_SHARD_BYTES, TORCH_DTYPES, ShardWriter, Sour
 from .errors import LayerfoldError
 from .families import family_of, is_transposed
 from .folding import apply_structure
-from .io import ALIASES_KEY, source_config, write_folded_config
+from .io import source_config, weights_metadata, write_folded_config
 from .outputs import atomic_output_dir, check_output
-from .methods.basis import decompose, summed_gram
-from .methods.drop import merged_value
-from .methods.tie import average, relaxation
-from .modules import BasisLinear, SharedBasis, SharedProjection, TiedLinear, fold_state
+from .operations import Factor, Tie
+from .operations.factor.decompose import decompose, summed_gram
+from .operations.factor.modules import BasisLinear, SharedBasis
+from .operations.merge.build import merged_value
+from .operations.tie.build import average, relaxation
+from .operations.tie.modules import SharedProjection, TiedLinear
 from .plan import FoldPlan
+from .store import fold_state
 from .report import parameter_breakdown, weight_bytes
 
 # An input of a recipe: (original layer index, name inside the block) or (None, full tensor name).
@@ -164,13 +166,14 @@ def _recipes(original: nn.Module, folded: nn.Module, plan: FoldPlan) -> tuple[li
     for block in folded_layers:
         for path, module in block.named_modules():
             block_of.setdefault(id(module), (layer_of[id(block)], path))
-    state_entry: dict[int, tuple[int, str]] = {}
-    for g, entry in enumerate(state):
+    state_entry: dict[int, tuple[str, str]] = {}
+    for key, entry in state.items():
         for path, module in entry.named_modules():
-            state_entry[id(module)] = (g, path)
-    tied_group = {i: g for g, members in plan.tie_groups() for i in members}
-    sources = plan.init_sources()
-    factor_of = plan.factored()
+            state_entry[id(module)] = (key, path)
+    keyed = plan.keyed()
+    tie_of = {i: (key, op) for key, op in keyed if isinstance(op, Tie) for i in op.layers}
+    factor_of = {(i, op.projection): (key, op) for key, op in keyed if isinstance(op, Factor) for i in op.layers}
+    operation = dict(keyed)
     original_names = _module_names(original)
     layer_prefix = {i: original_names[id(block)] + "." for i, block in enumerate(original_layers)}
 
@@ -187,29 +190,27 @@ def _recipes(original: nn.Module, folded: nn.Module, plan: FoldPlan) -> tuple[li
             # A persistent buffer the model computes itself (built with real buffers): stored as computed.
             recipes.append(Recipe(name, "value", [], {"value": tensor.detach().clone()}))
         elif id(module) in state_entry:
-            g, path = state_entry[id(module)]
+            key, path = state_entry[id(module)]
+            op = operation[key]
             if isinstance(module, SharedProjection):
-                inputs = [(i, f"{path}.{attr}") for i in sources[g]]
-                recipes.append(Recipe(name, "shared", inputs, {"group": g, "path": path, "attr": attr}))
+                inputs = [(i, f"{path}.{attr}") for i in op.sources]
+                recipes.append(Recipe(name, "shared", inputs, {"key": key, "path": path, "attr": attr}))
             elif isinstance(module, SharedBasis):
-                f = g - len(plan.groups)
-                entry = plan.factors[f]
-                inputs = [(i, f"{entry['projection']}.weight") for i in sorted(entry["layers"])]
-                recipes.append(Recipe(name, "basis", inputs, {"factor": f}))
+                inputs = [(i, f"{op.projection}.weight") for i in op.layers]
+                recipes.append(Recipe(name, "basis", inputs, {"key": key}))
             else:
                 raise LayerfoldError(f"streamed fold: no recipe for {name}")
         elif id(module) in block_of:
             i, path = block_of[id(module)]
             if isinstance(module, TiedLinear) and attr in ("lora_A", "lora_B"):
-                g = tied_group[i]
-                inputs = [(j, f"{path}.weight") for j in sources[g]] + [(i, f"{path}.weight")]
-                detail = {"group": g, "path": path, "layer": i, "rank": module.rank, "transposed": module.transposed}
+                key, op = tie_of[i]
+                inputs = [(j, f"{path}.weight") for j in op.sources] + [(i, f"{path}.weight")]
+                detail = {"key": key, "path": path, "layer": i, "rank": module.rank, "transposed": module.transposed}
                 recipes.append(Recipe(name, attr, inputs, detail))
             elif isinstance(module, BasisLinear) and attr == "coefficients":
-                f = factor_of[i, path]
-                entry = plan.factors[f]
-                inputs = [(j, f"{path}.weight") for j in sorted(entry["layers"])]
-                recipes.append(Recipe(name, "coefficients", inputs, {"factor": f, "layer": i}))
+                key, op = factor_of[i, path]
+                inputs = [(j, f"{path}.weight") for j in op.layers]
+                recipes.append(Recipe(name, "coefficients", inputs, {"key": key, "layer": i}))
             else:
                 recipes.append(Recipe(name, "copy", [(i, f"{path}.{attr}" if path else attr)]))
         else:
@@ -224,9 +225,9 @@ def _units(recipes: list[Recipe], plan: FoldPlan) -> list[list[Recipe]]:
     keyed: dict[tuple, list[Recipe]] = defaultdict(list)
     for recipe in recipes:
         if recipe.kind in ("shared", "lora_A", "lora_B"):
-            key = ("tie", recipe.detail["group"], recipe.detail["path"])
+            key = ("tie", recipe.detail["key"], recipe.detail["path"])
         elif recipe.kind in ("basis", "coefficients"):
-            key = ("factor", recipe.detail["factor"])
+            key = ("factor", recipe.detail["key"])
         else:
             key = ("copy", recipe.name)
         keyed[key].append(recipe)
@@ -244,7 +245,7 @@ class _Originals:
     LaCo merges applied (as ``merge_layers`` does before tying)."""
 
     def __init__(self, checkpoint: SourceCheckpoint, resolve: _Resolver, layer_prefix: dict, plan: FoldPlan):
-        self.checkpoint, self.resolve, self.layer_prefix, self.merges = checkpoint, resolve, layer_prefix, plan.merges
+        self.checkpoint, self.resolve, self.layer_prefix, self.merges = checkpoint, resolve, layer_prefix, plan.merges()
 
     def name_of(self, key: Input) -> str:
         """The checkpoint's name of an input."""
@@ -258,7 +259,7 @@ class _Originals:
         needed = {key}
         while layer is not None:
             layers = {k[0] for k in needed}
-            more = {(i, name) for entry in self.merges if entry["into"] in layers for i in entry["layers"]}
+            more = {(i, name) for op in self.merges if op.into in layers for i in op.layers}
             if more <= needed:
                 break
             needed |= more
@@ -271,9 +272,9 @@ class _Originals:
             wanted |= self._needed(key) if merged else {key}
         raw = self.checkpoint.read(self.name_of(k) for k in wanted)
         values = {k: raw[self.name_of(k)] for k in wanted}
-        for entry in self.merges if merged else ():  # in order, like merge_layers
-            for layer, name in [k for k in values if k[0] == entry["into"]]:
-                values[layer, name] = merged_value(values[layer, name], [values[i, name] for i in entry["layers"]])
+        for op in self.merges if merged else ():  # in order, like merge_layers
+            for layer, name in [k for k in values if k[0] == op.into]:
+                values[layer, name] = merged_value(values[layer, name], [values[i, name] for i in op.layers])
         return {k: values[k] for k in keys}
 
 
@@ -322,14 +323,14 @@ def stream_fold(
             originals.name_of(key)
     units = _units(recipes, plan)
 
-    whitened = bool(plan.factors and plan.whiten)
+    whitened = plan.whitens()
     if whitened and calibration is None:
         raise LayerfoldError("the plan whitens its factorisations: it needs calibration text (--calib PATH)")
     gram_needs: dict[int, set[str]] = defaultdict(set)
     if whitened:
-        for entry in plan.factors:
-            for i in entry["layers"]:
-                gram_needs[i].add(entry["projection"])
+        for op in plan.factors():
+            for i in op.layers if op.whiten else ():
+                gram_needs[i].add(op.projection)
     grams: dict[tuple[int, str], torch.Tensor] = {}
     walk = None
     if whitened:
@@ -340,7 +341,7 @@ def stream_fold(
             tmp,
             [(r.name, r.shape, r.dtype) for unit in units for r in unit],
             max_shard_bytes=max_shard_bytes,
-            metadata={ALIASES_KEY: json.dumps(aliases)},
+            metadata=weights_metadata(aliases),
         )
         try:
             walked = -1
@@ -436,17 +437,15 @@ def _compute(unit, originals: _Originals, plan: FoldPlan, grams: dict, family, o
                     )
                 yield recipe.name, done[i][0 if recipe.kind == "lora_A" else 1]
         return
-    f = unit[0].detail["factor"]
-    entry = plan.factors[f]
-    members = sorted(entry["layers"])
-    projection = entry["projection"]
+    op = plan.operation(unit[0].detail["key"])
+    members, projection = op.layers, op.projection
     module = family.layer_list(original)[members[0]].get_submodule(projection)
     transposed = is_transposed(module)
     weights = [values[i, f"{projection}.weight"] for i in members]
     weights = [w.t() if transposed else w for w in weights]
-    gram = summed_gram([grams.pop((i, projection)) for i in members]) if plan.whiten else None
+    gram = summed_gram([grams.pop((i, projection)) for i in members]) if op.whiten else None
     decomposition = decompose(weights, gram, layers=tuple(members), projection=projection)
-    basis, coefficients = decomposition.factors(entry["rank"], values[members[0], f"{projection}.weight"].dtype)
+    basis, coefficients = decomposition.factors(op.rank, values[members[0], f"{projection}.weight"].dtype)
     for recipe in unit:
         if recipe.kind == "basis":
             yield recipe.name, basis

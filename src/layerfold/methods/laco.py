@@ -22,8 +22,9 @@ from ..calibrate import restricted_stack
 from ..errors import LayerfoldError
 from ..evaluate import is_causal_lm
 from ..families import family_of
+from ..operations import Drop, Merge
+from ..operations.merge.build import merge_blocks
 from ..plan import FoldPlan
-from .drop import merge_blocks
 from .shortgpt import block_parameters
 
 
@@ -108,8 +109,8 @@ def laco_plan(
         )
     return FoldPlan(
         num_layers=num_layers,
-        drop=sorted(set(range(num_layers)) - set(alive)),
-        merges=[{"into": m["into"], "layers": m["layers"]} for m in merges],
+        operations=[Merge(into=m["into"], layers=m["layers"]) for m in merges]
+        + ([Drop(layers=sorted(set(range(num_layers)) - set(alive)))] if len(alive) < num_layers else []),
         provenance={
             "method": "laco",
             "keep": budget.keep,

@@ -59,7 +59,7 @@ def build(
     plan = method.plan(model, budget, calibration, **options)
     if plan is None:
         return model
-    statistics = calibration.statistics() if plan.factors and plan.whiten else None
+    statistics = calibration.statistics() if plan.whitens() else None
     return fold(model, plan, calibration=statistics, progress=False)
 
 

@@ -13,6 +13,7 @@ from ..budget import Budget
 from ..calibrate import Statistics
 from ..errors import LayerfoldError
 from ..families import family_of
+from ..operations import Drop
 from ..plan import FoldPlan
 
 SCORES = ("influence", "angular")
@@ -52,7 +53,7 @@ def shortgpt_plan(model: nn.Module, statistics: Statistics, budget: Budget, *, s
     drop = blocks_to_remove(model, removal_order(scores), budget, "shortgpt")
     return FoldPlan(
         num_layers=num_layers,
-        drop=drop,
+        operations=[Drop(layers=drop)] if drop else [],
         provenance={
             "method": "shortgpt",
             "keep": budget.keep,

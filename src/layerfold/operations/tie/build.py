@@ -1,5 +1,5 @@
-"""Layer tying: the layers of a group share one weight per projection (held once, in the FoldState);
-each keeps its own bias, norms and relaxation."""
+"""Building ``tie`` operations in a model: the layers of a group share one weight per projection (held once,
+in the store under the operation's key); each keeps its own bias, norms and relaxation."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..families import Family, is_transposed, linear_weight
-from ..modules import FoldState, SharedProjection, TiedLinear, ensure_path
-from ..plan import FoldPlan
+from ...families import Family, is_transposed, linear_weight
+from ...store import FoldState, ensure_path
+from .modules import SharedProjection, TiedLinear
 from .relax import lora_from_delta, resolve_rank
+from .spec import Tie
 
 
 def average(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -31,26 +32,22 @@ def relaxation(
 
 
 def tie_layers(
-    model: nn.Module, family: Family, plan: FoldPlan, state: FoldState, *, initialize: bool, progress: bool
+    model: nn.Module, family: Family, ties: list[tuple[str, Tie]], state: FoldState, *, initialize: bool, progress: bool
 ) -> None:
-    """Replace the shared projections of every tie group by TiedLinear modules.
+    """Replace the shared projections of every ``tie`` operation (with its store key) by TiedLinear modules.
 
     With ``initialize=False`` only the structure is built (empty tensors, e.g. on the meta device) for a
     checkpoint's weights to be loaded into.
     """
     layers = family.layer_list(model)
-    projections = family.shared_projections(plan.share)
-    sources = plan.init_sources()
-    for _ in plan.groups:
-        state.append(nn.Module())
-
-    # All shared weights first: "lower"/"stepwise" may read a layer that another group ties later.
-    shared: dict[tuple[int, str], SharedProjection] = {}
-    for g, members in plan.tie_groups():
-        for path in projections:
-            template = layers[members[0]].get_submodule(path)
-            originals = [layers[i].get_submodule(path) for i in sources[g]]
-            share_bias = plan.share_bias and template.bias is not None
+    # All shared weights first: a group's sources may be layers that another group ties later.
+    shared: dict[tuple[str, str], SharedProjection] = {}
+    for key, op in ties:
+        entry = nn.Module()
+        for path in family.shared_projections(op.share):
+            template = layers[op.layers[0]].get_submodule(path)
+            originals = [layers[i].get_submodule(path) for i in op.sources]
+            share_bias = op.share_bias and template.bias is not None
             if initialize:
                 weight = average([m.weight for m in originals])
                 bias = average([m.bias for m in originals]) if share_bias else None
@@ -58,22 +55,20 @@ def tie_layers(
                 weight = torch.empty_like(template.weight)
                 bias = torch.empty_like(template.bias) if share_bias else None
             module = SharedProjection(weight, bias)
-            ensure_path(state[g], path).add_module(path.rsplit(".", 1)[-1], module)
-            shared[g, path] = module
+            ensure_path(entry, path).add_module(path.rsplit(".", 1)[-1], module)
+            shared[key, path] = module
+        state[key] = entry
 
     bar = tqdm(
-        total=sum(len(m) for _, m in plan.tie_groups()),
-        desc="tying layers",
-        unit="layer",
-        disable=not progress or not plan.tie_groups(),
+        total=sum(len(op.layers) for _, op in ties), desc="tying layers", unit="layer", disable=not progress or not ties
     )
-    for g, members in plan.tie_groups():
-        for i in members:
+    for key, op in ties:
+        for i in op.layers:
             block = layers[i]
-            for path in projections:
+            for path in family.shared_projections(op.share):
                 original = block.get_submodule(path)
-                target = shared[g, path]
-                rank = resolve_rank(plan.rank_for(path, family.kind_of(path)), tuple(linear_weight(original).shape))
+                target = shared[key, path]
+                rank = resolve_rank(op.rank_for(path, family.kind_of(path)), tuple(linear_weight(original).shape))
                 tied = TiedLinear(
                     target,
                     transposed=is_transposed(original),

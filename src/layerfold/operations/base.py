@@ -1,0 +1,86 @@
+"""What every operation of a fold plan is: a small dataclass that checks itself and round-trips as a mapping.
+
+An operation names original layer indices (0 .. num_layers-1) only. ``check`` rejects what no model could
+take; ``validate`` checks it against a model's family and layers (projections, ranks within shapes). Checks
+that involve several operations (a layer tied twice, a tied layer dropped) are the plan's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, ClassVar, Union
+
+from ..errors import LayerfoldError
+
+Rank = Union[int, str]  # an int >= 0 or "full"
+
+
+def check_layer(i: Any, num_layers: int, where: str) -> None:
+    if isinstance(i, bool) or not isinstance(i, int):
+        raise LayerfoldError(f"{where}: layer indices must be integers, got {i!r}")
+    if not 0 <= i < num_layers:
+        raise LayerfoldError(f"{where}: layer {i} is out of range for a {num_layers}-layer model")
+
+
+def check_layer_list(values: Any, num_layers: int, where: str, *, minimum: int = 1) -> None:
+    """A list of at least ``minimum`` distinct layer indices."""
+    if not isinstance(values, list) or len(values) < minimum:
+        need = "a non-empty list" if minimum == 1 else f"a list of at least {minimum}"
+        raise LayerfoldError(f"{where}: must be {need} of layer indices, got {values!r}")
+    seen = set()
+    for i in values:
+        check_layer(i, num_layers, where)
+        if i in seen:
+            raise LayerfoldError(f"{where}: layer {i} is listed twice")
+        seen.add(i)
+
+
+def check_rank(value: Any, where: str, *, minimum: int = 0, full: bool = True) -> None:
+    if full and value == "full":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = "0, a positive integer or 'full'" if full else "a positive integer"
+        raise LayerfoldError(f"{where}: must be {allowed}, got {value!r}")
+
+
+def check_bool(value: Any, where: str) -> None:
+    if not isinstance(value, bool):
+        raise LayerfoldError(f"{where}: must be true or false, got {value!r}")
+
+
+@dataclass
+class Operation:
+    """One step of a plan. Subclasses set ``kind`` (its name in plan files) and ``stores`` (whether it holds
+    tensors shared across layers in the fold's store, under its key ``<kind>_<n>``)."""
+
+    kind: ClassVar[str] = ""
+    stores: ClassVar[bool] = False
+
+    def check(self, num_layers: int, where: str) -> None:
+        raise NotImplementedError
+
+    def validate(self, family, layers, where: str) -> None:
+        """Checks that need the model: ``family`` and its block list ``layers``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"op": self.kind}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            data[f.name] = list(value) if isinstance(value, tuple) else value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> "Operation":
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known) - {"op"})
+        if unknown:
+            raise LayerfoldError(f"{where}.{unknown[0]}: unknown field of a {cls.kind} operation (known: {', '.join(known)})")
+        try:
+            return cls(**{k: v for k, v in data.items() if k != "op"})
+        except TypeError:
+            required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+            missing = [name for name in required if name not in data]
+            raise LayerfoldError(f"{where}: a {cls.kind} operation needs {', '.join(missing) or 'its fields'}") from None
+
+    def describe(self) -> str:
+        return self.kind

@@ -1,0 +1,1 @@
+"""Drop blocks: take layers out of the stack."""

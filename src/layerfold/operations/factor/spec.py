@@ -1,0 +1,50 @@
+"""The ``factor`` operation: Basis Sharing (a group of layers) or per-layer (whitened) SVD truncation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import LayerfoldError
+from ...families import linear_weight
+from ..base import Operation, check_bool, check_layer_list, check_rank
+
+
+@dataclass
+class Factor(Operation):
+    """``projection`` of each of ``layers`` becomes ``coefficients_i @ basis`` with one rank-``rank`` basis
+    (held once in the store) shared by the listed layers, or for a single layer its own truncated SVD. With
+    ``whiten`` the SVD is of the weights whitened by the Cholesky factor of their inputs' Gram matrix (needs
+    calibration data). The rank is stored so that a checkpoint rebuilds without calibration data."""
+
+    kind = "factor"
+    stores = True
+
+    layers: list[int]
+    projection: str
+    rank: int
+    whiten: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, (list, tuple)) and all(isinstance(i, int) for i in self.layers):
+            self.layers = sorted(self.layers)
+
+    def check(self, num_layers: int, where: str) -> None:
+        check_layer_list(self.layers, num_layers, f"{where}.layers")
+        if not isinstance(self.projection, str) or not self.projection:
+            raise LayerfoldError(f"{where}.projection: must be a projection path such as self_attn.q_proj")
+        check_rank(self.rank, f"{where}.rank", minimum=1, full=False)
+        check_bool(self.whiten, f"{where}.whiten")
+
+    def validate(self, family, layers, where: str) -> None:
+        if self.projection not in family.projections:
+            raise LayerfoldError(
+                f"{where}.projection: {self.projection!r} is not a projection of "
+                f"{family.model_type} (one of: {', '.join(family.projections)})"
+            )
+        out_features, in_features = linear_weight(layers[self.layers[0]].get_submodule(self.projection)).shape
+        limit = min(out_features * len(self.layers), in_features)
+        if self.rank > limit:
+            raise LayerfoldError(
+                f"{where}.rank: {self.rank} is larger than {self.projection} of "
+                f"{len(self.layers)} layer(s) allows (at most {limit})"
+            )

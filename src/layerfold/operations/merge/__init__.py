@@ -1,0 +1,1 @@
+"""LaCo merge: collapse layers into one before they are dropped."""

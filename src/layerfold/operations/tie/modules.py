@@ -1,0 +1,90 @@
+"""The modules of a tie group: the shared weight, held once in the store, and each layer's TiedLinear.
+
+Each layer position keeps a ``TiedLinear`` that points at its group's shared projection without registering
+it (so every shared tensor appears once in ``parameters()`` and ``state_dict()``) and owns its bias and its
+LoRA relaxation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SharedProjection(nn.Module):
+    """One projection's weight (and optionally bias) shared by every layer of a tie group.
+
+    The weight keeps the original module's layout: (out, in) for nn.Linear, (in, out) for GPT-2's Conv1D.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+
+
+class TiedLinear(nn.Module):
+    """A projection computed from its group's shared weight plus this layer's own LoRA relaxation:
+    ``y = x W_sharedᵀ + (x Aᵀ) Bᵀ + b``."""
+
+    def __init__(
+        self,
+        shared: SharedProjection,
+        *,
+        transposed: bool,
+        bias: nn.Parameter | None,
+        rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        # A tuple hides the shared module from nn.Module registration: it is owned by the FoldState.
+        self._shared = (shared,)
+        self.transposed = transposed
+        self.bias = bias
+        self.rank = rank
+        out_features, in_features = self.out_features, self.in_features
+        if rank > 0:
+            self.lora_A = nn.Parameter(torch.zeros(rank, in_features, dtype=dtype, device=device))
+            self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        else:
+            self.register_parameter("lora_A", None)
+            self.register_parameter("lora_B", None)
+
+    @property
+    def shared(self) -> SharedProjection:
+        return self._shared[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The shared weight in the original module's layout (for code that reads ``.weight.dtype``)."""
+        return self.shared.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.shared.weight.shape[0 if self.transposed else 1]
+
+    @property
+    def out_features(self) -> int:
+        return self.shared.weight.shape[1 if self.transposed else 0]
+
+    def _bias(self) -> torch.Tensor | None:
+        return self.bias if self.bias is not None else self.shared.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.shared.weight.t() if self.transposed else self.shared.weight
+        y = F.linear(x, weight, self._bias())
+        if self.lora_A is not None:
+            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return y
+
+    def merged_weight(self) -> torch.Tensor:
+        """This layer's effective weight, in nn.Linear layout (out, in)."""
+        weight = self.shared.weight.t() if self.transposed else self.shared.weight
+        if self.lora_A is not None:
+            weight = weight + self.lora_B @ self.lora_A
+        return weight
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
