@@ -1,19 +1,14 @@
-"""``fold(model, plan)``: drop blocks, tie the rest into groups, relax each tied layer."""
+"""``fold(model, plan)``: fold a Hugging Face model in memory with the engine (``layerfold.engine``)."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from .calibrate import Statistics
+from .engine import fold_in_memory
 from .errors import LayerfoldError
-from .families import family_of
-from .operations import Factor, Merge, Tie
-from .operations.drop.build import drop_layers
-from .operations.factor.build import factorize_layers
-from .operations.merge.build import merge_layers
-from .operations.tie.build import tie_layers
 from .plan import FoldPlan
-from .store import STATE_ATTRIBUTE, FoldState, fold_state
+from .store import fold_state
 
 
 def fold(
@@ -21,20 +16,19 @@ def fold(
 ) -> nn.Module:
     """Fold a Hugging Face model in place and return it.
 
-    The shared weights start as the plan's ``init`` says; each tied layer's LoRA relaxation starts from the
-    truncated SVD of its difference to the shared weight. ``rank="full"`` reproduces the original exactly.
+    A tie's shared weights start as the mean of its ``sources``; each tied layer's LoRA relaxation starts from
+    the truncated SVD of its difference to the shared weight (``rank="full"`` reproduces the original exactly).
     Factorisations are computed from the (whitened) SVD of the original weights; whitening needs
     ``calibration`` (see ``layerfold.calibrate``).
     """
     if fold_state(model) is not None:
         raise LayerfoldError("the model is already folded; fold the original model instead")
     plan.validate(model)
-    apply_structure(
+    fold_in_memory(
         model,
         plan,
         base_config=model.config.to_dict(),
         base_architecture=type(model).__name__,
-        initialize=True,
         statistics=calibration,
         progress=progress,
     )
@@ -42,28 +36,3 @@ def fold(
 
     install_save_hook(model)
     return model
-
-
-def apply_structure(
-    model: nn.Module,
-    plan: FoldPlan,
-    *,
-    base_config: dict,
-    base_architecture: str,
-    initialize: bool,
-    statistics: Statistics | None = None,
-    progress: bool = False,
-) -> FoldState:
-    """Build a folded model's modules. ``fold`` fills them from the original; ``load`` from a checkpoint."""
-    family = family_of(model)
-    state = FoldState(plan, base_config, base_architecture)
-    keyed = plan.keyed()
-    if initialize:
-        merge_layers(model, family, [op for _, op in keyed if isinstance(op, Merge)])
-    ties = [(key, op) for key, op in keyed if isinstance(op, Tie)]
-    tie_layers(model, family, ties, state, initialize=initialize, progress=progress)
-    factors = [(key, op) for key, op in keyed if isinstance(op, Factor)]
-    factorize_layers(model, family, factors, state, initialize=initialize, statistics=statistics, progress=progress)
-    drop_layers(model, family, plan.kept_layers(), plan.num_layers)
-    model.base_model.add_module(STATE_ATTRIBUTE, state)
-    return state

@@ -36,8 +36,7 @@ from . import data as datafiles
 from .data import read_documents  # noqa: F401 (heal reads its data through it; tests import it from here)
 from .errors import LayerfoldError
 from .evaluate import embedding_fidelity, is_causal_lm, mean_pool, next_token_fidelity, sentence_embeddings
-from .operations.factor.modules import BasisLinear
-from .operations.tie.modules import TiedLinear
+from .operations.base import FoldedProjection
 from .store import fold_state
 from .outputs import HEAL_SETTINGS_NAME
 
@@ -251,10 +250,8 @@ def select_trainable(model: nn.Module, train: str, norms: bool) -> dict[str, int
     normalisation weights to the first two and, when false, keeps them frozen under ``all``."""
     relax, shared, norm = set(), set(), set()
     for module in model.modules():
-        if isinstance(module, TiedLinear):
-            relax.update(id(p) for p in (module.lora_A, module.lora_B) if p is not None)
-        elif isinstance(module, BasisLinear):
-            relax.add(id(module.coefficients))
+        if isinstance(module, FoldedProjection):
+            relax.update(id(p) for p in module.relaxation_parameters())
         elif "norm" in type(module).__name__.lower():
             norm.update(id(p) for p in module.parameters(recurse=False))
     state = fold_state(model)

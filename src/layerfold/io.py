@@ -34,9 +34,8 @@ from .checkpoint import (
 )
 from .errors import LayerfoldError, first_line
 from .families import Family, family_for_model_type, family_of
-from .folding import apply_structure
-from .operations.factor.modules import BasisLinear
-from .operations.tie.modules import TiedLinear
+from .engine import apply_structure
+from .operations.base import FoldedProjection
 from .store import FORMAT_KEY, FORMAT_VERSION, STATE_ATTRIBUTE, fold_state
 from .outputs import atomic_output_dir, check_output
 from .plan import FoldPlan
@@ -580,7 +579,6 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
         plan,
         base_config=config["base_config"],
         base_architecture=config["base_architecture"],
-        initialize=False,
     )
     # Shapes from the headers (an alias has its tensor's), checked before any data is read.
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -623,10 +621,10 @@ def materialize(model: nn.Module) -> nn.Module:
     layers = family_of(model).layer_list(model)
     for block in layers:
         for name, module in list(block.named_modules()):
-            if not isinstance(module, (TiedLinear, BasisLinear)):
+            if not isinstance(module, FoldedProjection):
                 continue
             weight = module.merged_weight().detach().clone()  # tied layers without relaxation share a tensor
-            bias = module._bias()
+            bias = module.merged_bias()
             out_features, in_features = weight.shape
             with torch.device(weight.device):
                 if module.transposed:

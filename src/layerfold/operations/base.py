@@ -7,8 +7,11 @@ that involve several operations (a layer tied twice, a tied layer dropped) are t
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Union
+
+import torch
+from torch import nn
 
 from ..errors import LayerfoldError
 
@@ -84,3 +87,39 @@ class Operation:
 
     def describe(self) -> str:
         return self.kind
+
+
+@dataclass
+class Recipe:
+    """How one tensor a folded model stores is made (see ``layerfold.engine``): copied from an original tensor,
+    or computed by the operation with key ``op`` from its ``inputs``, each (original layer, name inside the
+    block) or (None, full tensor name). Recipes of one operation with the same ``unit`` compute together."""
+
+    name: str  # the folded model's (stored) tensor name
+    role: str  # copy | value | what the operation calls it (shared, lora_A, basis, ...)
+    inputs: list[tuple]
+    op: str | None = None
+    unit: tuple = ()
+    detail: dict = field(default_factory=dict)
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.float32
+
+
+class FoldedProjection(nn.Module):
+    """What an operation puts in place of a layer's projection (nn.Linear, or GPT-2's Conv1D when
+    ``transposed``). The rest of layerfold knows folded projections only through this: export merges them
+    (``merged_weight``, ``merged_bias``), healing trains each layer's own part (``relaxation_parameters``)."""
+
+    op_key: str | None = None  # the key of the operation that made it (set by its build)
+    transposed: bool = False
+
+    def merged_weight(self) -> torch.Tensor:
+        """This layer's effective weight, in nn.Linear layout (out, in)."""
+        raise NotImplementedError
+
+    def merged_bias(self) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def relaxation_parameters(self) -> list[nn.Parameter]:
+        """This layer's own trainable part (not the weights it shares)."""
+        raise NotImplementedError

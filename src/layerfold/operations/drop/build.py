@@ -1,5 +1,5 @@
-"""Building ``drop`` operations: take layers out of the stack and renumber what the architecture indexes per
-layer."""
+"""What ``drop`` operations do: take layers out of the stack and renumber what the architecture indexes per
+layer. Drops take effect last (``engine.apply_structure`` calls ``drop_layers`` once, for the whole plan)."""
 
 from __future__ import annotations
 

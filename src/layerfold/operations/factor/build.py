@@ -1,52 +1,66 @@
-"""Building a ``factor`` operation in a model: BasisLinear projections over a basis held in the store."""
+"""What a ``factor`` operation does: one projection of its layers becomes BasisLinear modules over one basis,
+held once in the store under the operation's key. ``compute`` decomposes the (whitened) stacked weights and
+yields the basis and each layer's coefficients — the same in memory and streamed."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ...errors import LayerfoldError
+from ..base import Recipe
 from ...families import Family, is_transposed, linear_weight
 from ...store import FoldState
-from .decompose import group_decomposition
+from .decompose import decompose, summed_gram
 from .modules import BasisLinear, SharedBasis
 from .spec import Factor
 
-if TYPE_CHECKING:
-    from ...calibrate import Statistics
 
-
-def factorize_layers(
-    model: nn.Module,
-    family: Family,
-    factors: list[tuple[str, Factor]],
-    state: FoldState,
-    *,
-    initialize: bool,
-    statistics: Statistics | None = None,
-    progress: bool = False,
-) -> None:
-    """Replace the projection of every ``factor`` operation (with its store key) by BasisLinear modules over
-    one basis, held in ``state`` under the key. With ``initialize=False`` only the structure is built (empty
-    tensors, e.g. on the meta device) for a checkpoint's weights to be loaded into."""
-    if initialize and statistics is None and any(op.whiten for _, op in factors):
-        raise LayerfoldError("a whitened factorisation needs calibration data (--calib PATH)")
+def build(model: nn.Module, family: Family, key: str, op: Factor, state: FoldState) -> None:
     layers = family.layer_list(model)
-    for key, op in tqdm(factors, desc="factorising", unit="matrix", disable=not progress or not factors):
-        originals = [layers[i].get_submodule(op.projection) for i in op.layers]
-        template = linear_weight(originals[0])
-        dtype, device = template.dtype, template.device
-        if initialize:
-            decomposition = group_decomposition(model, op.layers, op.projection, statistics if op.whiten else None)
-            basis_weight, coefficients = decomposition.factors(op.rank, dtype)
-            basis = SharedBasis(basis_weight)
+    originals = [layers[i].get_submodule(op.projection) for i in op.layers]
+    template = linear_weight(originals[0])
+    dtype, device = template.dtype, template.device
+    basis = SharedBasis(torch.empty(op.rank, template.shape[1], dtype=dtype, device=device))
+    state[key] = basis
+    for i, original in zip(op.layers, originals):
+        coefficients = torch.empty(template.shape[0], op.rank, dtype=dtype, device=device)
+        module = BasisLinear(basis, coefficients, original.bias, transposed=is_transposed(original))
+        module.op_key = key
+        layers[i].set_submodule(op.projection, module)
+
+
+def store_recipe(name: str, key: str, op: Factor, path: str, attr: str) -> Recipe:
+    return Recipe(name, "basis", [(i, f"{op.projection}.weight") for i in op.layers], key)
+
+
+def layer_recipe(
+    name: str, key: str, op: Factor, layer: int, path: str, attr: str, module: nn.Module
+) -> Recipe | None:
+    """A layer's coefficients; its bias is copied (None)."""
+    if attr != "coefficients":
+        return None
+    inputs = [(j, f"{op.projection}.weight") for j in op.layers]
+    return Recipe(name, "coefficients", inputs, key, (), {"layer": layer, "transposed": module.transposed})
+
+
+def gram_needs(op: Factor) -> list[tuple[int, str]]:
+    return [(i, op.projection) for i in op.layers] if op.whiten else []
+
+
+def compute(op: Factor, unit: list[Recipe], values: dict, context) -> tuple:
+    transposed = next((r.detail["transposed"] for r in unit if r.role == "coefficients"), False)
+    stored = [values[i, f"{op.projection}.weight"] for i in op.layers]
+    cache_key = (tuple(op.layers), op.projection, op.whiten)  # as group_decomposition keys the planner's
+    decomposition = context.cache.get(cache_key) if context.cache is not None else None
+    if decomposition is None:
+        gram = summed_gram([context.gram(i, op.projection) for i in op.layers]) if op.whiten else None
+        weights = [w.t() if transposed else w for w in stored]
+        decomposition = decompose(weights, gram, layers=tuple(op.layers), projection=op.projection)
+        if context.cache is not None:
+            context.cache[cache_key] = decomposition
+    basis, coefficients = decomposition.factors(op.rank, stored[0].dtype)
+    for recipe in unit:
+        if recipe.role == "basis":
+            yield recipe.name, basis
         else:
-            basis = SharedBasis(torch.empty(op.rank, template.shape[1], dtype=dtype, device=device))
-            coefficients = [torch.empty(template.shape[0], op.rank, dtype=dtype, device=device) for _ in op.layers]
-        state[key] = basis
-        for i, original, coefficient in zip(op.layers, originals, coefficients):
-            module = BasisLinear(basis, coefficient, original.bias, transposed=is_transposed(original))
-            layers[i].set_submodule(op.projection, module)
+            yield recipe.name, coefficients[op.layers.index(recipe.detail["layer"])]

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base import FoldedProjection
+
 
 class SharedBasis(nn.Module):
     """A rank-k basis of a projection's input space, ``weight`` (k, in), shared by the layers of a factor
@@ -16,7 +18,7 @@ class SharedBasis(nn.Module):
         self.weight = nn.Parameter(weight)
 
 
-class BasisLinear(nn.Module):
+class BasisLinear(FoldedProjection):
     """A projection factorised as ``y = (x Bᵀ) Cᵀ + b``: B is the group's shared basis, C (out, k) this
     layer's own coefficients and b its own bias. Works in place of nn.Linear and of GPT-2's Conv1D."""
 
@@ -57,8 +59,11 @@ class BasisLinear(nn.Module):
         """This layer's effective weight, in nn.Linear layout (out, in)."""
         return self.coefficients @ self.basis.weight
 
-    def _bias(self) -> torch.Tensor | None:
+    def merged_bias(self) -> torch.Tensor | None:
         return self.bias
+
+    def relaxation_parameters(self) -> list[nn.Parameter]:
+        return [self.coefficients]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

@@ -1,11 +1,12 @@
-"""Building ``merge`` operations: LaCo's collapse of whole blocks, in place, before anything else reads them."""
+"""What a ``merge`` operation does: LaCo's collapse of whole blocks. It builds no modules of its own: a merge
+changes what the engine reads as an original tensor of the layer it merges into (``merged_inputs`` and
+``merged_value``), so every operation after it sees the merged weights, in memory and streamed alike."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ...families import Family
 from .spec import Merge
 
 
@@ -17,14 +18,21 @@ def merged_value(target: torch.Tensor, sources: list[torch.Tensor]) -> torch.Ten
 
 @torch.no_grad()
 def merge_blocks(target: nn.Module, sources: list[nn.Module]) -> None:
-    """Merge whole blocks into ``target`` in place (``merged_value`` per parameter)."""
+    """Merge whole blocks into ``target`` in place (``merged_value`` per parameter); LaCo's planning uses it."""
     source_params = [dict(source.named_parameters()) for source in sources]
     for name, param in target.named_parameters():
         param.copy_(merged_value(param, [params[name] for params in source_params]))
 
 
-def merge_layers(model: nn.Module, family: Family, merges: list[Merge]) -> None:
-    """Apply ``merge`` operations in order."""
-    layers = family.layer_list(model)
-    for op in merges:
-        merge_blocks(layers[op.into], [layers[i] for i in op.layers])
+def merged_inputs(key: tuple, merges: list[Merge]) -> set:
+    """``key`` (layer, name) and every original tensor its merged value is made of (merges chain: a layer
+    merged into another may itself have been merged into before)."""
+    layer, name = key
+    needed = {key}
+    while layer is not None:
+        layers = {k[0] for k in needed}
+        more = {(i, name) for op in merges if op.into in layers for i in op.layers}
+        if more <= needed:
+            break
+        needed |= more
+    return needed

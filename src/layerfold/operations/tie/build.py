@@ -1,12 +1,17 @@
-"""Building ``tie`` operations in a model: the layers of a group share one weight per projection (held once,
-in the store under the operation's key); each keeps its own bias, norms and relaxation."""
+"""What a ``tie`` operation does: the layers of a group share one weight per projection, held once in the
+store under the operation's key; each keeps its own bias, norms and LoRA relaxation.
+
+``build`` makes the modules (empty tensors); ``store_recipe``/``layer_recipe`` say which original tensors each
+stored tensor is computed from; ``compute`` computes one unit — a projection's shared weight (and bias) and
+every tied layer's relaxation of it — the same in memory and streamed.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..base import Recipe
 from ...families import Family, is_transposed, linear_weight
 from ...store import FoldState, ensure_path
 from .modules import SharedProjection, TiedLinear
@@ -31,59 +36,65 @@ def relaxation(
     return lora_from_delta(original.detach() - shared_weight.detach(), rank)
 
 
-def tie_layers(
-    model: nn.Module, family: Family, ties: list[tuple[str, Tie]], state: FoldState, *, initialize: bool, progress: bool
-) -> None:
-    """Replace the shared projections of every ``tie`` operation (with its store key) by TiedLinear modules.
-
-    With ``initialize=False`` only the structure is built (empty tensors, e.g. on the meta device) for a
-    checkpoint's weights to be loaded into.
-    """
+def build(model: nn.Module, family: Family, key: str, op: Tie, state: FoldState) -> None:
+    """Replace the shared projections of ``op``'s layers by TiedLinear modules over one SharedProjection each,
+    held in ``state[key]``."""
     layers = family.layer_list(model)
-    # All shared weights first: a group's sources may be layers that another group ties later.
-    shared: dict[tuple[str, str], SharedProjection] = {}
-    for key, op in ties:
-        entry = nn.Module()
-        for path in family.shared_projections(op.share):
-            template = layers[op.layers[0]].get_submodule(path)
-            originals = [layers[i].get_submodule(path) for i in op.sources]
-            share_bias = op.share_bias and template.bias is not None
-            if initialize:
-                weight = average([m.weight for m in originals])
-                bias = average([m.bias for m in originals]) if share_bias else None
-            else:
-                weight = torch.empty_like(template.weight)
-                bias = torch.empty_like(template.bias) if share_bias else None
-            module = SharedProjection(weight, bias)
-            ensure_path(entry, path).add_module(path.rsplit(".", 1)[-1], module)
-            shared[key, path] = module
-        state[key] = entry
-
-    bar = tqdm(
-        total=sum(len(op.layers) for _, op in ties), desc="tying layers", unit="layer", disable=not progress or not ties
-    )
-    for key, op in ties:
+    entry = nn.Module()
+    for path in family.shared_projections(op.share):
+        template = layers[op.layers[0]].get_submodule(path)
+        share_bias = op.share_bias and template.bias is not None
+        shared = SharedProjection(
+            torch.empty_like(template.weight), torch.empty_like(template.bias) if share_bias else None
+        )
+        ensure_path(entry, path).add_module(path.rsplit(".", 1)[-1], shared)
         for i in op.layers:
-            block = layers[i]
-            for path in family.shared_projections(op.share):
-                original = block.get_submodule(path)
-                target = shared[key, path]
-                rank = resolve_rank(op.rank_for(path, family.kind_of(path)), tuple(linear_weight(original).shape))
-                tied = TiedLinear(
-                    target,
-                    transposed=is_transposed(original),
-                    bias=None if target.bias is not None else original.bias,
-                    rank=rank,
-                    dtype=original.weight.dtype,
-                    device=original.weight.device,
+            original = layers[i].get_submodule(path)
+            tied = TiedLinear(
+                shared,
+                transposed=is_transposed(original),
+                bias=None if shared.bias is not None else original.bias,
+                rank=resolve_rank(op.rank_for(path, family.kind_of(path)), tuple(linear_weight(original).shape)),
+                dtype=original.weight.dtype,
+                device=original.weight.device,
+            )
+            tied.op_key = key
+            layers[i].set_submodule(path, tied)
+    state[key] = entry
+
+
+def store_recipe(name: str, key: str, op: Tie, path: str, attr: str) -> Recipe:
+    """A shared weight (or bias): the mean of the sources' tensors."""
+    return Recipe(name, "shared", [(i, f"{path}.{attr}") for i in op.sources], key, (path,), {"attr": attr})
+
+
+def layer_recipe(name: str, key: str, op: Tie, layer: int, path: str, attr: str, module: nn.Module) -> Recipe | None:
+    """A tied layer's relaxation factor; its bias (not shared) is copied (None)."""
+    if attr not in ("lora_A", "lora_B"):
+        return None
+    inputs = [(j, f"{path}.weight") for j in op.sources] + [(layer, f"{path}.weight")]
+    detail = {"layer": layer, "rank": module.rank, "transposed": module.transposed}
+    return Recipe(name, attr, inputs, key, (path,), detail)
+
+
+def compute(op: Tie, unit: list[Recipe], values: dict, context) -> tuple:
+    """One projection of a tie group: its shared tensors first, then each tied layer's relaxation."""
+    path = unit[0].unit[0]
+    shared = {}
+    for recipe in unit:
+        if recipe.role == "shared":
+            shared[recipe.detail["attr"]] = average([values[k] for k in recipe.inputs])
+            yield recipe.name, shared[recipe.detail["attr"]]
+    factors: dict[int, tuple] = {}
+    for recipe in unit:
+        if recipe.role in ("lora_A", "lora_B"):
+            i = recipe.detail["layer"]
+            if i not in factors:
+                weight = values[i, f"{path}.weight"]
+                factors[i] = relaxation(
+                    weight.t() if recipe.detail["transposed"] else weight,
+                    shared["weight"],
+                    transposed=recipe.detail["transposed"],
+                    rank=recipe.detail["rank"],
                 )
-                if initialize and rank > 0:
-                    lora_a, lora_b = relaxation(
-                        linear_weight(original), target.weight, transposed=tied.transposed, rank=rank
-                    )
-                    with torch.no_grad():
-                        tied.lora_A.copy_(lora_a)
-                        tied.lora_B.copy_(lora_b)
-                block.set_submodule(path, tied)
-            bar.update()
-    bar.close()
+            yield recipe.name, factors[i][0 if recipe.role == "lora_A" else 1]

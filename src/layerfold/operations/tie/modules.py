@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base import FoldedProjection
+
 
 class SharedProjection(nn.Module):
     """One projection's weight (and optionally bias) shared by every layer of a tie group.
@@ -24,7 +26,7 @@ class SharedProjection(nn.Module):
         self.bias = nn.Parameter(bias) if bias is not None else None
 
 
-class TiedLinear(nn.Module):
+class TiedLinear(FoldedProjection):
     """A projection computed from its group's shared weight plus this layer's own LoRA relaxation:
     ``y = x W_sharedᵀ + (x Aᵀ) Bᵀ + b``."""
 
@@ -69,12 +71,15 @@ class TiedLinear(nn.Module):
     def out_features(self) -> int:
         return self.shared.weight.shape[1 if self.transposed else 0]
 
-    def _bias(self) -> torch.Tensor | None:
+    def merged_bias(self) -> torch.Tensor | None:
         return self.bias if self.bias is not None else self.shared.bias
+
+    def relaxation_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.lora_A, self.lora_B) if p is not None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.shared.weight.t() if self.transposed else self.shared.weight
-        y = F.linear(x, weight, self._bias())
+        y = F.linear(x, weight, self.merged_bias())
         if self.lora_A is not None:
             y = y + F.linear(F.linear(x, self.lora_A), self.lora_B)
         return y
