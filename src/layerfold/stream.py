@@ -29,8 +29,6 @@ from tqdm.auto import tqdm
 
 from .calibrate import BlockWalk
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES, TORCH_DTYPES, ShardWriter, SourceCheckpoint
-from .errors import LayerfoldError
-from .families import family_of
 from .engine import (
     Context,
     Originals,
@@ -42,10 +40,13 @@ from .engine import (
     recipes_for,
     units_of,
 )
-from .io import source_config, weights_metadata, write_folded_config
+from .errors import LayerfoldError
+from .families import family_of
+from .io import weights_metadata, write_folded_config
 from .outputs import atomic_output_dir, check_output
 from .plan import FoldPlan
 from .report import parameter_breakdown, weight_bytes
+from .sources import source_config
 
 # Methods whose plan follows from the shapes alone (uniform basis/svd ranks too): what a streamed fold can plan.
 STREAMABLE_METHODS = ("drop-first", "drop-even", "tie-cycle", "tie-sequence", "basis", "svd")

@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..base import Recipe
 from ...families import Family, is_transposed, linear_weight
 from ...store import FoldState
+from ..base import Recipe
 from .decompose import decompose, summed_gram
 from .modules import BasisLinear, SharedBasis
 from .spec import Factor

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..base import Recipe
 from ...families import Family, is_transposed, linear_weight
 from ...store import FoldState, ensure_path
+from ..base import Recipe
 from .modules import SharedProjection, TiedLinear
 from .relax import lora_from_delta, resolve_rank
 from .spec import Tie

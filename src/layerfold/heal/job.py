@@ -1,0 +1,251 @@
+"""The heal job: check the inputs, load student and teacher, train, save, report (JSON and Markdown)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import set_seed
+
+from ..errors import LayerfoldError
+from ..evaluate import is_causal_lm, is_causal_lm_class
+from ..io import check_checkpoint, is_folded_checkpoint, load, load_source, load_tokenizer, save
+from ..outputs import check_inputs, check_output
+from ..report import markdown_table
+from ..store import fold_state
+from .checkpoints import check_checkpoint_folder, check_resumable, checkpoint_dir_for, prepare_checkpoints
+from .data import Collator, Examples, prepare_data
+from .losses import hidden_layer_pairs, teacher_layer_map
+from .settings import REPORT_JSON, REPORT_MD, HealConfig
+from .teacher_cache import teacher_fingerprint, teacher_top_k
+from .trainable import select_trainable
+from .trainer import make_trainer_class, training_arguments
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module, student_tokenizer, teacher_tokenizer) -> None:
+    """The teacher must be the student's original architecture and speak the same vocabulary."""
+    state = fold_state(student)
+    expected = state.base_architecture
+    if type(teacher).__name__ != expected:
+        raise LayerfoldError(
+            f"the teacher is a {type(teacher).__name__}, the folded model a {expected}: heal from the original model"
+        )
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise LayerfoldError(
+            f"the teacher's vocabulary has {teacher.config.vocab_size} tokens, the folded model's "
+            f"{student.config.vocab_size}: heal from the original model"
+        )
+    if teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise LayerfoldError("the teacher's tokenizer differs from the folded model's: heal from the original model")
+    if teacher.config.hidden_size != student.config.hidden_size:
+        raise LayerfoldError("the teacher's hidden size differs from the folded model's: heal from the original model")
+
+
+def _optional_tokenizer(path: Path):
+    """The teacher's tokenizer when its folder has one (a teacher may come as weights only)."""
+
+    try:
+        return load_tokenizer(path)
+    except LayerfoldError:
+        return None
+
+
+def heal(
+    student_dir: str | Path,
+    teacher_path: str | Path,
+    data: str | Path,
+    out: str | Path,
+    config: HealConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    keep_checkpoints: bool = False,
+    callbacks: list | None = None,
+) -> dict:
+    """Heal the folded model in ``student_dir`` by distillation from ``teacher_path`` (its original) on ``data``,
+    and save it to ``out`` (atomically, with ``heal.json``/``heal.md``). Checkpoints go to ``OUT.checkpoints``
+    and are removed at the end unless ``keep_checkpoints``. Returns the report.
+
+    This is the recipe, step by step (check, load, data, checkpoints, train, report, save); each step's work is
+    in the modules of this package, which is why it reads as one function of about 100 lines."""
+    student_dir, teacher_path, out = Path(student_dir), Path(teacher_path), Path(out)
+    config, checkpoints, mapping = _checked_arguments(student_dir, teacher_path, data, out, config, overwrite)
+
+    student = load(student_dir)
+    causal = is_causal_lm(student)
+    tokenizer = load_tokenizer(student_dir)
+    teacher = load_source(teacher_path, dtype=torch.float32)
+    check_teacher(student, teacher, tokenizer, _optional_tokenizer(teacher_path))
+    saved_dtype = next(student.parameters()).dtype
+    student.to(torch.float32)  # train in fp32; the healed model is saved in the folded model's dtype
+    counts = select_trainable(student, config.train, config.norms)
+
+    heal_data = prepare_data(
+        tokenizer,
+        data,
+        causal=causal,
+        seq_len=config.seq_len,
+        held_out=config.eval_examples,
+        limit=config.max_examples,
+    )
+    settings = {
+        "student": str(student_dir.resolve()),
+        "teacher": str(teacher_path.resolve()),
+        "data": str(Path(data).resolve()),
+        **config.to_dict(),
+    }
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    start = prepare_checkpoints(checkpoints, settings, resume=resume, overwrite=overwrite, is_main=is_main)
+    if start is not None:
+        check_resumable(start)
+    cache, cache_info = _teacher_cache(config, teacher, teacher_path, heal_data)
+
+    set_seed(config.seed)
+    trainer = make_trainer_class()(
+        model=student,
+        args=training_arguments(config, checkpoints),
+        train_dataset=Examples(heal_data.train),
+        eval_dataset=Examples(heal_data.held_out),
+        data_collator=Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        callbacks=callbacks,
+        teacher=teacher,
+        heal=config,
+        hidden_pairs=hidden_layer_pairs(config, mapping),
+        held_out=heal_data.held_out,
+        held_out_texts=heal_data.held_out_texts,
+        tokenizer=tokenizer,
+        source=student_dir,
+        cache=cache,
+    )
+    before = trainer.evaluate(metric_key_prefix="before")
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(start) if start else None)
+    seconds = time.perf_counter() - started
+    after = trainer.evaluate(metric_key_prefix="after")
+
+    tokens = trainer.tokens_seen * trainer.accelerator.num_processes
+    report = {
+        "student": str(student_dir),
+        "teacher": str(teacher_path),
+        "data": {"path": str(data), **heal_data.summary()},
+        "settings": config.to_dict(),
+        "parameters": counts,
+        "resumed_from": str(start) if start else None,
+        "steps": trainer.state.global_step,
+        "final_train_loss": _last_train_loss(trainer.state.log_history),
+        "train_loss_mean": result.training_loss,
+        "tokens_this_run": tokens,
+        "seconds_this_run": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else None,
+        "processes": trainer.accelerator.num_processes,
+        "fidelity_before": before,
+        "fidelity_after": after,
+        "teacher_cache": cache_info,
+        "log_history": trainer.state.log_history,
+        "out": str(out),
+    }
+    if trainer.is_world_process_zero():
+        student.to(saved_dtype)
+        save(
+            student,
+            out,
+            source=student_dir,
+            overwrite=overwrite,
+            extra_files={
+                REPORT_JSON: json.dumps(report, indent=2, default=str) + "\n",
+                REPORT_MD: heal_markdown(report) + "\n",
+            },
+        )
+        if not keep_checkpoints:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return report
+
+
+def _teacher_cache(config: HealConfig, teacher: nn.Module, teacher_path: Path, heal_data) -> tuple:
+    """The teacher's top-k logits on the training examples, from ``--teacher-cache`` (computed on a miss), and
+    what the report says about them; (None, None) without a cache."""
+    if not config.teacher_cache:
+        return None, None
+    values, indices, file, hit = teacher_top_k(
+        teacher,
+        heal_data.train,
+        top_k=config.top_k,
+        cache_dir=config.teacher_cache,
+        fingerprint=teacher_fingerprint(teacher_path),
+    )
+    return (values, indices), {"file": str(file), "hit": hit, "top_k": config.top_k}
+
+
+def _checked_arguments(
+    student_dir: Path, teacher_path: Path, data, out: Path, config: HealConfig | None, overwrite: bool
+) -> tuple[HealConfig, Path, list[int]]:
+    """Every argument checked before a model loads: the resolved settings, the checkpoint folder and, for each
+    folded layer, the original layer it stands in for."""
+    checked = check_checkpoint(student_dir)  # a clear line when it is not a (sound) folded checkpoint
+    if not teacher_path.exists():
+        raise LayerfoldError(f"teacher not found: {teacher_path}")
+    if is_folded_checkpoint(teacher_path):
+        raise LayerfoldError(f"the teacher {teacher_path} is a folded model; heal from the original model")
+    if not Path(data).exists():
+        raise LayerfoldError(f"data file not found: {data}")
+    config = config or HealConfig()
+    inputs = {"folded model": student_dir, "teacher": teacher_path, "data": data, "teacher cache": config.teacher_cache}
+    check_output(out, inputs, overwrite=overwrite)
+    checkpoints = checkpoint_dir_for(out)
+    check_inputs(checkpoints, inputs, flag="the checkpoint folder")
+    check_checkpoint_folder(checkpoints)
+    config = config.resolved(is_causal_lm_class(checked.model_class))
+    mapping = teacher_layer_map(checked.plan)
+    layers = len(mapping)
+    if any(not -layers <= p < layers for p in config.hidden_layers):
+        raise LayerfoldError(f"--hidden-layers: the folded model has {layers} layers, got {config.hidden_layers}")
+    return config, checkpoints, mapping
+
+
+def _last_train_loss(history: list[dict]) -> float | None:
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    return losses[-1] if losses else None
+
+
+def heal_markdown(report: dict) -> str:
+
+    def fmt(value):
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    settings = report["settings"]
+    rows = [
+        ["folded model", report["student"]],
+        ["teacher", report["teacher"]],
+        [
+            "data",
+            f"{report['data']['path']} ({report['data']['kind']}, {report['data']['train_examples']} examples, "
+            f"{report['data']['train_tokens']:,} tokens; {report['data']['held_out_examples']} held out)",
+        ],
+        ["steps", f"{report['steps']} × batch {settings['batch']} × {settings['grad_accum']} accumulation"],
+        ["losses", ", ".join(f"{k}={v:g}" for k, v in settings["loss"].items() if v)],
+        [
+            "trains",
+            f"{settings['train']} ({report['parameters']['trainable']:,} of "
+            f"{report['parameters']['total']:,} parameters)",
+        ],
+        ["final training loss", fmt(report["final_train_loss"])],
+        ["throughput", f"{fmt(report['tokens_per_second'])} tokens/s over {report['seconds_this_run']:.0f} s"],
+    ]
+    for key in report["fidelity_before"]:
+        if key.startswith("before_") and not key.endswith(("runtime", "per_second")):
+            name = key[len("before_") :]
+            rows.append(
+                [
+                    f"held-out {name}",
+                    f"{fmt(report['fidelity_before'][key])} → {fmt(report['fidelity_after'].get('after_' + name))}",
+                ]
+            )
+    if report["resumed_from"]:
+        rows.append(["resumed from", report["resumed_from"]])
+    return markdown_table(["", "value"], rows)

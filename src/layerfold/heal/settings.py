@@ -1,0 +1,128 @@
+"""What a heal run is set to: the loss weights, the run's settings, and the names of its files."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..errors import LayerfoldError
+from ..outputs import HEAL_SETTINGS_NAME
+
+TRAIN_CHOICES = ("relax", "relax+shared", "all")
+LOSS_NAMES = ("kl", "lm", "hidden", "cosine")
+CHECKPOINT_PREFIX = "checkpoint-"
+SETTINGS_NAME = HEAL_SETTINGS_NAME
+REPORT_JSON = "heal.json"
+REPORT_MD = "heal.md"
+
+
+# ---- settings ---------------------------------------------------------------------------------------------
+@dataclass
+class LossWeights:
+    """Weights of the distillation losses; a zero weight turns a loss off.
+
+    - ``kl``: forward KL(teacher ‖ student) of next-token distributions at ``temperature`` (decoders).
+    - ``lm``: the student's own next-token cross-entropy on the data (decoders).
+    - ``hidden``: relative squared error ‖h_s − h_t‖² / ‖h_t‖² of hidden states at ``hidden_layers``
+      (FoldGPT's tail-layer distillation when those are the last few layers).
+    - ``cosine``: 1 − cosine of mean-pooled sentence embeddings (encoders).
+    """
+
+    kl: float = 0.0
+    lm: float = 0.0
+    hidden: float = 0.0
+    cosine: float = 0.0
+
+    @classmethod
+    def default(cls, causal: bool) -> "LossWeights":
+        return cls(kl=1.0) if causal else cls(cosine=1.0, hidden=1.0)
+
+    @classmethod
+    def parse(cls, text: str) -> "LossWeights":
+        """``kl=1,hidden=0.5``; a bare name means weight 1."""
+        weights = cls()
+        for item in text.split(","):
+            name, sep, value = item.strip().partition("=")
+            if not name:
+                continue
+            if name not in LOSS_NAMES:
+                raise LayerfoldError(f"--loss: unknown loss '{name}' (choose from {', '.join(LOSS_NAMES)})")
+            try:
+                weight = float(value) if sep else 1.0
+            except ValueError:
+                raise LayerfoldError(f"--loss: weight of {name} must be a number, got '{value}'") from None
+            if weight < 0 or not math.isfinite(weight):
+                raise LayerfoldError(f"--loss: weight of {name} must be a finite number ≥ 0, got {value}")
+            setattr(weights, name, weight)
+        if not any(getattr(weights, n) for n in LOSS_NAMES):
+            raise LayerfoldError(f"--loss: no loss has a positive weight in '{text}'")
+        return weights
+
+    def active(self) -> dict[str, float]:
+        return {n: getattr(self, n) for n in LOSS_NAMES if getattr(self, n) > 0}
+
+
+@dataclass
+class HealConfig:
+    """How to heal. ``None`` fields take a default that depends on the model kind (decoder or encoder)."""
+
+    steps: int = 200
+    lr: float = 1e-4
+    batch: int = 8
+    seq_len: int | None = None  # decoders: packed windows of 512 tokens; encoders: sentences cut at 128
+    grad_accum: int = 1
+    warmup: float = 0.05  # fraction of the steps
+    weight_decay: float = 0.0
+    loss: LossWeights | None = None
+    temperature: float = 1.0
+    hidden_layers: list[int] = field(default_factory=lambda: [-1])  # student layer positions, negative from end
+    train: str = "all"
+    norms: bool | None = None  # train norm weights; default: yes for --train all, no otherwise
+    eval_every: int | None = None  # default: steps // 10
+    eval_examples: int | None = None  # held-out windows (decoders: 8) or sentences (encoders: 256)
+    save_every: int | None = None  # default: steps // 4
+    log_every: int | None = None  # default: steps // 20
+    seed: int = 0
+    teacher_cache: str | None = None
+    top_k: int = 64
+    max_examples: int | None = None  # use at most this many training windows/sentences
+
+    def resolved(self, causal: bool) -> "HealConfig":
+        """A copy with every default filled in for this model kind, after checking the values."""
+        for name in ("steps", "batch", "grad_accum", "top_k"):
+            if getattr(self, name) < 1:
+                raise LayerfoldError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise LayerfoldError(f"--lr must be a positive number, got {self.lr}")
+        if self.temperature <= 0:
+            raise LayerfoldError(f"--temperature must be positive, got {self.temperature}")
+        if self.train not in TRAIN_CHOICES:
+            raise LayerfoldError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, got '{self.train}'")
+        loss = self.loss or LossWeights.default(causal)
+        if not causal and (loss.kl or loss.lm):
+            raise LayerfoldError("the kl and lm losses need a causal language model; encoders heal with cosine/hidden")
+        if causal and loss.cosine:
+            raise LayerfoldError("the cosine loss is for encoders (sentence embeddings); decoders heal with kl/lm")
+        if self.teacher_cache and (loss.hidden or loss.cosine or not loss.kl):
+            raise LayerfoldError("--teacher-cache holds the teacher's top-k logits: use it with the kl loss only")
+        seq_len = self.seq_len or (512 if causal else 128)
+        if seq_len < 2:
+            raise LayerfoldError(f"--seq-len must be at least 2, got {seq_len}")
+        return HealConfig(
+            **{
+                **asdict(self),
+                "loss": loss,
+                "seq_len": seq_len,
+                "norms": self.train == "all" if self.norms is None else self.norms,
+                "eval_every": self.eval_every or max(1, self.steps // 10),
+                "eval_examples": self.eval_examples or (8 if causal else 256),
+                "save_every": self.save_every or max(1, self.steps // 4),
+                "log_every": self.log_every or max(1, self.steps // 20),
+            }
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            f.name: asdict(self.loss) if f.name == "loss" and self.loss else getattr(self, f.name) for f in fields(self)
+        }
