@@ -13,7 +13,7 @@ from layerfold.budget import Budget
 from layerfold.calibrate import Calibration, collect_statistics, restricted_stack
 from layerfold.families import family_of, linear_weight
 from layerfold.methods import registry
-from layerfold.methods.basis import factor_plan
+from layerfold.methods.factorize import factor_plan
 from layerfold.operations import Drop, Factor, Merge
 from layerfold.operations.factor.decompose import decompose, whitening_factor
 from layerfold.operations.factor.modules import BasisLinear

@@ -13,6 +13,7 @@ from .folding import fold
 from .io import load, load_source, read_checkpoint_config, save, skeleton_of
 from .store import fold_state
 from .outputs import check_output
+from .methods import registry
 from .plan import FoldPlan
 from .report import human_count, markdown_table, parameter_breakdown, size_table, weight_bytes
 
@@ -78,7 +79,6 @@ def fold_with_method(
     from .budget import Budget, kept_fractions
     from .calibrate import Calibration, calibration_batches
     from .io import load_tokenizer
-    from .methods import registry
 
     start = time.perf_counter()
     chosen = registry.get(method)

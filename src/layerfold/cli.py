@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
+import types
+import typing
 import os
 import sys
 from enum import Enum
@@ -13,6 +16,7 @@ from typing import Any, Optional
 import typer
 
 from .errors import LayerfoldError
+from .methods import registry  # every registered method's options become flags of ``fold``
 
 app = typer.Typer(
     help="Make pretrained transformers smaller by sharing parameters across layers.",
@@ -97,8 +101,7 @@ def _build_plan(
     return getattr(FoldPlan, strategy.value)(num_layers, unique, **options)
 
 
-@app.command("fold")
-def fold_command(
+def _fold(
     model_dir: Path = typer.Argument(..., help="Original model: a local Hugging Face folder or a .gguf file."),
     out: Path = typer.Option(..., "--out", help="Folder to write the folded model to."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="A FoldPlan as YAML or JSON."),
@@ -108,7 +111,7 @@ def fold_command(
     share: Optional[Share] = typer.Option(None, "--share", help="What a tie group shares [default: all]."),
     init: Optional[Init] = typer.Option(None, "--init", help="How shared weights start [default: average]."),
     method: Optional[str] = typer.Option(
-        None, "--method", help="Fold at a budget with a method: basis, svd, shortgpt, laco, drop-even, tie-cycle, ..."
+        None, "--method", help=f"Fold at a budget with a method: {', '.join(registry.REGISTRY)}."
     ),
     keep: Optional[float] = typer.Option(None, "--keep", help="Fraction of all unique parameters to keep."),
     keep_blocks: Optional[float] = typer.Option(
@@ -119,14 +122,6 @@ def fold_command(
     calib_window: Optional[int] = typer.Option(
         None, "--calib-window", help="Tokens per calibration window [default: 2048 decoders, 128 encoders]."
     ),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="basis: adjacent layers per shared basis."),
-    shared: Optional[str] = typer.Option(
-        None, "--shared", help="basis: projections that share a basis, e.g. q_proj,k_proj,v_proj,gate_proj,up_proj."
-    ),
-    allocation: Optional[str] = typer.Option(None, "--allocation", help="basis/svd: uniform or spectrum ranks."),
-    whole: Optional[str] = typer.Option(None, "--whole", help="basis/svd: layers left whole, e.g. 0,29."),
-    score: Optional[str] = typer.Option(None, "--score", help="shortgpt: influence or angular."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="laco: cosine threshold for a merge."),
     stream: bool = typer.Option(
         False,
         "--stream",
@@ -138,6 +133,7 @@ def fold_command(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    method_flags: Optional[dict] = None,
 ) -> None:
     """Fold a model and save it: by a plan or tying strategy, or by a method at a parameter budget."""
     from .api import fold_model_dir, fold_report_markdown, fold_streamed, fold_with_method
@@ -147,18 +143,7 @@ def fold_command(
     check_output(out, {"original model": model_dir, "plan": plan, "calibration text": calib}, overwrite=overwrite)
     max_shard_bytes = parse_size(max_shard_size)
 
-    method_options = {
-        key: value
-        for key, value in (
-            ("group_size", group_size),
-            ("shared", _list(shared, str, "--shared")),
-            ("allocation", allocation),
-            ("whole", _list(whole, int, "--whole")),
-            ("score", score),
-            ("threshold", threshold),
-        )
-        if value is not None
-    }
+    method_options = _method_options(method_flags or {})
     plan_options = {
         key: value
         for key, value in (
@@ -195,12 +180,11 @@ def fold_command(
             overwrite=overwrite,
         )
     elif method is not None:
-        rank_option = {"rank": plan_options["rank"]} if "rank" in plan_options else {}
         report = fold_with_method(
             model_dir,
             out,
             **budget_options,
-            options={**method_options, **rank_option},
+            options={**method_options, **plan_options},
             overwrite=overwrite,
             max_shard_bytes=max_shard_bytes,
         )
@@ -209,6 +193,53 @@ def fold_command(
             raise LayerfoldError("--keep, --calib and the method options need --method")
         report = fold_model_dir(model_dir, out, plan_for=plan_for, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     _emit(as_json, report, fold_report_markdown(report))
+
+
+# ---- fold's method flags, generated from the registered methods' options ------------------------------------
+# --rank, --share and --init are fold's own flags (they serve --strategy too) and reach the tie methods as well.
+_OWN_FLAGS = ("rank", "share", "init")
+METHOD_FLAGS = {name: info for name, info in registry.all_options().items() if name not in _OWN_FLAGS}
+
+
+def _flag_type(kind: Any) -> tuple[Any, Any]:
+    """(the annotation typer sees, the element type of a comma-separated list or None)."""
+    present = [k for k in typing.get_args(kind) if k is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(present) == 1:
+        kind = present[0]  # Optional[X]
+    if typing.get_origin(kind) in (list, tuple):
+        return Optional[str], typing.get_args(kind)[0]
+    return Optional[kind], None
+
+
+def _method_options(flags: dict) -> dict:
+    options = {}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        _, element = _flag_type(METHOD_FLAGS[name]["type"])
+        options[name] = _list(value, element, "--" + name.replace("_", "-")) if element is not None else value
+    return options
+
+
+def fold_command(**values: Any) -> None:
+    flags = {name: values.pop(name) for name in METHOD_FLAGS}
+    _fold(**values, method_flags=flags)
+
+
+def _fold_signature() -> inspect.Signature:
+    own = [p for p in inspect.signature(_fold, eval_str=True).parameters.values() if p.name != "method_flags"]
+    generated = []
+    for name, info in METHOD_FLAGS.items():
+        annotation, _ = _flag_type(info["type"])
+        text = f"{', '.join(info['methods'])}: {info['help']}".replace("%", "%%")
+        option = typer.Option(None, "--" + name.replace("_", "-"), help=text)
+        generated.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    return inspect.Signature(own + generated)
+
+
+fold_command.__signature__ = _fold_signature()
+fold_command.__doc__ = _fold.__doc__
+app.command("fold")(fold_command)
 
 
 @app.command("info")

@@ -38,6 +38,7 @@ from .errors import LayerfoldError
 from .evaluate import is_causal_lm, mean_pool
 from .families import family_of, projection_shape
 from .folding import fold
+from .methods import registry
 from .plan import FoldPlan
 from .report import markdown_table, parameter_breakdown
 
@@ -227,7 +228,6 @@ def _generators(
     model: nn.Module, analysis: Analysis, allow: Sequence[str], calibration: Calibration
 ) -> list[tuple[str, str, Callable[[int], FoldPlan | None], bool]]:
     """(name, kind, plan for K unique blocks (or for the budget), counts in blocks?) per candidate."""
-    from .methods import registry
 
     L = analysis.num_layers
     out: list[tuple[str, str, Callable[[int], FoldPlan | None], bool]] = []

@@ -44,37 +44,20 @@ from .errors import LayerfoldError
 from .families import family_of
 from .io import weights_metadata, write_folded_config
 from .outputs import atomic_output_dir, check_output
+from .methods import registry
 from .plan import FoldPlan
 from .report import parameter_breakdown, weight_bytes
 from .sources import source_config
 
-# Methods whose plan follows from the shapes alone (uniform basis/svd ranks too): what a streamed fold can plan.
-STREAMABLE_METHODS = ("drop-first", "drop-even", "tie-cycle", "tie-sequence", "basis", "svd")
-
-
 def method_plan(method: str, budget, options: dict | None = None) -> Callable[[nn.Module], FoldPlan]:
-    """The plan a registered method makes at ``budget``, as a function of the original on the meta device."""
-    from .methods import registry
-    from .methods.basis import factor_plan
-
+    """The plan a registered method makes at ``budget``, as a function of the original on the meta device; a
+    method that must measure the whole model first is refused here, before any work."""
     chosen = registry.get(method)
     options = dict(options or {})
-    if method not in STREAMABLE_METHODS:
-        raise LayerfoldError(
-            f"method {method} measures the whole model before it plans; with --stream use one of "
-            f"{', '.join(STREAMABLE_METHODS)} or a --plan file"
-        )
-    registry.check_options(chosen, options)
-    if method in ("basis", "svd"):
-        if options.setdefault("allocation", "uniform") != "uniform":
-            raise LayerfoldError(
-                f"--allocation {options['allocation']} ranks every matrix's spectrum first; with --stream use "
-                "--allocation uniform"
-            )
-        if method == "svd":
-            options["group_size"] = 1
-        return lambda model: factor_plan(model, None, budget, method=method, whiten=True, **options)
-    return lambda model: chosen.plan(model, budget, None, **options)
+    reason = chosen.why_not_streamed(options)
+    if reason is not None:
+        raise LayerfoldError(reason)
+    return lambda model: chosen.streamed_plan(model, budget, **options)
 
 
 def _build(model_class, config, dtype: torch.dtype) -> nn.Module:

@@ -10,6 +10,7 @@ met. The result is a plan with ``merges`` and ``drop``, which ``fold`` applies t
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -25,6 +26,7 @@ from ..families import family_of
 from ..operations import Drop, Merge
 from ..operations.merge.build import merge_blocks
 from ..plan import FoldPlan
+from .registry import Method, register
 from .shortgpt import block_parameters
 
 
@@ -122,3 +124,50 @@ def laco_plan(
             "samples": len(batches),
         },
     )
+
+
+@dataclass
+class LacoOptions:
+    """Options of LaCo.
+
+    samples: calibration samples whose last hidden states a merge is checked on (the first batches, cut to 512
+        tokens).
+    merge: layers collapsed into one by a merge.
+    interval: layers the search moves down after a kept merge.
+    threshold: cosine similarity of the last hidden states that a merge must keep (the paper: 0.65).
+    """
+
+    samples: int = 4
+    merge: int = 3
+    interval: int = 2
+    threshold: float = 0.65
+
+
+def few_shot(calibration, samples: int, length: int = 512) -> list[dict]:
+    """LaCo compares last hidden states on a few samples: the first calibration batches, cut to ``length``."""
+    return [{key: value[:, :length] for key, value in batch.items()} for batch in calibration.batches[:samples]]
+
+
+def _plan(model, budget, calibration, options: LacoOptions) -> FoldPlan:
+    return laco_plan(
+        model,
+        few_shot(calibration, options.samples),
+        budget,
+        merge=options.merge,
+        interval=options.interval,
+        threshold=options.threshold,
+    )
+
+
+METHOD = register(
+    Method(
+        "laco",
+        "LaCo: collapse adjacent blocks into one (θ_l + Σ(θ_k − θ_l)) while the last hidden state stays similar",
+        _plan,
+        LacoOptions,
+        # The paper's check (0.65) rejects every 3-layer merge of these small models (SmolLM2: similarities
+        # 0.04-0.46), so the sweep also runs the merges unchecked; a user sets --threshold.
+        lambda quick: [{"merge": 3, "threshold": 0.0}],
+        calibrated=True,
+    )
+)

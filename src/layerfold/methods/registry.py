@@ -1,12 +1,20 @@
-"""One registry of folding methods, so that the CLI, benchmarks and tools use every method without knowing it.
+"""One registry of folding methods, so that the CLI, the planner, streaming, benchmarks and tests use every
+method without knowing it.
 
-A method turns an original model, a parameter budget and (if it needs one) a calibration set into a
-FoldPlan; ``build`` folds a model with it. ``variants`` lists the option sets a benchmark sweeps (a short
-list when ``quick``). New methods register here and appear in the sweep and the CLI.
+A method is one file in ``layerfold/methods/`` (listed in ``methods/__init__.py``): an options dataclass (its
+docstring documents each field as ``name: help``), a ``plan(model, budget, calibration, options)`` function
+that turns an original model, a parameter budget and (if it needs one) a calibration set into a FoldPlan,
+and a ``register(Method(...))`` call. Registering it is all it takes: its options become ``layerfold fold
+--method`` flags, ``variants`` lists the option sets the benchmark sweep runs, ``streams`` says whether (and
+with which options) its plan follows from the shapes alone so that ``fold --stream`` can use it, and the
+common tests run it on every family.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,19 +28,60 @@ from ..families import family_of
 from ..folding import fold
 from ..plan import FoldPlan
 from ..report import parameter_breakdown
-from .basis import factor_plan
-from .laco import laco_plan
-from .shortgpt import shortgpt_plan
+
+
+@dataclass
+class NoOptions:
+    """This method has no options: what it removes follows from the budget."""
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     description: str
-    plan: Callable[..., FoldPlan | None]  # (model, budget, calibration, **options) -> plan (None: unchanged)
+    planner: Callable[..., FoldPlan | None]  # (model, budget, calibration, options) -> plan (None: unchanged)
+    options: type = NoOptions
     variants: Callable[[bool], list[dict[str, Any]]] = field(default=lambda quick: [{}])
     calibrated: bool = False  # needs calibration data
-    options: tuple[str, ...] = ()  # the keyword options ``plan`` accepts
+    # Whether a streamed fold can plan with it (from the shapes alone, on the meta device): False, True, or a
+    # function of the options that returns why not (None: it can).
+    streams: bool | Callable[[Any], str | None] = False
+    # How it plans for a streamed fold, if not as ``planner`` with no calibration: (model, budget, options).
+    stream_planner: Callable[..., FoldPlan] | None = None
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.options))
+
+    def make_options(self, values: dict[str, Any]) -> Any:
+        """The options dataclass from keyword values, refusing any it does not take."""
+        check_options(self, values)
+        return self.options(**values)
+
+    def plan(self, model: nn.Module, budget: Budget, calibration: Calibration | None, **options: Any) -> FoldPlan | None:
+        if self.calibrated and calibration is None:
+            raise LayerfoldError(f"method {self.name} needs calibration data (--calib PATH)")
+        return self.planner(model, budget, calibration, self.make_options(options))
+
+    def why_not_streamed(self, options: dict[str, Any]) -> str | None:
+        """None when a streamed fold can plan with these options; else the reason."""
+        if self.streams is True:
+            return None
+        if self.streams is False:
+            return (
+                f"method {self.name} measures the whole model before it plans; with --stream use one of "
+                f"{', '.join(streamable())} or a --plan file"
+            )
+        return self.streams(self.make_options(options))
+
+    def streamed_plan(self, model: nn.Module, budget: Budget, **options: Any) -> FoldPlan | None:
+        reason = self.why_not_streamed(options)
+        if reason is not None:
+            raise LayerfoldError(reason)
+        chosen = self.make_options(options)
+        if self.stream_planner is not None:
+            return self.stream_planner(model, budget, chosen)
+        return self.planner(model, budget, None, chosen)
 
 
 REGISTRY: dict[str, Method] = {}
@@ -49,13 +98,14 @@ def get(name: str) -> Method:
     return REGISTRY[name]
 
 
+def streamable() -> list[str]:
+    return [name for name, method in REGISTRY.items() if method.streams is not False and name != "original"]
+
+
 def build(
     method: Method, model: nn.Module, budget: Budget, calibration: Calibration | None = None, **options: Any
 ) -> nn.Module:
     """Plan with ``method`` and fold ``model`` (in place) with the plan."""
-    if method.calibrated and calibration is None:
-        raise LayerfoldError(f"method {method.name} needs calibration data (--calib PATH)")
-    check_options(method, options)
     plan = method.plan(model, budget, calibration, **options)
     if plan is None:
         return model
@@ -64,14 +114,48 @@ def build(
 
 
 def check_options(method: Method, options: dict[str, Any]) -> None:
-    unknown = sorted(set(options) - set(method.options))
+    unknown = sorted(set(options) - set(method.option_names))
     if unknown:
-        accepted = ", ".join("--" + o.replace("_", "-") for o in method.options) or "no options"
+        accepted = ", ".join("--" + o.replace("_", "-") for o in method.option_names) or "no options"
         raise LayerfoldError(
             f"method {method.name} does not take --{unknown[0].replace('_', '-')} (it takes: {accepted})"
         )
 
 
+# ---- what the CLI needs to know about options --------------------------------------------------------------
+def option_help(options: type) -> dict[str, str]:
+    """Each field's help, from the options dataclass's docstring: lines ``name: help`` (continued by indented
+    lines)."""
+    helps: dict[str, str] = {}
+    current = None
+    for line in (options.__doc__ or "").splitlines():
+        match = re.match(r"\s*-?\s*(?:``)?(\w+)(?:``)?\s*:\s*(.*)", line)
+        if match and match.group(1) in {f.name for f in dataclasses.fields(options)}:
+            current = match.group(1)
+            helps[current] = match.group(2).strip()
+        elif current and line.strip():
+            helps[current] += " " + line.strip()
+        else:
+            current = None
+    return helps
+
+
+def option_types(options: type) -> dict[str, Any]:
+    return typing.get_type_hints(options)
+
+
+def all_options() -> dict[str, dict[str, Any]]:
+    """Every option any registered method takes: its type, help and the methods that take it."""
+    found: dict[str, dict[str, Any]] = {}
+    for method in REGISTRY.values():
+        helps, types = option_help(method.options), option_types(method.options)
+        for name in method.option_names:
+            entry = found.setdefault(name, {"type": types[name], "help": helps.get(name, ""), "methods": []})
+            entry["methods"].append(method.name)
+    return found
+
+
+# ---- helpers the methods share ----------------------------------------------------------------------------
 def num_layers(model: nn.Module) -> int:
     return len(family_of(model).layer_list(model))
 
@@ -90,118 +174,6 @@ def evenly_spaced(num: int, keep: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, num - 1, keep).round()}) if keep > 1 else [0]
 
 
-def _drop_plan(model: nn.Module, kept: list[int]) -> FoldPlan:
+def drop_plan(model: nn.Module, kept: list[int]) -> FoldPlan:
     layers = num_layers(model)
     return FoldPlan.from_groups([], drop=sorted(set(range(layers)) - set(kept)), num_layers=layers)
-
-
-def few_shot(calibration: Calibration, samples: int, length: int = 512) -> list[dict]:
-    """LaCo compares last hidden states on a few samples: the first calibration batches, cut to ``length``."""
-    return [{key: value[:, :length] for key, value in batch.items()} for batch in calibration.batches[:samples]]
-
-
-register(Method("original", "the model as it is", lambda model, budget, calibration: None))
-register(
-    Method(
-        "drop-first",
-        "keep the first K blocks, remove the rest",
-        lambda model, budget, calibration: _drop_plan(model, list(range(unique_blocks_for(model, budget)))),
-    )
-)
-register(
-    Method(
-        "drop-even",
-        "keep K evenly spaced blocks (first and last included), remove the rest",
-        lambda model, budget, calibration: _drop_plan(
-            model, evenly_spaced(num_layers(model), unique_blocks_for(model, budget))
-        ),
-    )
-)
-
-_TIE_RANKS = (0, 8, 32)
-
-
-def _tie_variants(quick: bool) -> list[dict[str, Any]]:
-    if quick:
-        return [{"init": "average", "rank": 0}, {"init": "average", "rank": 8}]
-    return [{"init": init, "rank": rank} for init in ("average", "stepwise", "lower") for rank in _TIE_RANKS]
-
-
-for _strategy, _text in (("cycle", "layer i uses block i mod K"), ("sequence", "consecutive layers share a block")):
-    register(
-        Method(
-            f"tie-{_strategy}",
-            f"Relaxed Recursive Transformers tying: {_text}; per-layer SVD-initialised LoRA of the given rank",
-            lambda model, budget, calibration, _s=_strategy, **options: getattr(FoldPlan, _s)(
-                num_layers(model), unique_blocks_for(model, budget), **options
-            ),
-            _tie_variants,
-            options=("rank", "init", "share", "share_bias"),
-        )
-    )
-
-
-_ENDS_WHOLE = {"allocation": "sensitivity", "whole": [0, -1]}
-
-
-def _basis_variants(quick: bool) -> list[dict[str, Any]]:
-    return [{"allocation": "uniform"}] if quick else [{"allocation": "uniform"}, _ENDS_WHOLE]
-
-
-def _svd_variants(quick: bool) -> list[dict[str, Any]]:
-    if quick:
-        return [_ENDS_WHOLE]
-    return [{"allocation": "uniform"}, {"allocation": "sensitivity"}, _ENDS_WHOLE]
-
-
-register(
-    Method(
-        "basis",
-        "Basis Sharing: whitened SVD basis shared by groups of adjacent layers (q, k, v, gate, up), per-layer "
-        "whitened SVD for the output projections",
-        lambda model, budget, calibration, **options: factor_plan(
-            model, calibration.statistics(), budget, method="basis", **options
-        ),
-        _basis_variants,
-        calibrated=True,
-        options=("group_size", "shared", "allocation", "whole"),
-    )
-)
-register(
-    Method(
-        "svd",
-        "whitened per-layer SVD truncation of every projection (SVD-LLM's truncation; no sharing)",
-        lambda model, budget, calibration, **options: factor_plan(
-            model, calibration.statistics(), budget, method="svd", **{"group_size": 1, **options}
-        ),
-        _svd_variants,
-        calibrated=True,
-        options=("allocation", "whole"),
-    )
-)
-register(
-    Method(
-        "shortgpt",
-        "ShortGPT: remove the blocks with the lowest Block Influence (or angular distance)",
-        lambda model, budget, calibration, **options: shortgpt_plan(
-            model, calibration.statistics(grams=False), budget, **options
-        ),
-        lambda quick: [{"score": "influence"}] if quick else [{"score": "influence"}, {"score": "angular"}],
-        calibrated=True,
-        options=("score",),
-    )
-)
-register(
-    Method(
-        "laco",
-        "LaCo: collapse adjacent blocks into one (θ_l + Σ(θ_k − θ_l)) while the last hidden state stays similar",
-        lambda model, budget, calibration, samples=4, **options: laco_plan(
-            model, few_shot(calibration, samples), budget, **options
-        ),
-        # The paper's check (0.65) rejects every 3-layer merge of these small models (SmolLM2: similarities
-        # 0.04-0.46), so the sweep also runs the merges unchecked; a user sets --threshold.
-        lambda quick: [{"merge": 3, "threshold": 0.0}],
-        calibrated=True,
-        options=("samples", "merge", "interval", "threshold"),
-    )
-)

@@ -7,6 +7,8 @@ with the lowest scores go first, until the budget is met.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from ..budget import Budget
@@ -15,6 +17,7 @@ from ..errors import LayerfoldError
 from ..families import family_of
 from ..operations import Drop
 from ..plan import FoldPlan
+from .registry import Method, register
 
 SCORES = ("influence", "angular")
 
@@ -63,3 +66,29 @@ def shortgpt_plan(model: nn.Module, statistics: Statistics, budget: Budget, *, s
             "calibration": dict(statistics.settings, tokens=statistics.tokens),
         },
     )
+
+
+@dataclass
+class ShortGPTOptions:
+    """Options of ShortGPT.
+
+    score: which blocks go first: influence (1 − cos of a block's input and output) or angular (its arccos/π).
+    """
+
+    score: str = "influence"
+
+
+def _plan(model, budget, calibration, options: ShortGPTOptions) -> FoldPlan:
+    return shortgpt_plan(model, calibration.statistics(grams=False), budget, score=options.score)
+
+
+METHOD = register(
+    Method(
+        "shortgpt",
+        "ShortGPT: remove the blocks with the lowest Block Influence (or angular distance)",
+        _plan,
+        ShortGPTOptions,
+        lambda quick: [{"score": "influence"}] if quick else [{"score": "influence"}, {"score": "angular"}],
+        calibrated=True,
+    )
+)

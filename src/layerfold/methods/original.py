@@ -1,0 +1,12 @@
+"""original: the model as it is (the reference row of a sweep)."""
+
+from __future__ import annotations
+
+from .registry import Method, register
+
+
+def plan(model, budget, calibration, options) -> None:
+    return None
+
+
+METHOD = register(Method("original", "the model as it is", plan))

@@ -1,0 +1,50 @@
+"""svd: whitened per-layer SVD truncation of every projection (SVD-LLM's truncation; no sharing), at a
+budget (``methods.factorize``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .basis import uniform_only
+from .factorize import factor_plan
+from .registry import Method, register
+
+
+@dataclass
+class SvdOptions:
+    """Options of the per-layer SVD.
+
+    allocation: how ranks are chosen: uniform, spectrum, energy or sensitivity.
+    whole: layers left whole, e.g. 0,-1 (the first and the last).
+    """
+
+    allocation: str = "uniform"
+    whole: list[int] = ()
+
+
+def plan(model, budget, calibration, options: SvdOptions):
+    return factor_plan(model, calibration.statistics(), budget, method="svd", group_size=1, **vars(options))
+
+
+def stream_plan(model, budget, options: SvdOptions):
+    return factor_plan(model, None, budget, method="svd", group_size=1, whiten=True, **vars(options))
+
+
+def _variants(quick: bool) -> list[dict[str, Any]]:
+    ends_whole = {"allocation": "sensitivity", "whole": [0, -1]}
+    return [ends_whole] if quick else [{"allocation": "uniform"}, {"allocation": "sensitivity"}, ends_whole]
+
+
+METHOD = register(
+    Method(
+        "svd",
+        "whitened per-layer SVD truncation of every projection (SVD-LLM's truncation; no sharing)",
+        plan,
+        SvdOptions,
+        _variants,
+        calibrated=True,
+        streams=uniform_only,
+        stream_planner=stream_plan,
+    )
+)

@@ -1,0 +1,79 @@
+"""One tester over every registered method × every supported family (tiny random models): the budget is met,
+save → load gives the same outputs bit for bit, export gives the same outputs, and a method that streams folds a
+checkpoint on disk to exactly the tensors of the in-memory fold. A new method or family is tested here by
+registering it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import FAMILY_NAMES, build_tiny, outputs, sample_inputs
+from test_stream import assert_same_checkpoint
+
+import layerfold
+from layerfold.budget import Budget
+from layerfold.calibrate import Calibration
+from layerfold.folding import fold
+from layerfold.methods import registry
+from layerfold.plan import FoldPlan
+from layerfold.report import parameter_breakdown
+from layerfold.stream import stream_fold
+
+METHODS = [name for name in registry.REGISTRY if name != "original"]
+BUDGET = Budget(0.6, blocks_only=True)
+
+
+def batches(model=None) -> list[dict]:
+    return [sample_inputs(seed=s, batch=2, length=16) for s in range(3)]
+
+
+def options_of(method: registry.Method) -> dict:
+    """The first option set the quick benchmark sweep runs, streamable if the method streams."""
+    options = dict(method.variants(True)[0])
+    if method.streams not in (True, False) and method.why_not_streamed(options) is not None:
+        options = {}  # the defaults stream (uniform ranks)
+    return options
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_on_every_family(name, family, tmp_path):
+    method = registry.get(name)
+    model = build_tiny(family)
+    calibration = Calibration(model, batches())
+    options = options_of(method)
+    plan = method.plan(model, BUDGET, calibration, **options)
+    folded = fold(copy.deepcopy(model), plan, calibration=calibration.statistics(progress=False), progress=False)
+
+    # The budget: whole-block methods round to a whole block; the others keep no more than allowed.
+    before, after = parameter_breakdown(model)["blocks"], parameter_breakdown(folded)["blocks"]
+    slack = before / len(plan.kept_layers()) / 2 / before if not plan.factors() else 0.0
+    assert after / before <= BUDGET.keep + slack + 1e-9, (after / before, plan.describe())
+
+    # Saved and loaded: the same outputs, bit for bit; exported: the same outputs as a plain model.
+    inputs = sample_inputs()
+    layerfold.save(folded, tmp_path / "folded")
+    loaded = layerfold.load(tmp_path / "folded")
+    assert torch.equal(outputs(loaded, inputs), outputs(folded, inputs))
+    layerfold.export(tmp_path / "folded", tmp_path / "plain")
+    plain = layerfold.load_source(tmp_path / "plain")
+    torch.testing.assert_close(outputs(plain, inputs), outputs(folded, inputs), rtol=1e-4, atol=1e-4)
+
+    # Streamed from a checkpoint on disk: the very tensors of the in-memory fold of the same plan.
+    if method.streams is False:
+        return
+    source = tmp_path / "original"
+    model.save_pretrained(source)
+    streamed = tmp_path / "streamed"
+    report = stream_fold(
+        source, streamed, lambda skeleton: method.streamed_plan(skeleton, BUDGET, **options), calibration=batches,
+        progress=False,
+    )  # fmt: skip
+    streamed_plan = FoldPlan.from_dict(report["plan"])
+    again = layerfold.load_source(source)
+    statistics = Calibration(again, batches()).statistics(progress=False) if streamed_plan.whitens() else None
+    fold(again, streamed_plan, calibration=statistics, progress=False)
+    layerfold.save(again, tmp_path / "memory")
+    assert_same_checkpoint(streamed, tmp_path / "memory")
