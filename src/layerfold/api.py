@@ -6,16 +6,21 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from . import data as datasets
+from . import evaluate as ev
+from .budget import Budget, kept_fractions
+from .calibrate import Calibration, calibration_batches
 from .checkpoint import DEFAULT_MAX_SHARD_BYTES
 from .errors import LayerfoldError
 from .families import family_of
 from .folding import fold
-from .io import load, load_source, read_checkpoint_config, save, skeleton_of
-from .store import fold_state
-from .outputs import check_output
+from .io import load, load_any, load_source, load_tokenizer, model_class_of, read_checkpoint_config, save, skeleton_of
 from .methods import registry
+from .outputs import check_output
 from .plan import FoldPlan
 from .report import human_count, markdown_table, parameter_breakdown, size_table, weight_bytes
+from .store import fold_state
+from .stream import method_plan, stream_fold
 
 
 def size_report(model, path: str | Path | None = None) -> dict:
@@ -75,10 +80,6 @@ def fold_with_method(
     progress: bool = True,
 ) -> dict:
     """Fold an original model with a registered method at a parameter budget, save it, report both fractions."""
-    from . import data as datasets
-    from .budget import Budget, kept_fractions
-    from .calibrate import Calibration, calibration_batches
-    from .io import load_tokenizer
 
     start = time.perf_counter()
     chosen = registry.get(method)
@@ -136,11 +137,6 @@ def fold_streamed(
 ) -> dict:
     """Fold a checkpoint folder without loading it (``layerfold fold --stream``): by a plan (or a function of
     the layer count) or by a method whose plan needs only the shapes; see ``layerfold.stream``."""
-    from . import data as datasets
-    from .budget import Budget, kept_fractions
-    from .calibrate import calibration_batches
-    from .io import load_tokenizer
-    from .stream import method_plan, stream_fold
 
     check_output(out, {"original model": model_dir, "calibration text": calib}, overwrite=overwrite)
     budget = None
@@ -268,11 +264,8 @@ def evaluate_path(
     progress: bool = True,
 ) -> dict:
     """One measurement of a model (original or folded) on a data file; see ``layerfold eval --help``."""
-    from . import data as datasets
-    from . import evaluate as ev
     import transformers
 
-    from .io import load_any, load_tokenizer, model_class_of
 
     if task not in ev.TASKS:
         raise LayerfoldError(f"unknown task '{task}' (choose from {', '.join(ev.TASKS)})")

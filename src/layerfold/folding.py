@@ -7,6 +7,7 @@ from torch import nn
 from .calibrate import Statistics
 from .engine import fold_in_memory
 from .errors import LayerfoldError
+from .io import install_save_hook
 from .plan import FoldPlan
 from .store import fold_state
 
@@ -32,7 +33,5 @@ def fold(
         statistics=calibration,
         progress=progress,
     )
-    from .io import install_save_hook  # io builds on this module
-
     install_save_hook(model)
     return model

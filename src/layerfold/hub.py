@@ -13,6 +13,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig, PreTrainedModel
 
+from .io import load
+
 
 class LayerfoldConfig(PreTrainedConfig):
     model_type = "layerfold"
@@ -32,8 +34,6 @@ class _LayerfoldAutoModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args: Any, **kwargs: Any):
-        from .io import load
-
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         model = load(pretrained_model_name_or_path, dtype=None if dtype in (None, "auto") else dtype)
         return cls._select(model)

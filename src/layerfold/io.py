@@ -27,6 +27,7 @@ from .checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
     has_weights,
     load_all,
+    parse_size,
     read_metadata,
     stored_shapes,
     write_tensors,
@@ -125,8 +126,6 @@ def _save_pretrained_folded(
     This writes a layerfold checkpoint instead (safetensors always), which ``layerfold.load`` and
     ``from_pretrained(..., trust_remote_code=True)`` reload bit for bit. Trainer.save_model and
     SentenceTransformer.save call this."""
-    from .checkpoint import parse_size
-
     state = fold_state(self)
     if state is None or type(self).__name__ != state.base_architecture:
         raise LayerfoldError(

@@ -24,7 +24,9 @@ import sys
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from . import __version__
 from .errors import LayerfoldError
+from .plan import FoldPlan
 
 MARKER_NAME = ".layerfold-output.json"
 OWNER_NAME = ".layerfold-partial.json"
@@ -71,8 +73,6 @@ def is_layerfold_file(path: Path) -> bool:
     if text.startswith(REPORT_HEADER):
         return True
     if path.suffix in (".yaml", ".yml", ".json"):
-        from .plan import FoldPlan
-
         try:
             FoldPlan.from_json(text) if path.suffix == ".json" else FoldPlan.from_yaml(text)
         except LayerfoldError:
@@ -204,8 +204,6 @@ def _temporary(parent: Path, target: str) -> Path:
 
 
 def write_marker(folder: Path, command: str | None = None) -> None:
-    from . import __version__
-
     (folder / MARKER_NAME).write_text(json.dumps({"written_by": f"layerfold {__version__}", "command": command}) + "\n")
 
 

@@ -35,7 +35,7 @@ from .analysis import Analysis
 from .budget import Budget, kept_fractions
 from .calibrate import Calibration
 from .errors import LayerfoldError
-from .evaluate import is_causal_lm, mean_pool
+from .evaluate import is_causal_lm, kl_sum_of, mean_pool
 from .families import family_of, projection_shape
 from .folding import fold
 from .methods import registry
@@ -89,9 +89,7 @@ class Proxy:
         total = 0.0
         for batch, reference, output in zip(self.batches, self.reference, outputs):
             if self.causal:
-                mask = batch["attention_mask"].bool()
-                kl = (reference.exp() * (reference - output)).sum(-1)
-                total += float(kl[mask].sum())
+                total += kl_sum_of(reference, output, batch["attention_mask"].bool())
             else:
                 total += float((reference * output).sum())
         count = self.tokens if self.causal else sum(len(r) for r in self.reference)
