@@ -170,3 +170,22 @@ def test_console_script_exit_code_and_message(tiny_dir, tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"layerfold: error: model path not found: {tmp_path / 'nothing'}"
+
+
+def test_help_starts_without_torch_and_fold_help_lists_every_method_option():
+    """The method registry (and torch) loads only for fold; fold --help shows each method's options."""
+    import subprocess
+    import sys
+
+    script = "import sys; from layerfold.cli import main; main(['--help']); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "False", result.stderr
+    result = subprocess.run(
+        [sys.executable, "-c", "from layerfold.cli import main; main(['fold', '--help'])"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    from layerfold.methods import registry
+
+    for name in registry.all_options():
+        assert "--" + name.replace("_", "-") in result.stdout, name
+    assert all(method in result.stdout for method in registry.REGISTRY)

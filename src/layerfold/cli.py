@@ -16,7 +16,6 @@ from typing import Any, Optional
 import typer
 
 from .errors import LayerfoldError
-from .methods import registry  # every registered method's options become flags of ``fold``
 
 app = typer.Typer(
     help="Make pretrained transformers smaller by sharing parameters across layers.",
@@ -101,6 +100,7 @@ def _build_plan(
     return getattr(FoldPlan, strategy.value)(num_layers, unique, **options)
 
 
+# Over 80 lines: most are the command's own flags (the methods' flags are added by ``_fold_signature``).
 def _fold(
     model_dir: Path = typer.Argument(..., help="Original model: a local Hugging Face folder or a .gguf file."),
     out: Path = typer.Option(..., "--out", help="Folder to write the folded model to."),
@@ -111,7 +111,7 @@ def _fold(
     share: Optional[Share] = typer.Option(None, "--share", help="What a tie group shares [default: all]."),
     init: Optional[Init] = typer.Option(None, "--init", help="How shared weights start [default: average]."),
     method: Optional[str] = typer.Option(
-        None, "--method", help=f"Fold at a budget with a method: {', '.join(registry.REGISTRY)}."
+        None, "--method", help="Fold at a budget with a registered method (listed by layerfold fold --help)."
     ),
     keep: Optional[float] = typer.Option(None, "--keep", help="Fraction of all unique parameters to keep."),
     keep_blocks: Optional[float] = typer.Option(
@@ -197,8 +197,18 @@ def _fold(
 
 # ---- fold's method flags, generated from the registered methods' options ------------------------------------
 # --rank, --share and --init are fold's own flags (they serve --strategy too) and reach the tie methods as well.
+# The registry imports torch (seconds), so the flags are generated only when the fold command runs or shows its
+# help (``main`` asks for them); ``layerfold --help`` and the other commands start without them.
 _OWN_FLAGS = ("rank", "share", "init")
-METHOD_FLAGS = {name: info for name, info in registry.all_options().items() if name not in _OWN_FLAGS}
+METHOD_FLAGS: dict[str, dict] = {}
+
+
+def _load_method_flags() -> None:
+    from .methods import registry
+
+    if not METHOD_FLAGS:
+        METHOD_FLAGS.update({n: i for n, i in registry.all_options().items() if n not in _OWN_FLAGS})
+        fold_command.__signature__ = _fold_signature(registry)
 
 
 def _flag_type(kind: Any) -> tuple[Any, Any]:
@@ -222,12 +232,16 @@ def _method_options(flags: dict) -> dict:
 
 
 def fold_command(**values: Any) -> None:
-    flags = {name: values.pop(name) for name in METHOD_FLAGS}
+    flags = {name: values.pop(name) for name in METHOD_FLAGS if name in values}
     _fold(**values, method_flags=flags)
 
 
-def _fold_signature() -> inspect.Signature:
+def _fold_signature(registry=None) -> inspect.Signature:
+    """fold's own flags, and with the ``registry`` every method's options (and the list of methods)."""
     own = [p for p in inspect.signature(_fold, eval_str=True).parameters.values() if p.name != "method_flags"]
+    if registry is not None:
+        text = f"Fold at a budget with a method: {', '.join(registry.REGISTRY)}."
+        own = [p.replace(default=typer.Option(None, "--method", help=text)) if p.name == "method" else p for p in own]
     generated = []
     for name, info in METHOD_FLAGS.items():
         annotation, _ = _flag_type(info["type"])
@@ -497,7 +511,10 @@ def demo_command(
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
+        if next((a for a in args if not a.startswith("-")), None) == "fold":
+            _load_method_flags()
         result = app(args=argv, prog_name="layerfold", standalone_mode=False)
     except LayerfoldError as err:
         typer.echo(f"layerfold: error: {err}", err=True)

@@ -212,7 +212,9 @@ def compress_model_dir(
     progress: bool = True,
 ) -> dict:
     """``layerfold compress``: analyse, plan, fold, optionally heal (from the original, on the same data) and
-    report, into one folded-model folder written atomically (with compress.json/.md, plan.yaml, analysis)."""
+    report, into one folded-model folder written atomically (with compress.json/.md, plan.yaml, analysis).
+
+    Over 80 lines: the job's steps in order, each a call into the layers below."""
     from .heal import HealConfig, heal
 
     start = time.perf_counter()

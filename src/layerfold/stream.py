@@ -126,7 +126,10 @@ def stream_fold(
     """Fold the checkpoint folder ``source`` into ``out`` without loading it (see the module docstring).
 
     ``plan_for``: a plan, or a function of the original model on the meta device. ``calibration``: a function
-    of that model returning calibration batches, for plans that whiten their factorisations."""
+    of that model returning calibration batches, for plans that whiten their factorisations.
+
+    Over 80 lines: the streamed path's whole schedule (checks, skeletons, recipes, the block walk that measures
+    Gram matrices as units need them, the shard writer, the report) kept in one readable sequence."""
     start = time.perf_counter()
     source, out = Path(source), Path(out)
     if not source.is_dir():
