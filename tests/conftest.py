@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -122,3 +123,36 @@ def save_tiny_with_tokenizer(root, names=("llama", "bert")):
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     return root
+
+
+# ---- comparing a streamed fold with the in-memory fold ---------------------------------------------------------
+def assert_same_checkpoint(streamed, in_memory) -> None:
+    """Two folded checkpoints hold the same tensors bit for bit, the same aliases and the same plan."""
+    from layerfold.io import _aliases, read_weights
+
+    a, b = read_weights(streamed), read_weights(in_memory)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+    assert _aliases(streamed) == _aliases(in_memory)
+    assert (
+        json.loads((streamed / "config.json").read_text())["fold_plan"]
+        == json.loads((in_memory / "config.json").read_text())["fold_plan"]
+    )
+
+
+def in_memory_fold(source, plan, out, statistics_batches=None):
+    """Fold the original at ``source`` in memory with ``plan`` and save it to ``out``."""
+    from layerfold.calibrate import Calibration
+    from layerfold.folding import fold
+    from layerfold.io import load_source, save
+    from layerfold.plan import FoldPlan
+
+    model = load_source(source)
+    statistics = None
+    if statistics_batches is not None:
+        statistics = Calibration(model, statistics_batches(model)).statistics(progress=False)
+    fold(model, FoldPlan.from_dict(plan.to_dict()), calibration=statistics, progress=False)
+    save(model, out, source=source)
+    return out

@@ -9,8 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, build_tiny, outputs, sample_inputs
-from test_stream import assert_same_checkpoint
+from conftest import FAMILY_NAMES, assert_same_checkpoint, build_tiny, in_memory_fold, outputs, sample_inputs
 
 import layerfold
 from layerfold.budget import Budget
@@ -72,8 +71,5 @@ def test_every_method_on_every_family(name, family, tmp_path):
         progress=False,
     )  # fmt: skip
     streamed_plan = FoldPlan.from_dict(report["plan"])
-    again = layerfold.load_source(source)
-    statistics = Calibration(again, batches()).statistics(progress=False) if streamed_plan.whitens() else None
-    fold(again, streamed_plan, calibration=statistics, progress=False)
-    layerfold.save(again, tmp_path / "memory")
-    assert_same_checkpoint(streamed, tmp_path / "memory")
+    memory = in_memory_fold(source, streamed_plan, tmp_path / "memory", batches if streamed_plan.whitens() else None)
+    assert_same_checkpoint(streamed, memory)

@@ -7,42 +7,26 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, build_tiny, outputs, sample_inputs, save_tiny_with_tokenizer
+from conftest import (
+    FAMILY_NAMES,
+    assert_same_checkpoint,
+    build_tiny,
+    in_memory_fold,
+    outputs,
+    sample_inputs,
+    save_tiny_with_tokenizer,
+)
 
 from layerfold.budget import Budget
-from layerfold.calibrate import Calibration, calibration_batches
+from layerfold.calibrate import calibration_batches
 from layerfold.checkpoint import INDEX_NAME, ShardWriter
 from layerfold.cli import main
 from layerfold.demo import pydoc_paragraphs
 from layerfold.folding import fold
-from layerfold.io import _aliases, load, load_source, load_tokenizer, read_weights, save
+from layerfold.io import load, load_source, load_tokenizer, read_weights, save
 from layerfold.operations import Drop, Merge, Tie
 from layerfold.plan import FoldPlan
 from layerfold.stream import method_plan, stream_fold
-
-
-def assert_same_checkpoint(streamed, in_memory) -> None:
-    a, b = read_weights(streamed), read_weights(in_memory)
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        assert torch.equal(a[name], b[name]), name
-    assert _aliases(streamed) == _aliases(in_memory)
-    assert (
-        json.loads((streamed / "config.json").read_text())["fold_plan"]
-        == json.loads((in_memory / "config.json").read_text())["fold_plan"]
-    )
-
-
-def in_memory_fold(source, plan: FoldPlan, out, statistics_batches=None):
-    model = load_source(source)
-    statistics = None
-    if statistics_batches is not None:
-        statistics = Calibration(model, statistics_batches(model)).statistics(progress=False)
-    fold(model, FoldPlan.from_dict(plan.to_dict()), calibration=statistics, progress=False)
-    save(model, out, source=source)
-    return out
-
 
 PLANS = {
     "cycle, rank 4": lambda: FoldPlan.cycle(4, 2, rank=4),

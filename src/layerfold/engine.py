@@ -146,11 +146,22 @@ def gram_needs(plan: FoldPlan) -> dict[int, set[str]]:
 
 # ---- original tensors -----------------------------------------------------------------------------------
 class Originals:
-    """Original tensors by input key, read with ``read_names`` (full names -> tensors) and ``name_of`` (input
-    key -> full name), with the plan's LaCo merges applied in order (``merged=False``: as stored)."""
+    """Original tensors by input key, read with ``read_names`` (full names -> tensors), with the plan's LaCo
+    merges applied in order (``merged=False``: as stored). A key's full name is its layer's prefix and its name
+    in the block, passed through ``resolve`` (a checkpoint's own spelling of the model's names)."""
 
-    def __init__(self, read_names: Callable, name_of: Callable[[Input], str], plan: FoldPlan) -> None:
-        self.read_names, self.name_of, self.merges = read_names, name_of, plan.merges()
+    def __init__(
+        self,
+        read_names: Callable,
+        layer_prefix: dict[int, str],
+        plan: FoldPlan,
+        resolve: Callable[[str], str] = lambda name: name,
+    ) -> None:
+        self.read_names, self.layer_prefix, self.merges, self.resolve = read_names, layer_prefix, plan.merges(), resolve
+
+    def name_of(self, key: Input) -> str:
+        layer, name = key
+        return self.resolve(name if layer is None else self.layer_prefix[layer] + name)
 
     def read(self, keys: list[Input], *, merged: bool = True) -> dict[Input, torch.Tensor]:
         wanted = set()
@@ -193,20 +204,17 @@ def fold_in_memory(
     family = family_of(model)
     layer_prefix = layer_prefixes(model, family)
     snapshot = model.state_dict()  # detached views by original name, kept while the structure changes
-
-    def name_of(key: Input) -> str:
-        layer, name = key
-        return name if layer is None else layer_prefix[layer] + name
-
     state = apply_structure(model, plan, base_config=base_config, base_architecture=base_architecture)
     recipes, _ = recipes_for(model, plan, layer_prefix)
     targets = model.state_dict(keep_vars=True)
-    originals = Originals(lambda names: {n: snapshot[n] for n in names}, name_of, plan)
+    originals = Originals(lambda names: {n: snapshot[n] for n in names}, layer_prefix, plan)
     context = Context(
         gram=statistics.gram if statistics is not None else None,
         cache=statistics.cache if statistics is not None else None,
     )
-    units = [u for u in units_of(recipes, plan.num_layers) if u[0].op is not None or _merged(u, plan)]
+    merged_into = {op.into for op in plan.merges()}
+    # Copied tensors are the model's own already, unless a merge writes into their layer.
+    units = [u for u in units_of(recipes, plan.num_layers) if u[0].op is not None or _reads(u, merged_into)]
     for unit in tqdm(units, desc="folding", unit="unit", disable=not progress or not units):
         for name, value in compute(unit, originals, plan, context):
             target = targets[name]
@@ -219,7 +227,6 @@ def fold_in_memory(
     return state
 
 
-def _merged(unit: list[Recipe], plan: FoldPlan) -> bool:
-    """Whether a copied tensor changes: it belongs to a layer a merge writes into."""
-    into = {op.into for op in plan.merges()}
-    return any(i in into for r in unit for i, _ in r.inputs if i is not None)
+def _reads(unit: list[Recipe], layers: set[int]) -> bool:
+    """Whether a unit reads a tensor of one of ``layers``."""
+    return any(i in layers for r in unit for i, _ in r.inputs if i is not None)

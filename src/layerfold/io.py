@@ -37,7 +37,7 @@ from .errors import LayerfoldError, first_line
 from .families import Family, family_for_model_type, family_of
 from .operations.base import FoldedProjection
 from .outputs import atomic_output_dir, check_output
-from .plan import FoldPlan
+from .plan import FoldPlan, legacy_store_keys
 from .sources import (  # noqa: F401 (the original-model readers are offered here too, as before)
     CONFIG_NAME,
     LAYER_FIELDS,
@@ -242,14 +242,19 @@ def _check_aliases(path: Path, aliases: dict[str, str], shapes: dict[str, tuple[
             raise LayerfoldError(f"{path}: alias {alias} names {name}, which is not stored")
 
 
-def read_weights(path: str | Path, aliases: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+def read_weights(
+    path: str | Path, aliases: dict[str, str] | None = None, renamed: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
     """The tensors of a folded checkpoint's weight files, each stored tensor also under its aliases' names.
-    ``aliases``: the checkpoint's alias table when the caller has already read and checked it."""
+    ``aliases``: the checkpoint's alias table when the caller has already read and checked it; ``renamed``:
+    stored names the model now calls otherwise (a format-1 checkpoint's), the aliases given in the new names."""
     path = Path(path)
     if aliases is None:
         aliases = _aliases(path)
         _check_aliases(path, aliases, stored_shapes(path))
     tensors = load_all(path)
+    if renamed:
+        tensors = {renamed.get(name, name): tensor for name, tensor in tensors.items()}
     for alias, name in aliases.items():
         tensors[alias] = tensors[name]
     return tensors
@@ -328,17 +333,9 @@ def checkpoint_format(config: dict, where: str) -> int:
 
 
 def format_1_names(raw_plan: dict, names) -> dict[str, str]:
-    """Format 1 named the store's entries by position: entry g < len(groups) held ``groups[g]``'s shared
-    projections, entry len(groups) + f the basis of ``factors[f]``. The new name of each such stored name."""
-    groups = raw_plan.get("groups", []) if isinstance(raw_plan.get("groups"), list) else []
-    keys: dict[int, str] = {}
-    ties = 0
-    for g, members in enumerate(groups):
-        if isinstance(members, list) and len(members) >= 2:
-            keys[g], ties = f"tie_{ties}", ties + 1
-    factors = raw_plan.get("factors", []) if isinstance(raw_plan.get("factors"), list) else []
-    for f in range(len(factors)):
-        keys[len(groups) + f] = f"factor_{f}"
+    """The new name of each stored name of a format-1 checkpoint whose store entry is named by position
+    (``plan.legacy_store_keys``)."""
+    keys = legacy_store_keys(raw_plan)
     pattern = re.compile(r"((?:^|\.)" + STATE_ATTRIBUTE + r"\.)(\d+)(\.)")
     renamed = {}
     for name in names:
@@ -414,11 +411,7 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
     for name, shape in stored.items():
         if name in expected and expected[name] != shape:
             raise LayerfoldError(f"{path}: {name} is {list(shape)} in the weights but {list(expected[name])} in the config")
-    tensors = load_all(path)
-    if checked.renamed:
-        tensors = {checked.renamed.get(name, name): tensor for name, tensor in tensors.items()}
-    for alias, name in checked.aliases.items():
-        tensors[alias] = tensors[name]
+    tensors = read_weights(path, checked.aliases, checked.renamed)
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as err:

@@ -348,9 +348,20 @@ def _check_unique(num_layers: int, unique: int, minimum: int) -> None:
 
 
 # ---- layerfold 0.1's plan schema ---------------------------------------------------------------------------
-def legacy_tie_groups(data: dict) -> list[list[int]]:
-    """The groups of a 0.1 plan that tie (two or more layers), in its order: the n-th is ``tie_n``."""
-    return [sorted(g) for g in data.get("groups", []) if isinstance(g, list) and len(g) >= 2]
+def _legacy_ties(groups: list) -> list[int]:
+    """The positions in a 0.1 plan's ``groups`` of the groups that tie (two or more layers): the n-th is
+    ``tie_n`` once converted."""
+    return [g for g, members in enumerate(groups) if isinstance(members, list) and len(members) >= 2]
+
+
+def legacy_store_keys(data: dict) -> dict[int, str]:
+    """Format 1 named the store's entries by position: entry g < len(groups) held ``groups[g]``'s shared
+    projections, entry len(groups) + f the basis of ``factors[f]``. Each position's key in the converted plan."""
+    groups = data.get("groups", []) if isinstance(data.get("groups"), list) else []
+    factors = data.get("factors", []) if isinstance(data.get("factors"), list) else []
+    keys = {g: f"tie_{n}" for n, g in enumerate(_legacy_ties(groups))}
+    keys.update({len(groups) + f: f"factor_{f}" for f in range(len(factors))})
+    return keys
 
 
 def convert_legacy(data: dict) -> dict:
@@ -373,7 +384,8 @@ def convert_legacy(data: dict) -> dict:
         if not isinstance(entry, dict) or set(entry) != {"into", "layers"}:
             raise LayerfoldError(f"plan.merges[{n}]: must be a mapping with exactly into and layers")
         operations.append({"op": "merge", **entry})
-    tied = legacy_tie_groups(data)
+    groups = data.get("groups", [])
+    tied = [sorted(groups[g]) for g in _legacy_ties(groups)]
     for members, sources in zip(tied, init_sources(tied, init)):
         operations.append(
             {

@@ -149,17 +149,10 @@ def stream_fold(
     before = {"parameters": parameter_breakdown(original), "bytes_on_disk": weight_bytes(source)}
     after_parameters = parameter_breakdown(folded)
     recipes, aliases = recipes_for(folded, plan, layer_prefix)
-    resolve = _Resolver(checkpoint, original)
-
-    def name_of(key) -> str:
-        """The checkpoint's name of an input."""
-        layer, name = key
-        return resolve(name if layer is None else layer_prefix[layer] + name)
-
-    originals = Originals(checkpoint.read, name_of, plan)
+    originals = Originals(checkpoint.read, layer_prefix, plan, _Resolver(checkpoint, original))
     for recipe in recipes:  # every input exists before any work starts
         for key in recipe.inputs:
-            name_of(key)
+            originals.name_of(key)
     units = units_of(recipes, plan.num_layers)
 
     whitened = plan.whitens()

@@ -18,6 +18,13 @@ from ..errors import LayerfoldError
 Rank = Union[int, str]  # an int >= 0 or "full"
 
 
+def sorted_layers(value: Any) -> Any:
+    """A list or tuple of layer indices as a sorted list; anything else as it is, for ``check`` to refuse."""
+    if isinstance(value, (list, tuple)) and all(isinstance(i, int) for i in value):
+        return sorted(value)
+    return value
+
+
 def check_layer(i: Any, num_layers: int, where: str) -> None:
     if isinstance(i, bool) or not isinstance(i, int):
         raise LayerfoldError(f"{where}: layer indices must be integers, got {i!r}")
@@ -53,11 +60,10 @@ def check_bool(value: Any, where: str) -> None:
 
 @dataclass
 class Operation:
-    """One step of a plan. Subclasses set ``kind`` (its name in plan files) and ``stores`` (whether it holds
-    tensors shared across layers in the fold's store, under its key ``<kind>_<n>``)."""
+    """One step of a plan. Subclasses set ``kind``, its name in plan files; tensors it shares across layers are
+    held in the fold's store under its key ``<kind>_<n>``."""
 
     kind: ClassVar[str] = ""
-    stores: ClassVar[bool] = False
 
     def check(self, num_layers: int, where: str) -> None:
         raise NotImplementedError
@@ -84,9 +90,6 @@ class Operation:
             required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
             missing = [name for name in required if name not in data]
             raise LayerfoldError(f"{where}: a {cls.kind} operation needs {', '.join(missing) or 'its fields'}") from None
-
-    def describe(self) -> str:
-        return self.kind
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..base import Operation, check_layer_list
+from ..base import Operation, sorted_layers, check_layer_list
 
 
 @dataclass
@@ -17,8 +17,7 @@ class Drop(Operation):
     layers: list[int]
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, (list, tuple)) and all(isinstance(i, int) for i in self.layers):
-            self.layers = sorted(self.layers)
+        self.layers = sorted_layers(self.layers)
 
     def check(self, num_layers: int, where: str) -> None:
         check_layer_list(self.layers, num_layers, f"{where}.layers")

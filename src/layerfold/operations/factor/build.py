@@ -10,7 +10,7 @@ from torch import nn
 from ...families import Family, is_transposed, linear_weight
 from ...store import FoldState
 from ..base import Recipe
-from .decompose import decompose, summed_gram
+from .decompose import cached_decomposition
 from .modules import BasisLinear, SharedBasis
 from .spec import Factor
 
@@ -50,14 +50,13 @@ def gram_needs(op: Factor) -> list[tuple[int, str]]:
 def compute(op: Factor, unit: list[Recipe], values: dict, context) -> tuple:
     transposed = next((r.detail["transposed"] for r in unit if r.role == "coefficients"), False)
     stored = [values[i, f"{op.projection}.weight"] for i in op.layers]
-    cache_key = (tuple(op.layers), op.projection, op.whiten)  # as group_decomposition keys the planner's
-    decomposition = context.cache.get(cache_key) if context.cache is not None else None
-    if decomposition is None:
-        gram = summed_gram([context.gram(i, op.projection) for i in op.layers]) if op.whiten else None
-        weights = [w.t() if transposed else w for w in stored]
-        decomposition = decompose(weights, gram, layers=tuple(op.layers), projection=op.projection)
-        if context.cache is not None:
-            context.cache[cache_key] = decomposition
+    decomposition = cached_decomposition(
+        op.layers,
+        op.projection,
+        lambda: [w.t() if transposed else w for w in stored],
+        context.gram if op.whiten else None,
+        context.cache,
+    )
     basis, coefficients = decomposition.factors(op.rank, stored[0].dtype)
     for recipe in unit:
         if recipe.role == "basis":

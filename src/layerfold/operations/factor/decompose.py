@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
@@ -133,16 +133,36 @@ def summed_gram(grams: Sequence[torch.Tensor]) -> torch.Tensor:
     return grams[0] if len(grams) == 1 else sum(grams)
 
 
+def cached_decomposition(
+    layers: Sequence[int],
+    projection: str,
+    weights: Callable[[], list[torch.Tensor]],
+    gram: Callable[[int, str], torch.Tensor] | None,
+    cache: dict | None,
+) -> Decomposition:
+    """``decompose`` of the stacked (out, in) ``weights()`` of one projection over ``layers``, whitened by the
+    summed ``gram(layer, projection)`` when given, kept in ``cache`` (when given) so that the planner's budgets
+    and the fold that follows compute one SVD."""
+    key = (tuple(layers), projection, gram is not None)
+    if cache is not None and key in cache:
+        return cache[key]
+    summed = summed_gram([gram(i, projection) for i in layers]) if gram is not None else None
+    decomposition = decompose(weights(), summed, layers=tuple(layers), projection=projection)
+    if cache is not None:
+        cache[key] = decomposition
+    return decomposition
+
+
 def group_decomposition(
     model: nn.Module, layers: Sequence[int], projection: str, statistics: Statistics | None
 ) -> Decomposition:
-    """Decompose one projection over a group of the (still unfolded) model's layers, cached on ``statistics``
-    so that several budgets reuse one SVD."""
-    key = (tuple(layers), projection, statistics is not None)
-    cache = statistics.cache if statistics is not None else {}
-    if key not in cache:
-        blocks = family_of(model).layer_list(model)
-        weights = [linear_weight(blocks[i].get_submodule(projection)) for i in layers]
-        gram = summed_gram([statistics.gram(i, projection) for i in layers]) if statistics is not None else None
-        cache[key] = decompose(weights, gram, layers=tuple(layers), projection=projection)
-    return cache[key]
+    """Decompose one projection over a group of the (still unfolded) model's layers, whitened and cached by
+    ``statistics`` when given."""
+    blocks = family_of(model).layer_list(model)
+    return cached_decomposition(
+        layers,
+        projection,
+        lambda: [linear_weight(blocks[i].get_submodule(projection)) for i in layers],
+        statistics.gram if statistics is not None else None,
+        statistics.cache if statistics is not None else None,
+    )

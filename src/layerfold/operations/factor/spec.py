@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ...errors import LayerfoldError
 from ...families import linear_weight
-from ..base import Operation, check_bool, check_layer_list, check_rank
+from ..base import Operation, sorted_layers, check_bool, check_layer_list, check_rank
 
 
 @dataclass
@@ -17,7 +17,6 @@ class Factor(Operation):
     calibration data). The rank is stored so that a checkpoint rebuilds without calibration data."""
 
     kind = "factor"
-    stores = True
 
     layers: list[int]
     projection: str
@@ -25,8 +24,7 @@ class Factor(Operation):
     whiten: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, (list, tuple)) and all(isinstance(i, int) for i in self.layers):
-            self.layers = sorted(self.layers)
+        self.layers = sorted_layers(self.layers)
 
     def check(self, num_layers: int, where: str) -> None:
         check_layer_list(self.layers, num_layers, f"{where}.layers")

@@ -7,7 +7,7 @@ from typing import Any
 
 from ...errors import LayerfoldError
 from ...families import ATTENTION, MLP, linear_weight
-from ..base import Operation, Rank, check_bool, check_layer_list, check_rank
+from ..base import Operation, Rank, check_bool, check_layer_list, check_rank, sorted_layers
 
 SHARE_CHOICES = ("all", ATTENTION, MLP)
 
@@ -22,7 +22,6 @@ class Tie(Operation):
     (``self_attn.q_proj``) to a rank."""
 
     kind = "tie"
-    stores = True
 
     layers: list[int]
     share: str = "all"
@@ -31,10 +30,9 @@ class Tie(Operation):
     share_bias: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, (list, tuple)):
-            self.layers = sorted(self.layers) if all(isinstance(i, int) for i in self.layers) else list(self.layers)
-        if isinstance(self.sources, (list, tuple)) and not self.sources:
-            self.sources = list(self.layers) if isinstance(self.layers, list) else self.sources
+        self.layers = sorted_layers(self.layers)
+        if isinstance(self.sources, (list, tuple)) and not self.sources and isinstance(self.layers, list):
+            self.sources = list(self.layers)  # the default: the mean of the group's own layers
 
     def check(self, num_layers: int, where: str) -> None:
         check_layer_list(self.layers, num_layers, f"{where}.layers", minimum=2)
