@@ -23,10 +23,10 @@ LAYERS = {
     "operations": ["layerfold.operations.*.*"],
     "engine and calibration": [
         "layerfold.engine", "layerfold.calibrate", "layerfold.evaluate", "layerfold.outputs", "layerfold.folding",
-        "layerfold.io", "layerfold.hub", "layerfold.sources",
+        "layerfold.io", "layerfold.hub", "layerfold.sources", "layerfold.analysis",
     ],
     "methods": ["layerfold.methods", "layerfold.methods.*"],
-    "heal, analysis, planning": ["layerfold.analysis", "layerfold.planner", "layerfold.heal", "layerfold.heal.*",
+    "heal, analysis, planning": ["layerfold.planner", "layerfold.heal", "layerfold.heal.*",
         "layerfold.stream"],
     "jobs": ["layerfold.api", "layerfold.compress", "layerfold.demo"],
     "cli": ["layerfold.cli", "layerfold._entry", "layerfold.__main__"],

@@ -8,18 +8,29 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny, save_tiny_with_tokenizer
+from conftest import build_tiny, sample_inputs, save_tiny_with_tokenizer
 
-from layerfold.analysis import Analysis, GatedStack, output_similarity, train_gates, weight_similarity
+from layerfold.analysis import (
+    Analysis,
+    GatedStack,
+    analysis_of,
+    cluster,
+    output_similarity,
+    train_gates,
+    weight_similarity,
+)
 from layerfold.budget import Budget
 from layerfold.cli import main
-from layerfold.compress import plan_for_budget, prepare
+from layerfold.calibrate import Calibration
+from layerfold.compress import plan_for_budget, prepare, run_analysis
 from layerfold.demo import pydoc_paragraphs
+from layerfold.errors import LayerfoldError
 from layerfold.families import family_of
 from layerfold.folding import fold
 from layerfold.io import load
+from layerfold.methods import registry
 from layerfold.plan import FoldPlan
-from layerfold.planner import cluster
+from layerfold.planner import Proxy, candidates, search
 from layerfold.report import parameter_breakdown
 
 TWINS = (1, 2)  # in the "twins" models, block 2 is an exact copy of block 1
@@ -111,6 +122,85 @@ def test_cluster_groups_the_most_similar_layers_first():
     similarity = np.array([[1, 0.1, 0.2, 0.1], [0.1, 1, 0.9, 0.3], [0.2, 0.9, 1, 0.1], [0.1, 0.3, 0.1, 1]])
     assert cluster(similarity, range(4), 3) == [[0], [1, 2], [3]]
     assert cluster(similarity, range(4), 1) == [[0, 1, 2, 3]]
+
+
+# ---- the methods that plan from the analysis -----------------------------------------------------------------
+def hand_made_analysis(num_layers: int = 4) -> Analysis:
+    """Gates 0.9, 0.1, 0.5, 0.3; weights: 1 and 2 the closest, then 0 and 3; outputs: 0 and 3, then 0 and 1; no
+    gradients."""
+    distance = np.full((num_layers, num_layers), 0.8)
+    distance[1, 2] = distance[2, 1] = 0.1
+    distance[0, 3] = distance[3, 0] = 0.3
+    np.fill_diagonal(distance, 0.0)
+    cka = np.eye(num_layers)
+    cka[0, 3] = cka[3, 0] = 0.9
+    cka[0, 1] = cka[1, 0] = 0.5
+    return Analysis(
+        model_type="llama", num_layers=num_layers, tokens=1, block_influence=[0.4, 0.3, 0.2, 0.1],
+        angular_distance=[0.1, 0.2, 0.4, 0.3], output_cosine=cka.tolist(), output_cka=cka.tolist(),
+        weight_distance={"q": distance.tolist()}, shared_energy={"q": (1 - distance).tolist()}, rank_fraction=0.25,
+        gates=[0.9, 0.1, 0.5, 0.3],
+    )  # fmt: skip
+
+
+def test_analysed_methods_plan_from_the_analysis_they_are_given():
+    model = build_tiny("llama")
+    analysis, half = hand_made_analysis(), Budget(0.5, blocks_only=True)
+    calibration = Calibration(model, [])  # not measured: the analysis is given
+
+    def plan(name, **options):
+        return registry.get(name).plan(model, half, calibration, analysis, **options)
+
+    assert plan("drop-lowest").dropped() == [1, 3]  # the two smallest gates
+    assert plan("drop-lowest", score="influence").dropped() == [2, 3]
+    assert plan("drop-lowest", score="angular").dropped() == [0, 1]
+    assert [op.layers for op in plan("tie-similar").ties()] == [[0, 3], [1, 2]]
+    assert [op.layers for op in plan("tie-similar", similarity="outputs").ties()] == [[0, 1, 3]]
+    assert {op.rank for op in plan("tie-similar", rank=4).ties()} == {4}
+    # FoldGPT: the smallest gate goes (half of the two blocks' saving), the rest tie by weights (no gradients).
+    foldgpt = plan("foldgpt")
+    assert foldgpt.dropped() == [1] and [op.layers for op in foldgpt.ties()] == [[0, 3]]
+    with pytest.raises(LayerfoldError, match="no gradient matching"):
+        plan("tie-similar", similarity="gradients")
+    with pytest.raises(LayerfoldError, match="--score must be one of"):
+        plan("drop-lowest", score="size")
+
+
+def test_an_analysed_method_measures_the_analysis_once_and_leaves_the_rest_as_it_was():
+    model = build_tiny("bert")  # dropout: a model left in training mode would answer differently each time
+    calibration = Calibration(model, [sample_inputs(seed=s, batch=2, length=16) for s in range(2)])
+    state, numpy_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    first = registry.get("drop-lowest").plan(model, Budget(0.5, blocks_only=True), calibration)
+    assert torch.equal(torch.get_rng_state(), state) and np.array_equal(np.random.get_state()[1], numpy_state)
+    assert not model.training
+    analysis = analysis_of(calibration)
+    assert analysis is analysis_of(calibration) and analysis.gates and analysis.gradient_match
+    assert first.dropped() == sorted(sorted(range(4), key=lambda i: analysis.gates[i])[:2])
+
+
+def test_the_planner_tries_the_registered_methods_candidates_and_nothing_else(saved, monkeypatch):
+    prepared = prepare(saved / "llama", saved / "text.txt", tokens=2048, window=256)
+    analysis = run_analysis(prepared, gate_steps=2, progress=False)
+    proxy = Proxy(prepared.model, prepared.proxy_batches)
+    budget = Budget(0.5, blocks_only=True)
+
+    def tried(allow):
+        result = search(prepared.model, prepared.calibration, analysis, budget, proxy, allow=allow, progress=False)
+        return [c.name for c in result.candidates + result.rejected]
+
+    expected = [c.label for _, c in candidates(analysis, ("drop",))]
+    assert sorted(tried("drop")) == sorted(expected) and len(expected) == 5
+    # A method registered with a candidate is tried; its plan is its own.
+    keep_last = registry.Method(
+        "keep-last", "keep the last K blocks", lambda model, budget, calibration, options: FoldPlan.from_groups(
+            [], drop=range(4 - registry.unique_blocks_for(model, budget)), num_layers=4),
+        candidates=lambda analysis: [registry.Candidate("drop: the first blocks", "drop")],
+    )  # fmt: skip
+    monkeypatch.setitem(registry.REGISTRY, "keep-last", keep_last)
+    assert "drop: the first blocks" in tried("drop")
+    assert "drop: the first blocks" not in tried("tie")
+    monkeypatch.delitem(registry.REGISTRY, "keep-last")
+    assert "drop: the first blocks" not in tried("drop")
 
 
 # ---- the search -----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,7 @@ from .families import family_of, linear_weight
 from .report import markdown_table
 
 Matrix = list[list[float]]
+SIMILARITIES = ("weights", "outputs", "gradients")
 
 
 @dataclass
@@ -73,6 +75,26 @@ class Analysis:
 
     def mean_weight_distance(self) -> np.ndarray:
         return np.mean([np.array(m) for m in self.weight_distance.values()], axis=0)
+
+    def similarity(self, source: str) -> np.ndarray:
+        """L×L similarity of layers by ``source`` (SIMILARITIES): weights (1 − their mean relative distance),
+        outputs (linear CKA) or gradients (gradient cosine)."""
+        if source == "weights":
+            return 1.0 - self.mean_weight_distance()
+        if source == "outputs":
+            return np.array(self.output_cka)
+        if source == "gradients":
+            if not self.gradient_match:
+                raise LayerfoldError("similarity gradients: the analysis has no gradient matching (gradient_batches 0)")
+            return np.array(self.gradient_match)
+        check_similarity(source)
+
+    def measured_similarities(self) -> list[str]:
+        return [s for s in SIMILARITIES if s != "gradients" or self.gradient_match]
+
+    def gates_or_influence(self) -> list[float]:
+        """FoldGPT's gates when they were trained, else Block Influence: a per-block score, low = removable."""
+        return self.gates or self.block_influence
 
     def most_similar_pairs(self, count: int = 5) -> list[dict[str, Any]]:
         """The layer pairs whose weights are closest (lowest mean distance), with every similarity measured."""
@@ -359,6 +381,7 @@ def train_gates(
         return [float(g) for g in gated.gates.detach()]
     finally:
         gated.remove()
+        model.eval()  # Trainer left it in training mode (dropout on); it was measured, not trained
         for param, flag in zip(model.parameters(), flags):
             param.requires_grad_(flag)
 
@@ -439,6 +462,42 @@ def analyze(
         },
         seconds=seconds,
     )
+
+
+def check_similarity(source: str) -> None:
+    if source not in SIMILARITIES:
+        raise LayerfoldError(f"--similarity must be one of {', '.join(SIMILARITIES)}, got {source!r}")
+
+
+def cluster(similarity: np.ndarray, layers: Sequence[int], groups: int) -> list[list[int]]:
+    """Average-linkage agglomerative clustering of ``layers`` into ``groups`` clusters (most similar first)."""
+    clusters = [[i] for i in layers]
+    while len(clusters) > max(groups, 1):
+        best, pair = -math.inf, (0, 1)
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                value = float(np.nanmean([similarity[i, j] for i in clusters[a] for j in clusters[b]]))
+                if value > best:
+                    best, pair = value, (a, b)
+        a, b = pair
+        clusters[a] = sorted(clusters[a] + clusters[b])
+        del clusters[b]
+    return sorted(clusters)
+
+
+def analysis_of(calibration: Calibration, progress: bool = False) -> Analysis:
+    """The analysis of a calibration's model on its batches, measured once and kept on the calibration, for the
+    methods that plan from it when no planner handed them one. Gate training seeds the random generators (HF
+    Trainer); their states are restored, so that measuring here changes nothing that follows."""
+    if "analysis" not in calibration.derived:
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng():
+            calibration.derived["analysis"] = analyze(
+                calibration.model, calibration, mask_token_id=calibration.mask_token_id, progress=progress
+            )
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    return calibration.derived["analysis"]
 
 
 # ---- reports -----------------------------------------------------------------------------------------------

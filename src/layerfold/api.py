@@ -83,6 +83,7 @@ def fold_with_method(
 
     start = time.perf_counter()
     chosen = registry.get(method)
+    chosen.make_options(dict(options or {}))  # unknown or bad options fail before the model loads
     budget = Budget.from_options(keep, keep_blocks)
     if chosen.calibrated and calib is None:
         raise LayerfoldError(f"method {method} needs calibration text: --calib PATH")
@@ -94,8 +95,9 @@ def fold_with_method(
     before = size_report(model, model_dir)
     calibration = None
     if calib is not None:
-        batches = calibration_batches(model, load_tokenizer(model_dir), calib, tokens=calib_tokens, window=calib_window)
-        calibration = Calibration(model, batches, {"data": str(calib)})
+        tokenizer = load_tokenizer(model_dir)
+        batches = calibration_batches(model, tokenizer, calib, tokens=calib_tokens, window=calib_window)
+        calibration = Calibration(model, batches, {"data": str(calib)}, mask_token_id=tokenizer.mask_token_id)
     folded = registry.build(chosen, model, budget, calibration, **(options or {}))
     state = fold_state(folded)
     if state is None:

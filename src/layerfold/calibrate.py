@@ -19,7 +19,7 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -320,11 +320,15 @@ class Calibration:
     """Calibration batches for one original model, and the statistics measured on them, computed on first
     use and kept (so that a sweep over methods and budgets calibrates once)."""
 
-    def __init__(self, model: nn.Module, batches: Sequence[dict], settings: dict | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, batches: Sequence[dict], settings: dict | None = None, *, mask_token_id: int | None = None
+    ) -> None:
         self.model = model
         self.batches = list(batches)
         self.settings = dict(settings or {}, tokens=batch_tokens(self.batches), batches=len(self.batches))
+        self.mask_token_id = mask_token_id  # the tokenizer's, for an encoder's masked-token loss (analysis)
         self._statistics: Statistics | None = None
+        self.derived: dict[str, Any] = {}  # what higher layers measure on these batches, kept (the analysis)
         self.sensitivity_batches = 4
         self.sensitivity_length = 1024
 

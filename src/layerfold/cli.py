@@ -180,14 +180,15 @@ def _fold(
             overwrite=overwrite,
         )
     elif method is not None:
-        report = fold_with_method(
-            model_dir,
-            out,
-            **budget_options,
-            options={**method_options, **plan_options},
-            overwrite=overwrite,
-            max_shard_bytes=max_shard_bytes,
-        )
+        with contextlib.redirect_stdout(sys.stderr):  # Trainer (an analysed method's gates) prints on stdout
+            report = fold_with_method(
+                model_dir,
+                out,
+                **budget_options,
+                options={**method_options, **plan_options},
+                overwrite=overwrite,
+                max_shard_bytes=max_shard_bytes,
+            )
     else:
         if method_options or keep is not None or keep_blocks is not None or calib is not None:
             raise LayerfoldError("--keep, --calib and the method options need --method")
@@ -245,7 +246,7 @@ def _fold_signature(registry=None) -> inspect.Signature:
     generated = []
     for name, info in METHOD_FLAGS.items():
         annotation, _ = _flag_type(info["type"])
-        text = f"{', '.join(info['methods'])}: {info['help']}".replace("%", "%%")
+        text = " ".join(f"{', '.join(names)}: {help}" for help, names in info["helps"].items()).replace("%", "%%")
         option = typer.Option(None, "--" + name.replace("_", "-"), help=text)
         generated.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return inspect.Signature(own + generated)

@@ -70,7 +70,7 @@ def prepare(
             f"({len(batches)} batch of calibration data; give more text or a larger --calib-tokens)"
         )
     held = min(PROXY_BATCHES[causal], max(1, len(batches) // 4))
-    calibration = Calibration(model, batches[:-held], {"data": str(data)})
+    calibration = Calibration(model, batches[:-held], {"data": str(data)}, mask_token_id=tokenizer.mask_token_id)
     return Prepared(model, tokenizer, calibration, batches[-held:], str(data))
 
 

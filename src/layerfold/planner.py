@@ -20,12 +20,12 @@ exceeds the budget. The proxy is the mean KL divergence of next-token distributi
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -124,28 +124,9 @@ class Candidate:
         }
 
 
-def cluster(similarity: np.ndarray, layers: Sequence[int], groups: int) -> list[list[int]]:
-    """Average-linkage agglomerative clustering of ``layers`` into ``groups`` clusters (most similar first)."""
-    clusters = [[i] for i in layers]
-    while len(clusters) > max(groups, 1):
-        best, pair = -math.inf, (0, 1)
-        for a in range(len(clusters)):
-            for b in range(a + 1, len(clusters)):
-                value = float(np.nanmean([similarity[i, j] for i in clusters[a] for j in clusters[b]]))
-                if value > best:
-                    best, pair = value, (a, b)
-        a, b = pair
-        clusters[a] = sorted(clusters[a] + clusters[b])
-        del clusters[b]
-    return sorted(clusters)
-
-
-def _lowest(scores: Sequence[float], count: int) -> list[int]:
-    return sorted(sorted(range(len(scores)), key=lambda i: scores[i])[:count])
-
-
-def _tie_plan(num_layers: int, groups: list[list[int]], drop: Sequence[int] = (), rank: int = 0) -> FoldPlan:
-    return FoldPlan.from_groups([g for g in groups if len(g) >= 2], drop=drop, num_layers=num_layers, rank=rank)
+def _key(plan: FoldPlan) -> str:
+    """What makes two candidates' plans the same: their operations (not the record of who made them)."""
+    return json.dumps(plan.to_dict()["operations"], sort_keys=True)
 
 
 def _relaxation_cost(model: nn.Module, tied_layers: int) -> int:
@@ -222,91 +203,29 @@ class PlanSearch:
         }
 
 
-def _generators(
-    model: nn.Module, analysis: Analysis, allow: Sequence[str], calibration: Calibration
-) -> list[tuple[str, str, Callable[[int], FoldPlan | None], bool]]:
-    """(name, kind, plan for K unique blocks (or for the budget), counts in blocks?) per candidate.
+def candidates(analysis: Analysis, allow: Sequence[str]) -> list[tuple[registry.Method, registry.Candidate]]:
+    """Every registered method's candidates that ``allow`` admits, by kind (CANDIDATE_KINDS), then in the order
+    of the registry."""
+    found = [
+        (method, candidate)
+        for method in registry.REGISTRY.values()
+        for candidate in method.candidates(analysis)
+        if all(part in allow for part in candidate.kind.split("+"))
+    ]
+    return sorted(found, key=lambda pair: registry.CANDIDATE_KINDS.index(pair[1].kind))
 
-    Over 80 lines because it is a list, one entry per kind of candidate, not logic; it is also what issue 16
-    still has to replace by the registered methods."""
 
-    L = analysis.num_layers
-    out: list[tuple[str, str, Callable[[int], FoldPlan | None], bool]] = []
+def _planner_for(
+    model: nn.Module, calibration: Calibration, analysis: Analysis, method: registry.Method, candidate: registry.Candidate
+) -> Callable[[int | Budget], FoldPlan | None]:
+    """The candidate's plan for K unique blocks (whole-block candidates) or for the budget."""
+    layers = analysis.num_layers
 
-    def drop_lowest(scores):
-        return lambda k: FoldPlan.from_groups([], drop=_lowest(scores, L - k), num_layers=L)
+    def make(size: int | Budget) -> FoldPlan | None:
+        budget = Budget(size / layers, blocks_only=True) if candidate.in_blocks else size
+        return method.plan(model, budget, calibration, analysis, **candidate.options)
 
-    if "drop" in allow:
-        if analysis.gates:
-            out.append(("drop: smallest gates", "drop", drop_lowest(analysis.gates), True))
-        out.append(("drop: lowest Block Influence", "drop", drop_lowest(analysis.block_influence), True))
-        out.append(("drop: lowest angular distance", "drop", drop_lowest(analysis.angular_distance), True))
-        out.append(
-            (
-                "drop: evenly spaced",
-                "drop",
-                lambda k: FoldPlan.from_groups(
-                    [], drop=sorted(set(range(L)) - set(registry.evenly_spaced(L, k))), num_layers=L
-                ),
-                True,
-            )
-        )
-        laco = registry.get("laco")
-        out.append(
-            (
-                "drop: LaCo merges of 3",
-                "drop",
-                lambda k: laco.plan(model, Budget(k / L, blocks_only=True), calibration, merge=3, threshold=0.0),
-                True,
-            )
-        )
-    similarities = {"weights": 1.0 - analysis.mean_weight_distance(), "outputs": np.array(analysis.output_cka)}
-    if analysis.gradient_match:
-        similarities["gradients"] = np.array(analysis.gradient_match)
-    if "tie" in allow:
-        out.append(("tie: cycle", "tie", lambda k: FoldPlan.cycle(L, k), True))
-        out.append(("tie: sequence", "tie", lambda k: FoldPlan.sequence(L, k), True))
-        for source, matrix in similarities.items():
-            out.append(
-                (f"tie: similar {source}", "tie", lambda k, m=matrix: _tie_plan(L, cluster(m, range(L), k)), True)
-            )
-        if "drop" in allow:
-            gates = analysis.gates or analysis.block_influence
-            matrix = similarities.get("gradients", similarities["weights"])
-
-            def drop_and_tie(k: int, gates=gates, matrix=matrix) -> FoldPlan:
-                drop = _lowest(gates, (L - k + 1) // 2)
-                kept = [i for i in range(L) if i not in drop]
-                return _tie_plan(L, cluster(matrix, kept, k), drop=drop)
-
-            out.append(("drop + tie: smallest gates, then similar layers", "drop+tie", drop_and_tie, True))
-    if "lora" in allow:
-        for source, make in (
-            ("cycle", lambda k: FoldPlan.cycle(L, k)),
-            (
-                f"similar {'gradients' if 'gradients' in similarities else 'weights'}",
-                lambda k: _tie_plan(L, cluster(similarities.get("gradients", similarities["weights"]), range(L), k)),
-            ),
-        ):
-            out.append((f"tie + LoRA: {source}", "lora", make, True))
-    if "basis" in allow:
-        ends = {"allocation": "sensitivity", "whole": [0, -1]}
-        for method, options, label in (
-            ("basis", {"allocation": "uniform"}, "uniform ranks"),
-            ("basis", ends, "sensitivity ranks, ends whole"),
-            ("svd", {"allocation": "uniform"}, "uniform ranks"),
-            ("svd", ends, "sensitivity ranks, ends whole"),
-        ):
-            chosen = registry.get(method)
-            out.append(
-                (
-                    f"{method}: {label}",
-                    "basis",
-                    lambda budget, m=chosen, o=options: m.plan(model, budget, calibration, **o),
-                    False,
-                )
-            )
-    return out
+    return make
 
 
 def search(
@@ -343,9 +262,10 @@ def search(
     seen: dict[str, str] = {}  # plan JSON -> the candidate that made it first
     best_model, best_score = None, -math.inf
     statistics = None
-    generators = _generators(model, analysis, allow, calibration)
-    for name, kind, make, in_blocks in tqdm(generators, desc="planning", unit="candidate", disable=not progress):
+    for method, entry in tqdm(candidates(analysis, allow), desc="planning", unit="candidate", disable=not progress):
         started = time.perf_counter()
+        name, kind, in_blocks = entry.label, entry.kind, entry.in_blocks
+        make = _planner_for(model, calibration, analysis, method, entry)
         candidate = Candidate(name, kind)
         if in_blocks and whole_blocks < (2 if kind == "lora" else 1):
             candidate.rejected = f"the budget leaves room for {max(whole_blocks, 0)} whole blocks"
@@ -360,7 +280,7 @@ def search(
                 plan = make(blocks) if in_blocks else make(budget)
                 if plan is None:
                     raise LayerfoldError("the method leaves the model as it is")
-                keys.append(plan.to_json(indent=None))
+                keys.append(_key(plan))
                 duplicate = seen.get(keys[-1])
                 if duplicate is not None:
                     break
@@ -387,7 +307,7 @@ def search(
             candidate.rejected = str(err).split(": ")[-1] if ": " in str(err) else str(err)
             rejected.append(candidate)
             continue
-        keys.append(plan.to_json(indent=None))  # as folded (a LoRA candidate's rank is set on the way)
+        keys.append(_key(plan))  # as folded (a LoRA candidate's rank is set on the way)
         duplicate = duplicate or seen.get(keys[-1])
         if duplicate is not None:
             candidate.rejected = f"the same plan as {duplicate}"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .factorize import factor_plan
-from .registry import Method, register
+from .registry import Candidate, Method, register
 
 
 @dataclass
@@ -51,6 +51,18 @@ def _variants(quick: bool) -> list[dict[str, Any]]:
     return [{"allocation": "uniform"}] if quick else [{"allocation": "uniform"}, ends_whole]
 
 
+def candidates(analysis) -> list[Candidate]:
+    return [
+        Candidate("basis: uniform ranks", "basis", {"allocation": "uniform"}, in_blocks=False),
+        Candidate(
+            "basis: sensitivity ranks, ends whole",
+            "basis",
+            {"allocation": "sensitivity", "whole": [0, -1]},
+            in_blocks=False,
+        ),
+    ]
+
+
 METHOD = register(
     Method(
         "basis",
@@ -62,5 +74,6 @@ METHOD = register(
         calibrated=True,
         streams=uniform_only,
         stream_planner=stream_plan,
+        candidates=candidates,
     )
 )

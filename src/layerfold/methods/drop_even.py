@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .registry import Method, drop_plan, evenly_spaced, num_layers, register, unique_blocks_for
+from .registry import Candidate, Method, drop_plan, evenly_spaced, num_layers, register, unique_blocks_for
 
 
 def plan(model, budget, calibration, options):
@@ -10,5 +10,11 @@ def plan(model, budget, calibration, options):
 
 
 METHOD = register(
-    Method("drop-even", "keep K evenly spaced blocks (first and last included), remove the rest", plan, streams=True)
+    Method(
+        "drop-even",
+        "keep K evenly spaced blocks (first and last included), remove the rest",
+        plan,
+        streams=True,
+        candidates=lambda analysis: [Candidate("drop: evenly spaced", "drop")],
+    )
 )

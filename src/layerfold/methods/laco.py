@@ -26,7 +26,7 @@ from ..families import family_of
 from ..operations import Drop, Merge
 from ..operations.merge.build import merge_blocks
 from ..plan import FoldPlan
-from .registry import Method, register
+from .registry import Candidate, Method, register
 from .shortgpt import block_parameters
 
 
@@ -169,5 +169,6 @@ METHOD = register(
         # 0.04-0.46), so the sweep also runs the merges unchecked; a user sets --threshold.
         lambda quick: [{"merge": 3, "threshold": 0.0}],
         calibrated=True,
+        candidates=lambda analysis: [Candidate("drop: LaCo merges of 3", "drop", {"merge": 3, "threshold": 0.0})],
     )
 )

@@ -7,7 +7,8 @@ that turns an original model, a parameter budget and (if it needs one) a calibra
 and a ``register(Method(...))`` call. Registering it is all it takes: its options become ``layerfold fold
 --method`` flags, ``variants`` lists the option sets the benchmark sweep runs, ``streams`` says whether (and
 with which options) its plan follows from the shapes alone so that ``fold --stream`` can use it, and the
-common tests run it on every family.
+common tests run it on every family. ``candidates`` are the option sets the planner (``layerfold.planner``)
+folds and scores when it searches for a plan: the planner knows no method but through them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 from torch import nn
 
+from ..analysis import Analysis, analysis_of
 from ..budget import Budget
 from ..calibrate import Calibration
 from ..errors import LayerfoldError
@@ -35,14 +37,41 @@ class NoOptions:
     """This method has no options: what it removes follows from the budget."""
 
 
+# What --allow must admit for the planner to try a candidate, in the order the planner tries them.
+CANDIDATE_KINDS = ("drop", "tie", "drop+tie", "lora", "basis")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One option set of a method that the planner folds and scores.
+
+    ``kind``: one of CANDIDATE_KINDS (``--allow`` admits it when it admits every part of it). Whole-block
+    candidates (``in_blocks``) are planned for K unique blocks, as the budget ``Budget(K / L, blocks_only)``,
+    and tried again with one block fewer when per-layer tensors tip them over the budget; the others plan for
+    the budget itself. A ``lora`` candidate is planned with one block fewer and the planner spends the rest of
+    the budget on the rank of its ties' relaxations."""
+
+    label: str
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+    in_blocks: bool = True
+
+
+def no_candidates(analysis: Analysis) -> list[Candidate]:
+    return []
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     description: str
-    planner: Callable[..., FoldPlan | None]  # (model, budget, calibration, options) -> plan (None: unchanged)
+    # (model, budget, calibration, options) -> plan (None: unchanged); with ``analysed``, also the analysis.
+    planner: Callable[..., FoldPlan | None]
     options: type = NoOptions
     variants: Callable[[bool], list[dict[str, Any]]] = field(default=lambda quick: [{}])
     calibrated: bool = False  # needs calibration data
+    analysed: bool = False  # plans from the analysis of the calibration data (``layerfold.analysis``; calibrated too)
+    candidates: Callable[[Analysis], list[Candidate]] = no_candidates  # what the planner tries
     # Whether a streamed fold can plan with it (from the shapes alone, on the meta device): False, True, or a
     # function of the options that returns why not (None: it can).
     streams: bool | Callable[[Any], str | None] = False
@@ -58,10 +87,22 @@ class Method:
         check_options(self, values)
         return self.options(**values)
 
-    def plan(self, model: nn.Module, budget: Budget, calibration: Calibration | None, **options: Any) -> FoldPlan | None:
+    def plan(
+        self,
+        model: nn.Module,
+        budget: Budget,
+        calibration: Calibration | None,
+        analysis: Analysis | None = None,
+        **options: Any,
+    ) -> FoldPlan | None:
+        """The plan for ``budget``. An analysed method uses ``analysis`` (the planner's), or measures one on the
+        calibration data (once per calibration)."""
         if self.calibrated and calibration is None:
             raise LayerfoldError(f"method {self.name} needs calibration data (--calib PATH)")
-        return self.planner(model, budget, calibration, self.make_options(options))
+        chosen = self.make_options(options)
+        if self.analysed:
+            return self.planner(model, budget, calibration, chosen, analysis or analysis_of(calibration))
+        return self.planner(model, budget, calibration, chosen)
 
     def why_not_streamed(self, options: dict[str, Any]) -> str | None:
         """None when a streamed fold can plan with these options; else the reason."""
@@ -145,13 +186,15 @@ def option_types(options: type) -> dict[str, Any]:
 
 
 def all_options() -> dict[str, dict[str, Any]]:
-    """Every option any registered method takes: its type, help and the methods that take it."""
+    """Every option any registered method takes: its type, the methods that take it and their help (``helps``:
+    help -> the methods that give it, as methods may mean different values by one name, e.g. --score)."""
     found: dict[str, dict[str, Any]] = {}
     for method in REGISTRY.values():
         helps, types = option_help(method.options), option_types(method.options)
         for name in method.option_names:
-            entry = found.setdefault(name, {"type": types[name], "help": helps.get(name, ""), "methods": []})
+            entry = found.setdefault(name, {"type": types[name], "methods": [], "helps": {}})
             entry["methods"].append(method.name)
+            entry["helps"].setdefault(helps.get(name, ""), []).append(method.name)
     return found
 
 
@@ -172,6 +215,11 @@ def unique_blocks_for(model: nn.Module, budget: Budget) -> int:
 def evenly_spaced(num: int, keep: int) -> list[int]:
     """``keep`` layer indices spread over ``num`` layers, first and last included."""
     return sorted({int(i) for i in np.linspace(0, num - 1, keep).round()}) if keep > 1 else [0]
+
+
+def lowest(scores: list[float], count: int) -> list[int]:
+    """The indices of the ``count`` lowest scores, in order (ties: the earlier index first)."""
+    return sorted(sorted(range(len(scores)), key=lambda i: scores[i])[:count])
 
 
 def drop_plan(model: nn.Module, kept: list[int]) -> FoldPlan:

@@ -8,7 +8,7 @@ from typing import Any
 
 from .basis import uniform_only
 from .factorize import factor_plan
-from .registry import Method, register
+from .registry import Candidate, Method, register
 
 
 @dataclass
@@ -36,6 +36,18 @@ def _variants(quick: bool) -> list[dict[str, Any]]:
     return [ends_whole] if quick else [{"allocation": "uniform"}, {"allocation": "sensitivity"}, ends_whole]
 
 
+def candidates(analysis) -> list[Candidate]:
+    return [
+        Candidate("svd: uniform ranks", "basis", {"allocation": "uniform"}, in_blocks=False),
+        Candidate(
+            "svd: sensitivity ranks, ends whole",
+            "basis",
+            {"allocation": "sensitivity", "whole": [0, -1]},
+            in_blocks=False,
+        ),
+    ]
+
+
 METHOD = register(
     Method(
         "svd",
@@ -46,5 +58,6 @@ METHOD = register(
         calibrated=True,
         streams=uniform_only,
         stream_planner=stream_plan,
+        candidates=candidates,
     )
 )

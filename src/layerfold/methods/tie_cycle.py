@@ -1,0 +1,30 @@
+"""tie-cycle: Relaxed Recursive Transformers' tying at a budget. K unique blocks (from the budget) are looped:
+layer i uses block i mod K; every tied layer may get an SVD-initialised LoRA relaxation (``--rank``)."""
+
+from __future__ import annotations
+
+from ..plan import FoldPlan
+from .registry import Candidate, Method, num_layers, register, unique_blocks_for
+from .tying import TieOptions, tie_variants
+
+
+def plan(model, budget, calibration, options: TieOptions) -> FoldPlan:
+    return FoldPlan.cycle(num_layers(model), unique_blocks_for(model, budget), **options.tie_options())
+
+
+def candidates(analysis) -> list[Candidate]:
+    return [Candidate("tie: cycle", "tie"), Candidate("tie + LoRA: cycle", "lora")]
+
+
+METHOD = register(
+    Method(
+        "tie-cycle",
+        "Relaxed Recursive Transformers tying: layer i uses block i mod K; per-layer SVD-initialised LoRA of the "
+        "given rank",
+        plan,
+        TieOptions,
+        tie_variants,
+        streams=True,
+        candidates=candidates,
+    )
+)
