@@ -30,13 +30,13 @@ from tqdm.auto import tqdm
 
 from layerfold.budget import Budget, kept_fractions
 from layerfold.calibrate import Calibration, calibration_batches
-from layerfold.compress import prepare, run_analysis
+from layerfold.compress import plan_for_budget, planning_analysis, prepare
 from layerfold.data import read_sts, wikitext_half
 from layerfold.demo import default_model_path
 from layerfold.evaluate import perplexity, sts_spearman, tokenize_text
 from layerfold.heal import heal
 from layerfold.io import load, load_tokenizer, save
-from layerfold.planner import Proxy, search
+from layerfold.planner import Proxy
 from layerfold.report import markdown_table, parameter_breakdown
 
 BLOCK_BUDGETS = (0.83, 0.67, 0.5)
@@ -108,7 +108,7 @@ def run_model(
     prepared = prepare(t["path"], t["data"], tokens=t["tokens"])
     load_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    analysis = run_analysis(prepared, energy_window=1, gate_steps=10 if quick else 20, grams=True)
+    analysis = planning_analysis(prepared, gate_steps=10 if quick else 20)
     analysis_seconds = time.perf_counter() - started
     proxy = Proxy(prepared.model, prepared.proxy_batches)
     # The chosen plan is fitted again on the sweep's own calibration data, so that auto and the fixed rows differ
@@ -128,7 +128,7 @@ def run_model(
         budgets = [b for b in budgets if b in only]
     rows = []
     for budget in tqdm(budgets, desc=f"{t['model']} auto", unit="budget"):
-        result = search(prepared.model, prepared.calibration, analysis, budget, proxy, refit=refit)
+        _, result = plan_for_budget(prepared, budget, analysis=analysis, proxy=proxy, refit=refit)
         search_seconds = result.seconds
         folded = result.best_model
         value = t["measure"](folded)

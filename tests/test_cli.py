@@ -70,6 +70,25 @@ def test_fold_json_report(capsys, tiny_dir, tmp_path):
     assert report["after"]["bytes_on_disk"] < report["before"]["bytes_on_disk"]
 
 
+def test_a_job_returns_a_typed_report_that_the_command_prints(capsys, tiny_dir, tmp_path):
+    from layerfold.api import FoldReport, checkpoint_info, fold_with_method
+
+    report = fold_with_method(tiny_dir, tmp_path / "f", keep_blocks=0.5, method="tie-cycle", progress=False)
+    assert isinstance(report, FoldReport) and report.method == "tie-cycle" and report.keep_blocks <= 0.55
+    # Read as a mapping too (the dicts of layerfold 0.1), with the very keys --json prints.
+    assert report["budget"] == {"fraction": 0.5, "counts": "blocks"} and "streamed" not in report
+    assert dict(report) == report.to_dict() == json.loads(report.to_json())
+    assert report.markdown().startswith(f"Folded {tiny_dir}") and "Budget: 0.5 of the block" in report.markdown()
+    info = checkpoint_info(tmp_path / "f")
+    code, out, _ = run(capsys, "info", tmp_path / "f", "--json")
+    assert code == 0 and json.loads(out) == info.to_dict()
+    code, out, _ = run(capsys, "info", tmp_path / "f")
+    assert out.strip() == info.markdown().strip()
+    # A plan fold's report has no budget keys at all (not nulls).
+    code, out, _ = run(capsys, "fold", tiny_dir, "--out", tmp_path / "g", "--strategy", "cycle", "--unique", "2", "--json")
+    assert code == 0 and not {"budget", "keep", "method", "calibration"} & set(json.loads(out))
+
+
 def test_fold_with_a_plan_file_then_export(capsys, tiny_dir, tmp_path):
     plan_file = tmp_path / "plan.yaml"
     FoldPlan.from_groups([[0, 2]], drop=[3], num_layers=4, rank="full").save(plan_file)

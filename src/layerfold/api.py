@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +19,7 @@ from .io import load, load_any, load_source, load_tokenizer, model_class_of, rea
 from .methods import registry
 from .outputs import check_output
 from .plan import FoldPlan
-from .report import human_count, markdown_table, parameter_breakdown, size_table, weight_bytes
+from .report import ABSENT, Report, human_count, markdown_table, merged, parameter_breakdown, size_table, weight_bytes
 from .store import fold_state
 from .stream import method_plan, stream_fold
 
@@ -26,6 +27,66 @@ from .stream import method_plan, stream_fold
 def size_report(model, path: str | Path | None = None) -> dict:
     """Unique parameters split by role, and the bytes of the weight files at ``path`` if given."""
     return {"parameters": parameter_breakdown(model), "bytes_on_disk": weight_bytes(path) if path else None}
+
+
+@dataclass(eq=False)
+class FoldReport(Report):
+    """``layerfold fold``: what was folded into what, by which plan, and the sizes before and after."""
+
+    model: str
+    model_type: str
+    out: str
+    plan: dict
+    plan_summary: str
+    before: dict
+    after: dict
+    seconds: float
+    method: str = ABSENT  # a fold by a method at a budget
+    budget: dict = ABSENT
+    keep: float = ABSENT
+    keep_blocks: float = ABSENT
+    calibration: dict | None = ABSENT
+    streaming: dict = merged()  # a streamed fold: dtype, units, shards, source/output bytes, peak memory
+
+    def markdown(self) -> str:
+        return "\n".join(
+            [
+                f"Folded {self.model} ({self.model_type}) -> {self.out}",
+                f"Plan: {self.plan_summary}",
+                *(
+                    [
+                        f"Budget: {self.budget['fraction']:g} of the "
+                        f"{'block' if self.budget['counts'] == 'blocks' else 'unique'} parameters; kept "
+                        f"{self.keep:.1%} of all unique parameters and {self.keep_blocks:.1%} of the block "
+                        "parameters."
+                    ]
+                    if self.budget is not ABSENT
+                    else []
+                ),
+                "",
+                size_table(self.before, self.after),
+                "",
+                *(
+                    ["The original is a quantised GGUF file; the folded model is stored in full precision."]
+                    if self.model.endswith(".gguf")
+                    else []
+                ),
+                *(
+                    [
+                        f"Streamed: {self.streaming['units']} units from {self.streaming['source_bytes'] / 1e9:.2f} "
+                        f"GB of {self.streaming['dtype']} weights into {self.streaming['shards']} shard(s); peak "
+                        f"resident memory {self.streaming['peak_rss_bytes'] / 1e9:.2f} GB."
+                    ]
+                    if self.streaming.get("streamed")
+                    else []
+                ),
+                f"Done in {self.seconds:.1f} s.",
+            ]
+        )
+
+
+def _budget_dict(budget: Budget) -> dict:
+    return {"fraction": budget.keep, "counts": "blocks" if budget.blocks_only else "all"}
 
 
 def fold_model_dir(
@@ -36,7 +97,7 @@ def fold_model_dir(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
-) -> dict:
+) -> FoldReport:
     """Load an original model, fold it with a plan (or a function of the layer count), save it, report sizes."""
     start = time.perf_counter()
     check_output(out, {"original model": model_dir}, overwrite=overwrite)
@@ -52,16 +113,16 @@ def fold_model_dir(
     fold(model, plan, progress=progress)
     save(model, out, source=model_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     after = size_report(model, out)
-    return {
-        "model": str(model_dir),
-        "model_type": model.config.model_type,
-        "out": str(out),
-        "plan": plan.to_dict(),
-        "plan_summary": plan.describe(),
-        "before": before,
-        "after": after,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    return FoldReport(
+        model=str(model_dir),
+        model_type=model.config.model_type,
+        out=str(out),
+        plan=plan.to_dict(),
+        plan_summary=plan.describe(),
+        before=before,
+        after=after,
+        seconds=round(time.perf_counter() - start, 2),
+    )
 
 
 def fold_with_method(
@@ -78,7 +139,7 @@ def fold_with_method(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
-) -> dict:
+) -> FoldReport:
     """Fold an original model with a registered method at a parameter budget, save it, report both fractions."""
 
     start = time.perf_counter()
@@ -105,20 +166,20 @@ def fold_with_method(
     save(folded, out, source=model_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     after = size_report(folded, out)
     plan = state.plan
-    return {
-        "model": str(model_dir),
-        "model_type": model.config.model_type,
-        "out": str(out),
-        "method": method,
-        "budget": {"fraction": budget.keep, "counts": "blocks" if budget.blocks_only else "all"},
+    return FoldReport(
+        model=str(model_dir),
+        model_type=model.config.model_type,
+        out=str(out),
+        method=method,
+        budget=_budget_dict(budget),
         **kept_fractions(before["parameters"], after["parameters"]),
-        "calibration": calibration.settings if calibration is not None else None,
-        "plan": plan.to_dict(),
-        "plan_summary": plan.describe(),
-        "before": before,
-        "after": after,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+        calibration=calibration.settings if calibration is not None else None,
+        plan=plan.to_dict(),
+        plan_summary=plan.describe(),
+        before=before,
+        after=after,
+        seconds=round(time.perf_counter() - start, 2),
+    )
 
 
 def fold_streamed(
@@ -136,7 +197,7 @@ def fold_streamed(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     progress: bool = True,
-) -> dict:
+) -> FoldReport:
     """Fold a checkpoint folder without loading it (``layerfold fold --stream``): by a plan (or a function of
     the layer count) or by a method whose plan needs only the shapes; see ``layerfold.stream``."""
 
@@ -172,85 +233,92 @@ def fold_streamed(
         other_inputs={"calibration text": calib},
         progress=progress,
     )
+    own = {
+        name: report.pop(name)
+        for name in ("model", "model_type", "out", "plan", "plan_summary", "before", "after", "seconds")
+    }
+    folded = FoldReport(**own, streaming=report)
     if budget is not None:
-        report["method"] = method
-        report["budget"] = {"fraction": budget.keep, "counts": "blocks" if budget.blocks_only else "all"}
-        report.update(kept_fractions(report["before"]["parameters"], report["after"]["parameters"]))
-    return report
+        folded.method, folded.budget = method, _budget_dict(budget)
+        fractions = kept_fractions(folded.before["parameters"], folded.after["parameters"])
+        folded.keep, folded.keep_blocks = fractions["keep"], fractions["keep_blocks"]
+    return folded
 
 
-def fold_report_markdown(report: dict) -> str:
-    return "\n".join(
-        [
-            f"Folded {report['model']} ({report['model_type']}) -> {report['out']}",
-            f"Plan: {report['plan_summary']}",
-            *(
-                [
-                    f"Budget: {report['budget']['fraction']:g} of the "
-                    f"{'block' if report['budget']['counts'] == 'blocks' else 'unique'} parameters; kept "
-                    f"{report['keep']:.1%} of all unique parameters and {report['keep_blocks']:.1%} of the block "
-                    "parameters."
-                ]
-                if "budget" in report
-                else []
-            ),
-            "",
-            size_table(report["before"], report["after"]),
-            "",
-            *(
-                ["The original is a quantised GGUF file; the folded model is stored in full precision."]
-                if report["model"].endswith(".gguf")
-                else []
-            ),
-            *(
-                [
-                    f"Streamed: {report['units']} units from {report['source_bytes'] / 1e9:.2f} GB of "
-                    f"{report['dtype']} weights into {report['shards']} shard(s); peak resident memory "
-                    f"{report['peak_rss_bytes'] / 1e9:.2f} GB."
-                ]
-                if report.get("streamed")
-                else []
-            ),
-            f"Done in {report['seconds']:.1f} s.",
+@dataclass(eq=False)
+class InfoReport(Report):
+    """``layerfold info``: a folded checkpoint's base model, plan, unique parameters and bytes on disk."""
+
+    path: str
+    base_architecture: str
+    model_type: str
+    layerfold_version: str | None
+    layers: int
+    layers_kept: int
+    unique_blocks: int
+    plan: dict
+    plan_summary: str
+    parameters: dict
+    bytes_on_disk: int
+
+    def markdown(self) -> str:
+        params = self.parameters
+        rows = [
+            ["base model", f"{self.base_architecture} ({self.model_type})"],
+            ["layers", f"{self.layers} -> {self.layers_kept} kept, {self.unique_blocks} unique blocks"],
+            ["plan", self.plan_summary],
+            ["unique parameters", human_count(params["total"])],
+            [
+                "- embeddings / blocks / other",
+                " / ".join(human_count(params[k]) for k in ("embeddings", "blocks", "other")),
+            ],
+            ["weights on disk", f"{self.bytes_on_disk:,} bytes"],
+            ["written by", f"layerfold {self.layerfold_version}"],
         ]
-    )
+        return markdown_table(["", self.path], rows)
 
 
-def checkpoint_info(path: str | Path) -> dict:
+def checkpoint_info(path: str | Path) -> InfoReport:
     """Describe a folded checkpoint: base model, plan, unique parameters, bytes on disk."""
     config = read_checkpoint_config(path)
     plan = FoldPlan.from_dict(config["fold_plan"])
     model = load(path)
-    return {
-        "path": str(path),
-        "base_architecture": config["base_architecture"],
-        "model_type": config["base_config"]["model_type"],
-        "layerfold_version": config.get("layerfold_version"),
-        "layers": plan.num_layers,
-        "layers_kept": len(plan.kept_layers()),
-        "unique_blocks": plan.unique_blocks(),
-        "plan": plan.to_dict(),
-        "plan_summary": plan.describe(),
-        "parameters": parameter_breakdown(model),
-        "bytes_on_disk": weight_bytes(path),
-    }
+    return InfoReport(
+        path=str(path),
+        base_architecture=config["base_architecture"],
+        model_type=config["base_config"]["model_type"],
+        layerfold_version=config.get("layerfold_version"),
+        layers=plan.num_layers,
+        layers_kept=len(plan.kept_layers()),
+        unique_blocks=plan.unique_blocks(),
+        plan=plan.to_dict(),
+        plan_summary=plan.describe(),
+        parameters=parameter_breakdown(model),
+        bytes_on_disk=weight_bytes(path),
+    )
 
 
-def info_markdown(info: dict) -> str:
-    params = info["parameters"]
-    rows = [
-        ["base model", f"{info['base_architecture']} ({info['model_type']})"],
-        ["layers", f"{info['layers']} -> {info['layers_kept']} kept, {info['unique_blocks']} unique blocks"],
-        ["plan", info["plan_summary"]],
-        ["unique parameters", human_count(params["total"])],
-        [
-            "- embeddings / blocks / other",
-            " / ".join(human_count(params[k]) for k in ("embeddings", "blocks", "other")),
-        ],
-        ["weights on disk", f"{info['bytes_on_disk']:,} bytes"],
-        ["written by", f"layerfold {info['layerfold_version']}"],
-    ]
-    return markdown_table(["", info["path"]], rows)
+@dataclass(eq=False)
+class EvalReport(Report):
+    """``layerfold eval``: one measurement (``result``: task, metric, value, settings and the task's own keys)."""
+
+    model: str
+    data: str | None
+    result: dict = merged()
+
+    def markdown(self) -> str:
+        result = self.to_dict()
+        settings = ", ".join(f"{k}={v}" for k, v in result.get("settings", {}).items())
+        value = result["value"]
+        shown = f"{value:.4g}" if isinstance(value, float) else f"{value:,}"
+        rows = [["model", result["model"]], ["task", result["task"]], [result["metric"], shown]]
+        for key in ("top1_agreement", "min", "bytes_on_disk", "peak_rss_bytes"):
+            if key in result:
+                rows.append([key, f"{result[key]:.4g}" if isinstance(result[key], float) else f"{result[key]:,}"])
+        if result.get("data"):
+            rows.append(["data", result["data"]])
+        rows.append(["settings", settings])
+        return markdown_table(["", "value"], rows)
 
 
 def evaluate_path(
@@ -264,10 +332,9 @@ def evaluate_path(
     max_length: int = 1024,
     stride: int = 512,
     progress: bool = True,
-) -> dict:
+) -> EvalReport:
     """One measurement of a model (original or folded) on a data file; see ``layerfold eval --help``."""
     import transformers
-
 
     if task not in ev.TASKS:
         raise LayerfoldError(f"unknown task '{task}' (choose from {', '.join(ev.TASKS)})")
@@ -319,18 +386,4 @@ def evaluate_path(
     else:
         texts = datasets.text_units(data, limit) if data is not None else datasets.pydoc_paragraphs()
         result = ev.speed(model, load_tokenizer(model_path), texts)
-    return {"model": str(model_path), "data": str(data) if data is not None else None, **result}
-
-
-def evaluation_markdown(result: dict) -> str:
-    settings = ", ".join(f"{k}={v}" for k, v in result.get("settings", {}).items())
-    value = result["value"]
-    shown = f"{value:.4g}" if isinstance(value, float) else f"{value:,}"
-    rows = [["model", result["model"]], ["task", result["task"]], [result["metric"], shown]]
-    for key in ("top1_agreement", "min", "bytes_on_disk", "peak_rss_bytes"):
-        if key in result:
-            rows.append([key, f"{result[key]:.4g}" if isinstance(result[key], float) else f"{result[key]:,}"])
-    if result.get("data"):
-        rows.append(["data", result["data"]])
-    rows.append(["settings", settings])
-    return markdown_table(["", "value"], rows)
+    return EvalReport(model=str(model_path), data=str(data) if data is not None else None, result=result)

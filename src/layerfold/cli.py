@@ -75,8 +75,12 @@ def _list(text: Optional[str], kind: type, option: str) -> Optional[list]:
         raise LayerfoldError(f"{option}: expected a comma-separated list, got '{text}'") from None
 
 
-def _emit(as_json: bool, payload: dict, markdown: str) -> None:
-    typer.echo(json.dumps(payload, indent=2, default=str) if as_json else markdown)
+def _emit(as_json: bool, report, leave_out: tuple[str, ...] = ()) -> None:
+    """A job's report on stdout: its JSON (without ``leave_out``) or its Markdown."""
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in report.to_dict().items() if k not in leave_out}, indent=2, default=str))
+    else:
+        typer.echo(report.markdown())
 
 
 def _build_plan(
@@ -136,7 +140,7 @@ def _fold(
     method_flags: Optional[dict] = None,
 ) -> None:
     """Fold a model and save it: by a plan or tying strategy, or by a method at a parameter budget."""
-    from .api import fold_model_dir, fold_report_markdown, fold_streamed, fold_with_method
+    from .api import fold_model_dir, fold_streamed, fold_with_method
     from .checkpoint import parse_size
     from .outputs import check_output
 
@@ -193,7 +197,7 @@ def _fold(
         if method_options or keep is not None or keep_blocks is not None or calib is not None:
             raise LayerfoldError("--keep, --calib and the method options need --method")
         report = fold_model_dir(model_dir, out, plan_for=plan_for, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
-    _emit(as_json, report, fold_report_markdown(report))
+    _emit(as_json, report)
 
 
 # ---- fold's method flags, generated from the registered methods' options ------------------------------------
@@ -263,10 +267,10 @@ def info_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Describe a folded model: its plan, unique parameters and size on disk."""
-    from .api import checkpoint_info, info_markdown
+    from .api import checkpoint_info
 
     info = checkpoint_info(folded_dir)
-    _emit(as_json, info, info_markdown(info))
+    _emit(as_json, info)
 
 
 @app.command("export")
@@ -302,7 +306,7 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Measure a model: perplexity, STS-B Spearman, fidelity to a reference, size, or speed."""
-    from .api import evaluate_path, evaluation_markdown
+    from .api import evaluate_path
 
     result = evaluate_path(
         model,
@@ -314,7 +318,7 @@ def eval_command(
         max_length=max_length,
         stride=stride,
     )
-    _emit(as_json, result, evaluation_markdown(result))
+    _emit(as_json, result)
 
 
 class Train(str, Enum):
@@ -363,7 +367,7 @@ def heal_command(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Heal a folded model by distillation from its original (HF Trainer; runs under accelerate launch)."""
-    from .heal import HealConfig, LossWeights, heal, heal_markdown
+    from .heal import HealConfig, LossWeights, heal
 
     config = HealConfig(
         steps=steps,
@@ -397,8 +401,7 @@ def heal_command(
             keep_checkpoints=keep_checkpoints,
         )
     if int(os.environ.get("RANK", "0")) == 0:
-        report = {k: v for k, v in report.items() if k != "log_history"}
-        _emit(as_json, report, heal_markdown(report))
+        _emit(as_json, report, leave_out=("log_history",))
 
 
 @app.command("analyze")
@@ -420,7 +423,7 @@ def analyze_command(
         report = analyze_model_dir(
             model_dir, data, out, tokens=calib_tokens, gate_steps=gate_steps, overwrite=overwrite
         )
-    _emit(as_json, {k: v for k, v in report.items() if k != "markdown"}, report["markdown"])
+    _emit(as_json, report)
 
 
 @app.command("plan")
@@ -457,7 +460,7 @@ def plan_command(
             gate_steps=gate_steps,
             overwrite=overwrite,
         )
-    _emit(as_json, report, f"Plan written to {report['out']}: {report['plan_summary']}\n\n{report['explanation']}")
+    _emit(as_json, report)
 
 
 @app.command("compress")
@@ -477,7 +480,7 @@ def compress_command(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Analyse, plan, fold, heal (optional) and evaluate in one command."""
-    from .compress import compress_markdown, compress_model_dir
+    from .compress import compress_model_dir
 
     with contextlib.redirect_stdout(sys.stderr):
         report = compress_model_dir(
@@ -492,7 +495,7 @@ def compress_command(
             heal_steps=heal_steps,
             overwrite=overwrite,
         )
-    _emit(as_json, report, compress_markdown(report))
+    _emit(as_json, report)
 
 
 @app.command("demo")
@@ -504,11 +507,11 @@ def demo_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Compress the embedded default model (all-MiniLM-L6-v2) with pydoc text and show what it costs and keeps."""
-    from .demo import demo_markdown, run_demo
+    from .demo import run_demo
 
     with contextlib.redirect_stdout(sys.stderr):
         report = run_demo(out=out, keep_blocks=keep_blocks, heal_steps=heal_steps, overwrite=overwrite)
-    _emit(as_json, report, demo_markdown(report))
+    _emit(as_json, report)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -23,7 +22,7 @@ from .families import family_of
 from .io import load, load_source, load_tokenizer, write_folded
 from .outputs import REPORT_HEADER, atomic_output_dir, check_output, write_files_atomically
 from .planner import PlanSearch, Proxy, parse_allow, search
-from .report import markdown_table, size_table
+from .report import ABSENT, Report, markdown_table, size_table
 
 DEFAULT_TOKENS = 32768
 DECODER_WINDOW = 1024
@@ -93,7 +92,7 @@ def analyze_model_dir(
     gate_steps: int = 20,
     overwrite: bool = False,
     progress: bool = True,
-) -> dict:
+) -> AnalyzeReport:
     """``layerfold analyze``: analysis.json, analysis.md and heat-maps in ``out`` (written atomically)."""
     start = time.perf_counter()
     inputs = {"original model": model_dir, "data": data}
@@ -102,13 +101,22 @@ def analyze_model_dir(
     analysis = run_analysis(prepared, gate_steps=gate_steps, progress=progress)
     with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         markdown = write_analysis(analysis, tmp)
-    return {
-        "model": str(model_dir),
-        "out": str(out),
-        "analysis": analysis.to_dict(),
-        "markdown": markdown,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
+    return AnalyzeReport(
+        model=str(model_dir),
+        out=str(out),
+        analysis=analysis.to_dict(),
+        text=markdown,
+        seconds=round(time.perf_counter() - start, 1),
+    )
+
+
+def planning_analysis(
+    prepared: Prepared, *, allow: Sequence[str] | str | None = None, gate_steps: int = 20, progress: bool = True
+) -> Analysis:
+    """The analysis the planner reads: the weight energy only between neighbours (all it uses), and the Gram
+    matrices in the same pass when a basis may be chosen."""
+    allowed = parse_allow(allow)
+    return run_analysis(prepared, energy_window=1, gate_steps=gate_steps, grams="basis" in allowed, progress=progress)
 
 
 def plan_for_budget(
@@ -118,23 +126,25 @@ def plan_for_budget(
     allow: Sequence[str] | str | None = None,
     gate_steps: int = 20,
     keep_model: bool = True,
+    analysis: Analysis | None = None,
+    proxy: Proxy | None = None,
+    refit: Calibration | None = None,
     progress: bool = True,
 ) -> tuple[Analysis, PlanSearch]:
-    """Analyse (with the weight energy only between neighbours, which is all the planner reads) and search."""
+    """Analyse (unless given ``analysis``, e.g. one for several budgets) and search. The chosen plan is fitted
+    again on ``refit`` (default: every batch, the proxy's included) when it whitens."""
     allowed = parse_allow(allow)
-    analysis = run_analysis(
-        prepared, energy_window=1, gate_steps=gate_steps, grams="basis" in allowed, progress=progress
-    )
-    proxy = Proxy(prepared.model, prepared.proxy_batches)
+    if analysis is None:
+        analysis = planning_analysis(prepared, allow=allowed, gate_steps=gate_steps, progress=progress)
     result = search(
         prepared.model,
         prepared.calibration,
         analysis,
         budget,
-        proxy,
+        proxy or Proxy(prepared.model, prepared.proxy_batches),
         allow=allowed,
         keep_model=keep_model,
-        refit=prepared.all_calibration() if keep_model else None,
+        refit=(refit or prepared.all_calibration()) if keep_model else None,
         progress=progress,
     )
     return analysis, result
@@ -162,7 +172,7 @@ def plan_model_dir(
     gate_steps: int = 20,
     overwrite: bool = False,
     progress: bool = True,
-) -> dict:
+) -> PlanReport:
     """``layerfold plan``: the best plan within the budget, written to ``out`` (YAML or JSON) with the why."""
     start = time.perf_counter()
     budget = Budget.from_options(keep, keep_blocks)
@@ -184,16 +194,16 @@ def plan_model_dir(
     check_output(out, inputs, overwrite=overwrite, kind="file")  # nothing appeared there meanwhile
     check_output(side, inputs, overwrite=overwrite, kind="file", flag="the plan's reasons file")
     write_files_atomically({out: _plan_text(result, out), side: f"{REPORT_HEADER}\n{explanation}\n"})
-    return {
-        "model": str(model_dir),
-        "out": str(out),
-        "plan": result.best.plan.to_dict(),
-        "plan_summary": result.best.plan.describe(),
-        "search": result.to_dict(),
-        "analysis_seconds": analysis.seconds,
-        "explanation": explanation,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
+    return PlanReport(
+        model=str(model_dir),
+        out=str(out),
+        plan=result.best.plan.to_dict(),
+        plan_summary=result.best.plan.describe(),
+        search=result.to_dict(),
+        analysis_seconds=analysis.seconds,
+        explanation=explanation,
+        seconds=round(time.perf_counter() - start, 1),
+    )
 
 
 def compress_model_dir(
@@ -210,7 +220,7 @@ def compress_model_dir(
     heal_config=None,
     overwrite: bool = False,
     progress: bool = True,
-) -> dict:
+) -> CompressReport:
     """``layerfold compress``: analyse, plan, fold, optionally heal (from the original, on the same data) and
     report, into one folded-model folder written atomically (with compress.json/.md, plan.yaml, analysis).
 
@@ -248,80 +258,128 @@ def compress_model_dir(
         else:
             write_folded(folded, final, source=model_dir)
         after = size_report(folded, final)
-        report = {
-            "model": str(model_dir),
-            "model_type": prepared.model.config.model_type,
-            "out": str(out),
-            "data": prepared.data,
-            "budget": {"fraction": budget.keep, "counts": "blocks" if budget.blocks_only else "all"},
+        report = CompressReport(
+            model=str(model_dir),
+            model_type=prepared.model.config.model_type,
+            out=str(out),
+            data=prepared.data,
+            budget={"fraction": budget.keep, "counts": "blocks" if budget.blocks_only else "all"},
             **kept_fractions(before["parameters"], after["parameters"]),
-            "plan": result.best.plan.to_dict(),
-            "plan_summary": result.best.plan.describe(),
-            "search": result.to_dict(),
-            "proxy": {"name": result.proxy_name, "tokens": result.proxy_tokens, **fidelity},
-            "heal": None
+            plan=result.best.plan.to_dict(),
+            plan_summary=result.best.plan.describe(),
+            search=result.to_dict(),
+            proxy={"name": result.proxy_name, "tokens": result.proxy_tokens, **fidelity},
+            heal=None
             if healed_report is None
             else {
                 k: healed_report[k]
-                for k in (
-                    "steps",
-                    "settings",
-                    "tokens_this_run",
-                    "seconds_this_run",
-                    "fidelity_before",
-                    "fidelity_after",
-                )
+                for k in ("steps", "settings", "tokens_this_run", "seconds_this_run", "fidelity_before", "fidelity_after")
             },
-            "analysis_seconds": analysis.seconds,
-            "before": before,
-            "after": after,
-            "seconds": round(time.perf_counter() - start, 1),
-        }
+            analysis_seconds=analysis.seconds,
+            before=before,
+            after=after,
+            seconds=round(time.perf_counter() - start, 1),
+        )
         (final / "plan.yaml").write_text(_plan_text(result, final / "plan.yaml"))
         write_analysis(analysis, final)
-        (final / "compress.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (final / "compress.md").write_text(compress_markdown(report, result) + "\n")
-    report["explanation"] = result.explanation()
+        (final / "compress.json").write_text(report.to_json() + "\n")
+        report.explanation = result.explanation()
+        (final / "compress.md").write_text(report.markdown() + "\n")
     return report
 
 
-def compress_markdown(report: dict, result: PlanSearch | None = None) -> str:
-    proxy = report["proxy"]
-    rows = [["original", f"{proxy['original']:.4f}"], ["folded", f"{proxy['folded']:.4f}"]]
-    heal = report.get("heal")
-    healed = []
-    if heal:
-        # The heal trains on all of the data, so its fidelity is measured on the heal's own held-out slice.
-        metric = "kl" if "after_kl" in heal["fidelity_after"] else "cosine"
-        healed = [
+@dataclass(eq=False)
+class AnalyzeReport(Report):
+    """``layerfold analyze``: the analysis (``analysis.json``) and its Markdown (``analysis.md``)."""
+
+    model: str
+    out: str
+    analysis: dict
+    text: str = field(repr=False, metadata={"hidden": True})  # the Markdown, already written to analysis.md
+    seconds: float = 0.0
+
+    def markdown(self) -> str:
+        return self.text
+
+
+@dataclass(eq=False)
+class PlanReport(Report):
+    """``layerfold plan``: the chosen plan, the search that chose it and why."""
+
+    model: str
+    out: str
+    plan: dict
+    plan_summary: str
+    search: dict
+    analysis_seconds: dict
+    explanation: str
+    seconds: float
+
+    def markdown(self) -> str:
+        return f"Plan written to {self.out}: {self.plan_summary}\n\n{self.explanation}"
+
+
+@dataclass(eq=False)
+class CompressReport(Report):
+    """``layerfold compress``: the budget, the chosen plan and its search, the proxy fidelity, the healing (if
+    any) and the sizes before and after."""
+
+    model: str
+    model_type: str
+    out: str | None
+    data: str
+    budget: dict
+    keep: float
+    keep_blocks: float
+    plan: dict
+    plan_summary: str
+    search: dict
+    proxy: dict
+    heal: dict | None
+    analysis_seconds: dict
+    before: dict
+    after: dict
+    seconds: float
+    explanation: str = ABSENT  # the search's explanation (in compress.md; not in compress.json)
+
+    def markdown(self) -> str:
+        report = self
+        proxy = report["proxy"]
+        rows = [["original", f"{proxy['original']:.4f}"], ["folded", f"{proxy['folded']:.4f}"]]
+        heal = report.get("heal")
+        healed = []
+        if heal:
+            # The heal trains on all of the data, so its fidelity is measured on the heal's own held-out slice.
+            metric = "kl" if "after_kl" in heal["fidelity_after"] else "cosine"
+            healed = [
+                "",
+                f"Healed {heal['steps']} steps ({heal['tokens_this_run']:,} tokens, {heal['seconds_this_run']:.0f} s); "
+                f"{metric} on the heal's held-out slice: {heal['fidelity_before']['before_' + metric]:.4f} before, "
+                f"{heal['fidelity_after']['after_' + metric]:.4f} after.",
+            ]
+        lines = [
+            f"Compressed {report['model']} ({report['model_type']})" + (f" -> {report['out']}" if report["out"] else ""),
+            f"Plan: {report['plan_summary']}",
+            f"Budget: {report['budget']['fraction']:g} of the "
+            f"{'block' if report['budget']['counts'] == 'blocks' else 'unique'} parameters; kept {report['keep']:.1%} "
+            f"of all unique parameters and {report['keep_blocks']:.1%} of the block parameters.",
             "",
-            f"Healed {heal['steps']} steps ({heal['tokens_this_run']:,} tokens, {heal['seconds_this_run']:.0f} s); "
-            f"{metric} on the heal's held-out slice: {heal['fidelity_before']['before_' + metric]:.4f} before, "
-            f"{heal['fidelity_after']['after_' + metric]:.4f} after.",
+            size_table(report["before"], report["after"]),
+            "",
+            f"Fidelity to the original ({proxy['name']} on {proxy['tokens']} held-out calibration tokens"
+            + (
+                ", measured before the chosen plan was fitted again on all the data):"
+                if report["search"].get("refit_tokens")
+                else "):"
+            ),
+            "",
+            markdown_table(["model", proxy["name"]], rows),
+            *healed,
+            "",
+            "Why this plan:",
+            "",
+            report.get("explanation", ""),
+            "",
+            f"Done in {report['seconds']:.0f} s.",
         ]
-    lines = [
-        f"Compressed {report['model']} ({report['model_type']})" + (f" -> {report['out']}" if report["out"] else ""),
-        f"Plan: {report['plan_summary']}",
-        f"Budget: {report['budget']['fraction']:g} of the "
-        f"{'block' if report['budget']['counts'] == 'blocks' else 'unique'} parameters; kept {report['keep']:.1%} "
-        f"of all unique parameters and {report['keep_blocks']:.1%} of the block parameters.",
-        "",
-        size_table(report["before"], report["after"]),
-        "",
-        f"Fidelity to the original ({proxy['name']} on {proxy['tokens']} held-out calibration tokens"
-        + (
-            ", measured before the chosen plan was fitted again on all the data):"
-            if report["search"].get("refit_tokens")
-            else "):"
-        ),
-        "",
-        markdown_table(["model", proxy["name"]], rows),
-        *healed,
-        "",
-        "Why this plan:",
-        "",
-        result.explanation() if result is not None else report.get("explanation", ""),
-        "",
-        f"Done in {report['seconds']:.0f} s.",
-    ]
-    return "\n".join(lines)
+        return "\n".join(lines)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .compress import CompressReport, compress_model_dir
 from .errors import LayerfoldError
 from .evaluate import embedding_fidelity, sentence_embeddings
 from .data import pydoc_paragraphs  # noqa: F401 (also imported from here)
@@ -28,10 +31,9 @@ def default_model_path() -> Path:
 
 def run_demo(
     *, out: Path | None = None, keep_blocks: float = 0.5, heal_steps: int = 30, overwrite: bool = False
-) -> dict:
+) -> "DemoReport":
     """``layerfold compress`` on the embedded default model with pydoc text: the last 128 paragraphs are held
     out from calibration and healing, and measured at the end (cosine of sentence embeddings)."""
-    from .compress import compress_model_dir
     from .heal import HealConfig
 
     start = time.perf_counter()
@@ -62,27 +64,36 @@ def run_demo(
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         reference = sentence_embeddings(load_source(model_path), tokenizer, held_out)
         compressed = sentence_embeddings(load(target), tokenizer, held_out)
-    report["model"] = DEMO_MODEL
-    report["out"] = str(out) if out is not None else None
-    report["held_out_cosine"] = {
-        **embedding_fidelity(reference, compressed),
-        "text": f"pydoc_data.topics, last {HELD_OUT} paragraphs",
-    }
-    report["seconds"] = round(time.perf_counter() - start, 1)
-    return report
-
-
-def demo_markdown(report: dict) -> str:
-    from .compress import compress_markdown
-
-    cosine = report["held_out_cosine"]
-    return "\n".join(
-        [
-            compress_markdown(report),
-            "",
-            f"Reloaded from disk, the compressed model's sentence embeddings have a mean cosine of "
-            f"{cosine['mean']:.3f} (min {cosine['min']:.3f}) to the original's on {cosine['count']} paragraphs "
-            f"held out from calibration and healing ({cosine['text']})."
-            + (f" Kept at {report['out']}." if report["out"] else ""),
-        ]
+    compressed_fields = {f.name: getattr(report, f.name) for f in dataclasses.fields(report)}
+    return DemoReport(
+        **{
+            **compressed_fields,
+            "model": DEMO_MODEL,
+            "out": str(out) if out is not None else None,
+            "seconds": round(time.perf_counter() - start, 1),  # the whole demo's
+        },
+        held_out_cosine={
+            **embedding_fidelity(reference, compressed),
+            "text": f"pydoc_data.topics, last {HELD_OUT} paragraphs",
+        },
     )
+
+
+@dataclass(eq=False)
+class DemoReport(CompressReport):
+    """``make demo``: compress's report, and the held-out cosine of the reloaded model's embeddings."""
+
+    held_out_cosine: dict = dataclasses.field(default_factory=dict)
+
+    def markdown(self) -> str:
+        cosine = self.held_out_cosine
+        return "\n".join(
+            [
+                super().markdown(),
+                "",
+                f"Reloaded from disk, the compressed model's sentence embeddings have a mean cosine of "
+                f"{cosine['mean']:.3f} (min {cosine['min']:.3f}) to the original's on {cosine['count']} paragraphs "
+                f"held out from calibration and healing ({cosine['text']})."
+                + (f" Kept at {self.out}." if self.out else ""),
+            ]
+        )

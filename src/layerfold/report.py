@@ -1,8 +1,13 @@
-"""Counting what a model really stores: unique parameters, split by role, and bytes on disk."""
+"""Counting what a model really stores (unique parameters, split by role, and bytes on disk), and ``Report``,
+the typed result of a job with its Markdown."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -113,3 +118,48 @@ SIZE_HEADER = ["", "original", "folded", "kept"]
 
 def size_table(before: dict, after: dict) -> str:
     return markdown_table(SIZE_HEADER, size_rows(before, after))
+
+
+# ---- a job's result ------------------------------------------------------------------------------------------
+class _Absent:
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT: Any = _Absent()  # a report field left out of the JSON (e.g. a fold's budget, when it was by a plan)
+
+
+def merged(**extra: Any) -> Any:
+    """A report field whose keys are the report's own in the JSON (e.g. a measurement's metric-specific keys)."""
+    return dataclasses.field(default_factory=dict, metadata={"merged": True, **extra})
+
+
+class Report(Mapping):
+    """The result of a job (a dataclass of its fields): ``to_dict`` is what ``--json`` prints, ``markdown`` what
+    the command prints otherwise. It reads as a mapping too (``report["keep"]``), as the plain dicts of layerfold
+    0.1 did, so scripts written against them keep working."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.metadata.get("merged"):
+                out.update(value)
+            elif value is not ABSENT and not f.metadata.get("hidden"):
+                out[f.name] = value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def markdown(self) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())

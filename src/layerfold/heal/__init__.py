@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from ..data import read_documents
 from .data import HealData, prepare_data
-from .job import check_teacher, heal, heal_markdown
+from .job import HealReport, check_teacher, heal
 from .losses import distillation_losses, logits_from_hidden, teacher_layer_map, token_losses
 from .settings import LOSS_NAMES, REPORT_JSON, REPORT_MD, SETTINGS_NAME, TRAIN_CHOICES, HealConfig, LossWeights
 from .trainable import select_trainable
@@ -36,7 +36,7 @@ __all__ = [
     "check_teacher",
     "distillation_losses",
     "heal",
-    "heal_markdown",
+    "HealReport",
     "logits_from_hidden",
     "prepare_data",
     "read_documents",

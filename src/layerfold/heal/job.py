@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from ..errors import LayerfoldError
 from ..evaluate import is_causal_lm, is_causal_lm_class
 from ..io import check_checkpoint, is_folded_checkpoint, load, load_source, load_tokenizer, save
 from ..outputs import check_inputs, check_output
-from ..report import markdown_table
+from ..report import Report, markdown_table
 from ..store import fold_state
 from .checkpoints import check_checkpoint_folder, check_resumable, checkpoint_dir_for, prepare_checkpoints
 from .data import Collator, Examples, prepare_data
@@ -66,7 +66,7 @@ def heal(
     overwrite: bool = False,
     keep_checkpoints: bool = False,
     callbacks: list | None = None,
-) -> dict:
+) -> HealReport:
     """Heal the folded model in ``student_dir`` by distillation from ``teacher_path`` (its original) on ``data``,
     and save it to ``out`` (atomically, with ``heal.json``/``heal.md``). Checkpoints go to ``OUT.checkpoints``
     and are removed at the end unless ``keep_checkpoints``. Returns the report.
@@ -129,26 +129,26 @@ def heal(
     after = trainer.evaluate(metric_key_prefix="after")
 
     tokens = trainer.tokens_seen * trainer.accelerator.num_processes
-    report = {
-        "student": str(student_dir),
-        "teacher": str(teacher_path),
-        "data": {"path": str(data), **heal_data.summary()},
-        "settings": config.to_dict(),
-        "parameters": counts,
-        "resumed_from": str(start) if start else None,
-        "steps": trainer.state.global_step,
-        "final_train_loss": _last_train_loss(trainer.state.log_history),
-        "train_loss_mean": result.training_loss,
-        "tokens_this_run": tokens,
-        "seconds_this_run": seconds,
-        "tokens_per_second": tokens / seconds if seconds > 0 else None,
-        "processes": trainer.accelerator.num_processes,
-        "fidelity_before": before,
-        "fidelity_after": after,
-        "teacher_cache": cache_info,
-        "log_history": trainer.state.log_history,
-        "out": str(out),
-    }
+    report = HealReport(
+        student=str(student_dir),
+        teacher=str(teacher_path),
+        data={"path": str(data), **heal_data.summary()},
+        settings=config.to_dict(),
+        parameters=counts,
+        resumed_from=str(start) if start else None,
+        steps=trainer.state.global_step,
+        final_train_loss=_last_train_loss(trainer.state.log_history),
+        train_loss_mean=result.training_loss,
+        tokens_this_run=tokens,
+        seconds_this_run=seconds,
+        tokens_per_second=tokens / seconds if seconds > 0 else None,
+        processes=trainer.accelerator.num_processes,
+        fidelity_before=before,
+        fidelity_after=after,
+        teacher_cache=cache_info,
+        log_history=trainer.state.log_history,
+        out=str(out),
+    )
     if trainer.is_world_process_zero():
         student.to(saved_dtype)
         save(
@@ -157,8 +157,8 @@ def heal(
             source=student_dir,
             overwrite=overwrite,
             extra_files={
-                REPORT_JSON: json.dumps(report, indent=2, default=str) + "\n",
-                REPORT_MD: heal_markdown(report) + "\n",
+                REPORT_JSON: report.to_json() + "\n",
+                REPORT_MD: report.markdown() + "\n",
             },
         )
         if not keep_checkpoints:
@@ -213,39 +213,64 @@ def _last_train_loss(history: list[dict]) -> float | None:
     return losses[-1] if losses else None
 
 
-def heal_markdown(report: dict) -> str:
+@dataclass(eq=False)
+class HealReport(Report):
+    """``layerfold heal``: the data, settings, what trained, the run's tokens and time, and the held-out fidelity
+    before and after (``log_history``: the Trainer's log, kept in heal.json, left out of ``--json``)."""
 
-    def fmt(value):
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
+    student: str
+    teacher: str
+    data: dict
+    settings: dict
+    parameters: dict
+    resumed_from: str | None
+    steps: int
+    final_train_loss: float | None
+    train_loss_mean: float
+    tokens_this_run: int
+    seconds_this_run: float
+    tokens_per_second: float | None
+    processes: int
+    fidelity_before: dict
+    fidelity_after: dict
+    teacher_cache: dict | None
+    log_history: list
+    out: str
 
-    settings = report["settings"]
-    rows = [
-        ["folded model", report["student"]],
-        ["teacher", report["teacher"]],
-        [
-            "data",
-            f"{report['data']['path']} ({report['data']['kind']}, {report['data']['train_examples']} examples, "
-            f"{report['data']['train_tokens']:,} tokens; {report['data']['held_out_examples']} held out)",
-        ],
-        ["steps", f"{report['steps']} × batch {settings['batch']} × {settings['grad_accum']} accumulation"],
-        ["losses", ", ".join(f"{k}={v:g}" for k, v in settings["loss"].items() if v)],
-        [
-            "trains",
-            f"{settings['train']} ({report['parameters']['trainable']:,} of "
-            f"{report['parameters']['total']:,} parameters)",
-        ],
-        ["final training loss", fmt(report["final_train_loss"])],
-        ["throughput", f"{fmt(report['tokens_per_second'])} tokens/s over {report['seconds_this_run']:.0f} s"],
-    ]
-    for key in report["fidelity_before"]:
-        if key.startswith("before_") and not key.endswith(("runtime", "per_second")):
-            name = key[len("before_") :]
-            rows.append(
-                [
-                    f"held-out {name}",
-                    f"{fmt(report['fidelity_before'][key])} → {fmt(report['fidelity_after'].get('after_' + name))}",
-                ]
-            )
-    if report["resumed_from"]:
-        rows.append(["resumed from", report["resumed_from"]])
-    return markdown_table(["", "value"], rows)
+    def markdown(self) -> str:
+        report = self
+
+        def fmt(value):
+            return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+        settings = report["settings"]
+        rows = [
+            ["folded model", report["student"]],
+            ["teacher", report["teacher"]],
+            [
+                "data",
+                f"{report['data']['path']} ({report['data']['kind']}, {report['data']['train_examples']} examples, "
+                f"{report['data']['train_tokens']:,} tokens; {report['data']['held_out_examples']} held out)",
+            ],
+            ["steps", f"{report['steps']} × batch {settings['batch']} × {settings['grad_accum']} accumulation"],
+            ["losses", ", ".join(f"{k}={v:g}" for k, v in settings["loss"].items() if v)],
+            [
+                "trains",
+                f"{settings['train']} ({report['parameters']['trainable']:,} of "
+                f"{report['parameters']['total']:,} parameters)",
+            ],
+            ["final training loss", fmt(report["final_train_loss"])],
+            ["throughput", f"{fmt(report['tokens_per_second'])} tokens/s over {report['seconds_this_run']:.0f} s"],
+        ]
+        for key in report["fidelity_before"]:
+            if key.startswith("before_") and not key.endswith(("runtime", "per_second")):
+                name = key[len("before_") :]
+                rows.append(
+                    [
+                        f"held-out {name}",
+                        f"{fmt(report['fidelity_before'][key])} → {fmt(report['fidelity_after'].get('after_' + name))}",
+                    ]
+                )
+        if report["resumed_from"]:
+            rows.append(["resumed from", report["resumed_from"]])
+        return markdown_table(["", "value"], rows)
