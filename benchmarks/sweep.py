@@ -136,7 +136,7 @@ def sweep(task_name: str, quick: bool) -> tuple[list[dict], str, dict]:
             "model": task.model,
             "method": method.name,
             "options": dict(options),
-            "budget": {"fraction": budget.keep, "counts": "blocks" if budget.blocks_only else "all"},
+            "budget": budget.to_dict(),
             "healed": False,
             "metric": task.metric,
         }

@@ -85,10 +85,6 @@ class FoldReport(Report):
         )
 
 
-def _budget_dict(budget: Budget) -> dict:
-    return {"fraction": budget.keep, "counts": "blocks" if budget.blocks_only else "all"}
-
-
 def fold_model_dir(
     model_dir: str | Path,
     out: str | Path,
@@ -171,7 +167,7 @@ def fold_with_method(
         model_type=model.config.model_type,
         out=str(out),
         method=method,
-        budget=_budget_dict(budget),
+        budget=budget.to_dict(),
         **kept_fractions(before["parameters"], after["parameters"]),
         calibration=calibration.settings if calibration is not None else None,
         plan=plan.to_dict(),
@@ -239,7 +235,7 @@ def fold_streamed(
     }
     folded = FoldReport(**own, streaming=report)
     if budget is not None:
-        folded.method, folded.budget = method, _budget_dict(budget)
+        folded.method, folded.budget = method, budget.to_dict()
         fractions = kept_fractions(folded.before["parameters"], folded.after["parameters"])
         folded.keep, folded.keep_blocks = fractions["keep"], fractions["keep_blocks"]
     return folded

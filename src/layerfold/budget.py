@@ -35,6 +35,10 @@ class Budget:
     def option(self) -> str:
         return "--keep-blocks" if self.blocks_only else "--keep"
 
+    def to_dict(self) -> dict:
+        """As reports and benchmark rows record it: ``{"fraction": 0.5, "counts": "blocks"}`` (or ``"all"``)."""
+        return {"fraction": self.keep, "counts": "blocks" if self.blocks_only else "all"}
+
     def counted(self, model: nn.Module) -> int:
         """The parameters the budget is a fraction of: the blocks', or all unique parameters."""
         params = parameter_breakdown(model)

@@ -154,7 +154,7 @@ def _plan_text(result: PlanSearch, path: Path) -> str:
     plan = result.best.plan
     plan.provenance = {
         **plan.provenance,
-        "budget": {"fraction": result.budget.keep, "counts": "blocks" if result.budget.blocks_only else "all"},
+        "budget": result.budget.to_dict(),
         "candidates": [{"name": c.name, result.proxy_name: c.proxy} for c in result.candidates[:5]],
     }
     return plan.to_yaml() if path.suffix in (".yaml", ".yml") else plan.to_json()
@@ -263,7 +263,7 @@ def compress_model_dir(
             model_type=prepared.model.config.model_type,
             out=str(out),
             data=prepared.data,
-            budget={"fraction": budget.keep, "counts": "blocks" if budget.blocks_only else "all"},
+            budget=budget.to_dict(),
             **kept_fractions(before["parameters"], after["parameters"]),
             plan=result.best.plan.to_dict(),
             plan_summary=result.best.plan.describe(),

@@ -191,7 +191,7 @@ class PlanSearch:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "budget": {"fraction": self.budget.keep, "counts": "blocks" if self.budget.blocks_only else "all"},
+            "budget": self.budget.to_dict(),
             "allowed_parameters": self.allowed,
             "proxy": {"name": self.proxy_name, "tokens": self.proxy_tokens, "original": self.original_proxy},
             "best": self.best.to_dict(),

@@ -18,10 +18,7 @@ from .tying import TieOptions
 class FoldGPTOptions(TieOptions):
     """Options of foldgpt.
 
-    rank: each tied layer's LoRA relaxation: 0 (none), N, full, or attention=N,mlp=M.
-    init: how the shared weights start: average of the group, or one layer each (lower, stepwise).
-    share: what a tie group shares: all, attention or mlp.
-    share_bias: tie the biases too (by default each layer keeps its own).
+    (and the tie options: rank, init, share, share_bias)
     similarity: what makes the kept layers alike: weights, outputs or gradients [default: gradients when
         measured, else weights].
     """

@@ -166,18 +166,20 @@ def check_options(method: Method, options: dict[str, Any]) -> None:
 # ---- what the CLI needs to know about options --------------------------------------------------------------
 def option_help(options: type) -> dict[str, str]:
     """Each field's help, from the options dataclass's docstring: lines ``name: help`` (continued by indented
-    lines)."""
+    lines); a field an options class inherits is documented by the class it comes from."""
+    names = {f.name for f in dataclasses.fields(options)}
     helps: dict[str, str] = {}
-    current = None
-    for line in (options.__doc__ or "").splitlines():
-        match = re.match(r"\s*-?\s*(?:``)?(\w+)(?:``)?\s*:\s*(.*)", line)
-        if match and match.group(1) in {f.name for f in dataclasses.fields(options)}:
-            current = match.group(1)
-            helps[current] = match.group(2).strip()
-        elif current and line.strip():
-            helps[current] += " " + line.strip()
-        else:
-            current = None
+    for cls in reversed(options.__mro__):  # the subclass's own words last, so they win
+        current = None
+        for line in (cls.__dict__.get("__doc__") or "").splitlines():
+            match = re.match(r"\s*-?\s*(?:``)?(\w+)(?:``)?\s*:\s*(.*)", line)
+            if match and match.group(1) in names:
+                current = match.group(1)
+                helps[current] = match.group(2).strip()
+            elif current and line.strip():
+                helps[current] += " " + line.strip()
+            else:
+                current = None
     return helps
 
 

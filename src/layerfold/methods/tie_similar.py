@@ -17,10 +17,7 @@ from .tying import TieOptions, tie_variants
 class TieSimilarOptions(TieOptions):
     """Options of tie-similar.
 
-    rank: each tied layer's LoRA relaxation: 0 (none), N, full, or attention=N,mlp=M.
-    init: how the shared weights start: average of the group, or one layer each (lower, stepwise).
-    share: what a tie group shares: all, attention or mlp.
-    share_bias: tie the biases too (by default each layer keeps its own).
+    (and the tie options: rank, init, share, share_bias)
     similarity: what makes layers alike: weights (1 − their relative distance), outputs (linear CKA of their
         output hidden states) or gradients (cosine of their loss gradients).
     """
