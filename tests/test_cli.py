@@ -208,3 +208,14 @@ def test_help_starts_without_torch_and_fold_help_lists_every_method_option():
     for name in registry.all_options():
         assert "--" + name.replace("_", "-") in result.stdout, name
     assert all(method in result.stdout for method in registry.REGISTRY)
+
+
+def test_version_prints_one_line_without_loading_torch():
+    import subprocess
+    import sys
+
+    import layerfold
+
+    script = "import sys; from layerfold.cli import main; code = main(['--version']); print('torch' in sys.modules, code)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines() == [f"layerfold {layerfold.__version__}", "False 0"], result.stderr

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -184,3 +185,55 @@ def test_load_source_checks_the_architecture_before_loading(tmp_path):
     T.T5Config(d_model=32, num_layers=1).save_pretrained(tmp_path / "t5")
     with pytest.raises(LayerfoldError, match="unsupported architecture: model type 't5'"):
         layerfold.load_source(tmp_path / "t5")
+
+
+# ---- sentence-transformers' files travel with the model -----------------------------------------------------
+def test_fold_and_export_carry_the_sentence_transformers_files(tmp_path):
+    """A sentence-transformers folder (pooling, normalisation, max length) folded and exported: SentenceTransformer
+    on either gives the folded encoder's mean-pooled, normalised embeddings, as the original's wrapper would."""
+    import torch.nn.functional as F
+    from conftest import save_tiny_with_tokenizer
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize, Pooling, Transformer
+
+    import layerfold
+    from layerfold.api import fold_with_method
+    from layerfold.evaluate import mean_pool
+
+    save_tiny_with_tokenizer(tmp_path, names=("bert",))
+    module = Transformer(str(tmp_path / "bert"), max_seq_length=24)
+    original = SentenceTransformer(modules=[module, Pooling(64, "mean"), Normalize()])
+    original.save(str(tmp_path / "st"))
+    shutil.rmtree(tmp_path / "st" / "2_Normalize")  # as in many copies of real models: named, but no folder
+    fold_with_method(tmp_path / "st", tmp_path / "folded", keep_blocks=0.5, method="tie-cycle", progress=False)
+    layerfold.export(tmp_path / "folded", tmp_path / "plain")
+    for folder in ("folded", "plain"):
+        assert json.loads((tmp_path / folder / "modules.json").read_text()) == json.loads(
+            (tmp_path / "st" / "modules.json").read_text()
+        )
+        assert (tmp_path / folder / "1_Pooling" / "config.json").is_file() and (tmp_path / folder / "2_Normalize").is_dir()
+
+    sentences = ["a folded encoder", "keeps its pooling and its normalisation " * 6]
+    folded = layerfold.load(tmp_path / "folded")
+    tokenizer = layerfold.load_tokenizer(tmp_path / "folded")
+    batch = tokenizer(sentences, padding=True, truncation=True, max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        expected = F.normalize(mean_pool(folded(**batch).last_hidden_state, batch["attention_mask"]), dim=-1)
+    plain = SentenceTransformer(str(tmp_path / "plain"), local_files_only=True)  # no layerfold code needed
+    remote = SentenceTransformer(str(tmp_path / "folded"), trust_remote_code=True, local_files_only=True)
+    for encoder in (plain, remote):
+        assert encoder.max_seq_length == 24
+        embeddings = encoder.encode(sentences, convert_to_tensor=True)
+        torch.testing.assert_close(embeddings, expected, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2))
+
+
+def test_a_module_list_that_leaves_the_folder_is_not_copied(tmp_path, capsys):
+    from layerfold.sources import copy_side_files
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "model" / "modules.json").write_text(json.dumps([{"idx": 1, "path": "../../outside"}]))
+    copy_side_files(tmp_path / "model", tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+    assert "not a sentence-transformers module list inside the folder" in capsys.readouterr().err

@@ -29,7 +29,7 @@ def _interrupted_while_starting(signum, frame) -> None:
 
 
 def _runs_a_command(args: list[str]) -> bool:
-    return bool(args) and not any(a in ("--help", "-h") for a in args)
+    return bool(args) and not any(a in ("--help", "-h", "--version") for a in args)
 
 
 def main() -> int:

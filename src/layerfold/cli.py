@@ -26,6 +26,23 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import layerfold
+
+        typer.echo(f"layerfold {layerfold.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print layerfold's version and exit."
+    ),
+) -> None:
+    """Make pretrained transformers smaller by sharing parameters across layers."""
+
+
 class Strategy(str, Enum):
     cycle = "cycle"
     sequence = "sequence"

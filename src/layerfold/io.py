@@ -43,7 +43,7 @@ from .sources import (  # noqa: F401 (the original-model readers are offered her
     LAYER_FIELDS,
     TOKENIZER_FILES,
     check_config_sizes,
-    copy_tokenizer,
+    copy_side_files,
     load_source,
     model_class_for,
     read_json,
@@ -218,7 +218,7 @@ def write_folded_config(model: nn.Module, directory: Path, *, source: str | Path
     if generation_config is not None and model.can_generate():
         generation_config.save_pretrained(directory)
     if source is not None:
-        copy_tokenizer(source, directory)
+        copy_side_files(source, directory)
 
 
 def _aliases(path: Path) -> dict[str, str]:
@@ -472,7 +472,7 @@ def export(path: str | Path, out: str | Path, *, overwrite: bool = False) -> Pat
     out = Path(out)
     with atomic_output_dir(out, overwrite=overwrite, inputs={"folded model": path}) as tmp:
         model.save_pretrained(tmp)
-        copy_tokenizer(path, tmp)
+        copy_side_files(path, tmp)
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from .errors import LayerfoldError, first_line
 from .families import family_for_model_type, family_of
 
 CONFIG_NAME = "config.json"
+SENTENCE_TRANSFORMERS_MODULES = "modules.json"
+SENTENCE_TRANSFORMERS_FILES = ("sentence_bert_config.json", "config_sentence_transformers.json")
 # Files a model folder carries besides its weights and config that a folded model still needs.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -189,8 +192,10 @@ def _load_gguf(path: Path) -> nn.Module:
     return model.eval()
 
 
-def copy_tokenizer(source: str | Path, out: str | Path) -> None:
-    """Copy the tokenizer of an original model (a folder or a .gguf file) into ``out``."""
+def copy_side_files(source: str | Path, out: str | Path) -> None:
+    """Copy what a model folder carries besides its weights and config into ``out``: the tokenizer (also of a
+    .gguf file) and sentence-transformers' files, so that ``SentenceTransformer(out)`` pools, normalises and
+    truncates as the original does."""
     source, out = Path(source), Path(out)
     if source.is_file() and source.suffix == ".gguf":
         tokenizer = transformers.AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
@@ -199,3 +204,30 @@ def copy_tokenizer(source: str | Path, out: str | Path) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, out / name)
+    copy_sentence_transformers_files(source, out)
+
+
+def copy_sentence_transformers_files(source: Path, out: Path) -> None:
+    """``modules.json``, its settings files and the folders of the modules after the transformer (pooling,
+    normalisation, dense layers). A module folder that does not exist (Normalize keeps no files, and copies
+    of the model often lack its folder) is created empty, as sentence-transformers expects it."""
+    if not (source / SENTENCE_TRANSFORMERS_MODULES).is_file():
+        return
+    listing = source / SENTENCE_TRANSFORMERS_MODULES
+    try:
+        paths = [str(m.get("path", "")) for m in json.loads(listing.read_text(encoding="utf-8"))]
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
+        paths = None
+    if paths is None or any(Path(p).is_absolute() or ".." in Path(p).parts for p in paths):
+        # The model itself is fine; only the sentence-transformers wrapper is not carried over.
+        print(f"layerfold: note: {listing}: not a sentence-transformers module list inside the folder; not copied",
+              file=sys.stderr)  # fmt: skip
+        return
+    for name in (SENTENCE_TRANSFORMERS_MODULES, *SENTENCE_TRANSFORMERS_FILES):
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+    for path in filter(None, paths):  # "" is the transformer itself: the folder's own model
+        if (source / path).is_dir():
+            shutil.copytree(source / path, out / path, dirs_exist_ok=True)
+        else:
+            (out / path).mkdir(parents=True, exist_ok=True)
