@@ -237,3 +237,70 @@ def test_a_module_list_that_leaves_the_folder_is_not_copied(tmp_path, capsys):
     copy_side_files(tmp_path / "model", tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
     assert "not a sentence-transformers module list inside the folder" in capsys.readouterr().err
+
+
+# ---- exports of drop-only plans: the base architecture, read without layerfold ------------------------------
+_READ_WITHOUT_LAYERFOLD = """
+import sys
+sys.modules["layerfold"] = None  # any import of layerfold fails
+import transformers
+from safetensors.torch import load_file, save_file
+inputs = load_file(sys.argv[2])
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+save_file({"logits": model(**inputs).logits.detach().contiguous()}, sys.argv[3])
+print(model.config.num_hidden_layers, getattr(model.config, "layer_types", None))
+"""
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_a_drop_only_export_is_the_base_architecture_with_fewer_layers(tmp_path, name):
+    from safetensors.torch import load_file, save_file
+
+    from layerfold.api import export_model_dir, fold_model_dir
+
+    model = build_tiny(name)
+    if name == "qwen2":  # layers 2 and 3 use a sliding window of 4 tokens: the export must keep which do
+        settings = {k: v for k, v in model.config.to_dict().items() if k != "layer_types"}  # derived anew
+        model = TINY[name][1](T.Qwen2Config(**{**settings, "use_sliding_window": True, "sliding_window": 4,
+                                                "max_window_layers": 2})).eval()  # fmt: skip
+    model.save_pretrained(tmp_path / "original")
+    plan = FoldPlan.from_groups([], drop=[1], num_layers=4)  # keeps 0 (full attention), 2 and 3 (sliding)
+    fold_model_dir(tmp_path / "original", tmp_path / "folded", plan_for=plan, progress=False)
+    report = export_model_dir(tmp_path / "folded", tmp_path / "plain")
+    assert report.same_architecture and (report.layers, report.original_layers) == (3, 4)
+    assert report.dtype == "float32" and "as the original was, with 3 of its 4 layers" in report.markdown()
+    half = export_model_dir(tmp_path / "folded", tmp_path / "bf16", dtype="bf16")
+    assert half.dtype == "bfloat16" and half.bytes_on_disk < 0.55 * report.bytes_on_disk
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and "auto_map" not in config
+    if name == "qwen2":
+        assert config["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention"]
+        assert config["max_window_layers"] == 1  # derives the same layer_types again
+
+    inputs = {k: v.contiguous() for k, v in sample_inputs().items()}
+    save_file(inputs, tmp_path / "inputs.safetensors")
+    result = subprocess.run(
+        [sys.executable, "-c", _READ_WITHOUT_LAYERFOLD, str(tmp_path / "plain"), str(tmp_path / "inputs.safetensors"),
+         str(tmp_path / "logits.safetensors")], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with torch.no_grad():
+        expected = layerfold.load(tmp_path / "folded")(**inputs).logits
+    torch.testing.assert_close(load_file(tmp_path / "logits.safetensors")["logits"], expected, rtol=1e-5, atol=1e-5)
+    assert result.stdout.split()[0] == "3"
+
+
+def test_export_of_a_tie_says_it_stores_every_layer_and_checks_the_dtype(saved_families, tmp_path, capsys):
+    from layerfold.cli import main
+
+    root, _, _, _ = saved_families
+    assert main(["export", str(root / "llama"), "--out", str(tmp_path / "x"), "--dtype", "fp8"]) == 2
+    assert "--dtype must be one of fp32, fp16, bf16, got 'fp8'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["export", str(root / "llama"), "--out", str(tmp_path / "plain"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["same_architecture"] is False and report["dtype"] == "float32" and report["layers"] == 3
+    assert main(["export", str(root / "llama"), "--out", str(tmp_path / "half"), "--dtype", "fp16"]) == 0
+    assert "merged back into per-layer weights" in capsys.readouterr().out
+    half, full = (tmp_path / "half" / "model.safetensors").stat().st_size, report["bytes_on_disk"]
+    assert half < 0.55 * full

@@ -294,12 +294,14 @@ def info_command(
 def export_command(
     folded_dir: Path = typer.Argument(..., help="A folded model written by layerfold."),
     out: Path = typer.Option(..., "--out", help="Folder for the plain Hugging Face checkpoint."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Weights as fp32, fp16 or bf16 [default: as stored]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Write a plain Hugging Face checkpoint (relaxations merged) that loads without layerfold."""
-    from .io import export
+    from .api import export_model_dir
 
-    typer.echo(f"exported {export(folded_dir, out, overwrite=overwrite)}")
+    _emit(as_json, export_model_dir(folded_dir, out, dtype=dtype, overwrite=overwrite))
 
 
 class Task(str, Enum):

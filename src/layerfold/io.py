@@ -464,11 +464,13 @@ def materialize(model: nn.Module) -> nn.Module:
     return model
 
 
-def export(path: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+def export(path: str | Path, out: str | Path, *, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write a folded checkpoint as a plain Hugging Face checkpoint (relaxations merged into per-layer weights)
-    that loads without layerfold."""
+    that loads without layerfold, in ``dtype`` if given (default: as stored)."""
     check_output(out, {"folded model": path}, overwrite=overwrite)
     model = materialize(load(path))
+    if dtype is not None:
+        model.to(dtype)
     out = Path(out)
     with atomic_output_dir(out, overwrite=overwrite, inputs={"folded model": path}) as tmp:
         model.save_pretrained(tmp)

@@ -23,4 +23,9 @@ def drop_layers(model: nn.Module, family: Family, kept: list[int], num_layers: i
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, (list, tuple)) and len(layer_types) == num_layers:
         config.layer_types = [layer_types[i] for i in kept]
+    # Qwen2/Qwen3: layers from max_window_layers on use the sliding window; count the kept ones before it, so
+    # that a config that derives layer_types again (an export, read without layerfold) derives the same.
+    window_layers = getattr(config, "max_window_layers", None)
+    if isinstance(window_layers, int):
+        config.max_window_layers = sum(1 for i in kept if i < window_layers)
     config.num_hidden_layers = len(kept)
