@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .factorize import factor_plan
-from .registry import Candidate, Method, register
+from .factorize import ENDS_WHOLE, factor_candidates, factor_plan
+from .registry import Method, register
 
 
 @dataclass
@@ -47,20 +47,7 @@ def stream_plan(model, budget, options: BasisOptions):
 
 
 def _variants(quick: bool) -> list[dict[str, Any]]:
-    ends_whole = {"allocation": "sensitivity", "whole": [0, -1]}
-    return [{"allocation": "uniform"}] if quick else [{"allocation": "uniform"}, ends_whole]
-
-
-def candidates(analysis) -> list[Candidate]:
-    return [
-        Candidate("basis: uniform ranks", "basis", {"allocation": "uniform"}, in_blocks=False),
-        Candidate(
-            "basis: sensitivity ranks, ends whole",
-            "basis",
-            {"allocation": "sensitivity", "whole": [0, -1]},
-            in_blocks=False,
-        ),
-    ]
+    return [{"allocation": "uniform"}] if quick else [{"allocation": "uniform"}, dict(ENDS_WHOLE)]
 
 
 METHOD = register(
@@ -74,6 +61,6 @@ METHOD = register(
         calibrated=True,
         streams=uniform_only,
         stream_planner=stream_plan,
-        candidates=candidates,
+        candidates=lambda analysis: factor_candidates("basis"),
     )
 )

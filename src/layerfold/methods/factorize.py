@@ -27,6 +27,7 @@ from ..errors import LayerfoldError
 from ..families import Family, family_of, linear_weight
 from ..operations import Factor
 from ..operations.factor.decompose import Decomposition, MatrixGroup, group_decomposition
+from .registry import Candidate
 from ..plan import FoldPlan
 
 ALLOCATIONS = ("uniform", "spectrum", "energy", "sensitivity")
@@ -212,3 +213,15 @@ def factor_plan(
             "calibration": dict(statistics.settings, tokens=statistics.tokens) if statistics is not None else None,
         },
     )
+
+
+# The sensitivity-ranked option set the sweep and the planner run for basis and svd: the first and last blocks whole.
+ENDS_WHOLE = {"allocation": "sensitivity", "whole": [0, -1]}
+
+
+def factor_candidates(method: str) -> list[Candidate]:
+    """What the planner tries of a factorising method: uniform ranks, and sensitivity ranks with the ends whole."""
+    return [
+        Candidate(f"{method}: uniform ranks", "basis", {"allocation": "uniform"}, in_blocks=False),
+        Candidate(f"{method}: sensitivity ranks, ends whole", "basis", dict(ENDS_WHOLE), in_blocks=False),
+    ]

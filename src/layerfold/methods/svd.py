@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .basis import uniform_only
-from .factorize import factor_plan
-from .registry import Candidate, Method, register
+from .factorize import ENDS_WHOLE, factor_candidates, factor_plan
+from .registry import Method, register
 
 
 @dataclass
@@ -32,20 +32,7 @@ def stream_plan(model, budget, options: SvdOptions):
 
 
 def _variants(quick: bool) -> list[dict[str, Any]]:
-    ends_whole = {"allocation": "sensitivity", "whole": [0, -1]}
-    return [ends_whole] if quick else [{"allocation": "uniform"}, {"allocation": "sensitivity"}, ends_whole]
-
-
-def candidates(analysis) -> list[Candidate]:
-    return [
-        Candidate("svd: uniform ranks", "basis", {"allocation": "uniform"}, in_blocks=False),
-        Candidate(
-            "svd: sensitivity ranks, ends whole",
-            "basis",
-            {"allocation": "sensitivity", "whole": [0, -1]},
-            in_blocks=False,
-        ),
-    ]
+    return [dict(ENDS_WHOLE)] if quick else [{"allocation": "uniform"}, {"allocation": "sensitivity"}, dict(ENDS_WHOLE)]
 
 
 METHOD = register(
@@ -58,6 +45,6 @@ METHOD = register(
         calibrated=True,
         streams=uniform_only,
         stream_planner=stream_plan,
-        candidates=candidates,
+        candidates=lambda analysis: factor_candidates("svd"),
     )
 )
