@@ -196,7 +196,8 @@ def test_help_starts_without_torch_and_fold_help_lists_every_method_option():
     import subprocess
     import sys
 
-    script = "import sys; from layerfold.cli import main; main(['--help']); print('torch' in sys.modules)"
+    # sys.argv[0] as the console script sets it: import layerfold skips registering with transformers there.
+    script = "import sys; sys.argv[0] = 'layerfold'; from layerfold.cli import main; main(['--help']); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "False", result.stderr
     result = subprocess.run(
@@ -216,6 +217,9 @@ def test_version_prints_one_line_without_loading_torch():
 
     import layerfold
 
-    script = "import sys; from layerfold.cli import main; code = main(['--version']); print('torch' in sys.modules, code)"
+    script = (
+        "import sys; sys.argv[0] = '/venv/bin/layerfold'; from layerfold.cli import main; code = main(['--version']); "
+        "print('torch' in sys.modules, code)"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.stdout.splitlines() == [f"layerfold {layerfold.__version__}", "False 0"], result.stderr

@@ -33,6 +33,7 @@ FRESH_PROCESS = textwrap.dedent(
         for how, model in (
             ("layerfold", layerfold.load(f"{root}/{name}")),
             ("auto", getattr(transformers, auto_class).from_pretrained(f"{root}/{name}", trust_remote_code=True)),
+            ("plain-auto", getattr(transformers, auto_class).from_pretrained(f"{root}/{name}")),
         ):
             with torch.no_grad():
                 out = model(**inputs)
@@ -63,7 +64,7 @@ def saved_families(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-@pytest.mark.parametrize("how", ["layerfold", "auto"])
+@pytest.mark.parametrize("how", ["layerfold", "auto", "plain-auto"])
 def test_save_then_load_in_a_fresh_process_is_bit_identical(saved_families, name, how):
     _, expected, _, results = saved_families
     assert torch.equal(results[f"{name}/{how}"], expected[name])
@@ -122,10 +123,20 @@ def test_export_writes_a_plain_checkpoint_with_the_same_outputs(saved_families, 
     assert (outputs(plain, sample_inputs()) - expected[name]).abs().max().item() <= 1e-5
 
 
-def test_without_trust_remote_code_transformers_refuses(saved_families):
+def test_without_layerfold_imported_transformers_refuses_rather_than_loading_random_weights(saved_families):
     root, _, _, _ = saved_families
-    with pytest.raises(ValueError):
-        T.AutoModelForCausalLM.from_pretrained(root / "llama", trust_remote_code=False)
+    script = (
+        "import sys, transformers\n"
+        "try:\n"
+        "    transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=False)\n"
+        "except ValueError as err:\n"
+        "    print('refused:', str(err).splitlines()[0])\n"
+        "assert 'layerfold' not in sys.modules\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", script, str(root / "llama")], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("refused:")
 
 
 def test_saving_needs_a_folded_model(tmp_path):
@@ -221,7 +232,8 @@ def test_fold_and_export_carry_the_sentence_transformers_files(tmp_path):
         expected = F.normalize(mean_pool(folded(**batch).last_hidden_state, batch["attention_mask"]), dim=-1)
     plain = SentenceTransformer(str(tmp_path / "plain"), local_files_only=True)  # no layerfold code needed
     remote = SentenceTransformer(str(tmp_path / "folded"), trust_remote_code=True, local_files_only=True)
-    for encoder in (plain, remote):
+    registered = SentenceTransformer(str(tmp_path / "folded"), local_files_only=True)  # import layerfold is enough
+    for encoder in (plain, remote, registered):
         assert encoder.max_seq_length == 24
         embeddings = encoder.encode(sentences, convert_to_tensor=True)
         torch.testing.assert_close(embeddings, expected, rtol=1e-4, atol=1e-5)

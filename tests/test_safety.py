@@ -455,15 +455,15 @@ def test_other_bad_files_and_options_are_one_line(capsys, world, tmp_path):
 
 # ---- 5. standard saving of a loaded fold ---------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["llama", "bert"])
-@pytest.mark.parametrize("how", ["save_pretrained", "trainer", "auto-class"])
+@pytest.mark.parametrize("how", ["save_pretrained", "trainer", "auto-class", "remote-code"])
 def test_standard_saving_of_a_fold_reloads_bit_identically(world, tmp_path, name, how):
     import transformers
 
     folded = world / "models" / f"{name}-folded"
     model = layerfold.load(folded)
-    if how == "auto-class":
+    if how in ("auto-class", "remote-code"):
         auto = transformers.AutoModelForCausalLM if name == "llama" else transformers.AutoModel
-        model = auto.from_pretrained(folded, trust_remote_code=True)
+        model = auto.from_pretrained(folded, **({"trust_remote_code": True} if how == "remote-code" else {}))
     inputs = sample_inputs()
     reference = outputs(model, inputs)
     target = tmp_path / "saved"
@@ -490,8 +490,12 @@ def test_sentence_transformers_save_of_a_fold_reloads_bit_identically(world, tmp
     sentences = ["a folded model keeps its weights", "saving must not lose them"]
     reference = encoder.encode(sentences, convert_to_tensor=True)
     encoder.save(str(tmp_path / "st"))
-    reloaded = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True, local_files_only=True)
-    assert torch.equal(reloaded.encode(sentences, convert_to_tensor=True), reference)
+    for remote_code in (False, True):
+        reloaded = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=remote_code, local_files_only=True)
+        assert torch.equal(reloaded.encode(sentences, convert_to_tensor=True), reference)
+    reloaded.save(str(tmp_path / "st-again"))  # a fold loaded by SentenceTransformer saves as a fold again
+    again = SentenceTransformer(str(tmp_path / "st-again"), local_files_only=True)
+    assert torch.equal(again.encode(sentences, convert_to_tensor=True), reference)
     assert torch.equal(outputs(layerfold.load(tmp_path / "st"), sample_inputs()), outputs(module.model, sample_inputs()))
 
 

@@ -1,17 +1,22 @@
 """layerfold: make pretrained transformers smaller by sharing parameters across layers.
 
-The public names load on first use, so that ``import layerfold.cli`` (the command's start-up) does not import
-torch and transformers before the command can catch a Ctrl-C.
+``import layerfold`` registers folded checkpoints with transformers' Auto classes (``layerfold.hub``), so that
+``AutoModelForCausalLM.from_pretrained(folded_dir)`` works with no ``trust_remote_code``. The ``layerfold``
+command skips that (it loads folds itself) and the public names load on first use, so that the command's start-up
+does not import torch and transformers before it can catch a Ctrl-C.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 _EXPORTS = {
     "FoldPlan": ".plan",
     "LayerfoldError": ".errors",
     "export": ".io",
+    "register": ".hub",
     "fold": ".folding",
     "load": ".io",
     "load_source": ".io",
@@ -43,3 +48,14 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+def _started_as_the_command() -> bool:
+    """True while the ``layerfold`` console script or ``python -m layerfold`` imports the package (``-m`` is
+    ``sys.argv[0]`` while Python looks for the module to run)."""
+    started = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return started in ("layerfold", "layerfold.exe", "-m")
+
+
+if not _started_as_the_command():
+    from . import hub as _hub  # noqa: F401 (registers with transformers)

@@ -3,8 +3,9 @@
 A folded checkpoint is a normal folder: ``model.safetensors`` (or, above ``--max-shard-size``, shards and
 ``model.safetensors.index.json``, as Hugging Face writes them) with every tensor stored once (aliases such as
 tied embeddings are listed in the metadata), ``config.json`` holding the base model's config and the
-plan, ``plan.yaml``, the tokenizer files, and ``modeling_layerfold.py`` so that transformers' Auto classes
-load it with ``trust_remote_code=True``. Nothing is unpickled on load.
+plan, ``plan.yaml``, the tokenizer files, and ``modeling_layerfold.py`` (for ``trust_remote_code=True`` where
+layerfold is installed but not imported; after ``import layerfold`` the Auto classes need no flag: ``hub``).
+Nothing is unpickled on load.
 """
 
 from __future__ import annotations
