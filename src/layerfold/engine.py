@@ -64,6 +64,19 @@ def apply_structure(model: nn.Module, plan: FoldPlan, *, base_config: dict, base
     return state
 
 
+def sync_plan(model: nn.Module) -> None:
+    """Bring a folded model's plan in line with its modules before it is saved (an operation's optional
+    ``sync``: e.g. tie relaxations grown by a merged PEFT LoRA)."""
+    state = getattr(model.base_model, STATE_ATTRIBUTE, None)
+    if state is None:
+        return
+    family = family_of(model)
+    for key, op in state.plan.keyed():
+        sync = getattr(implementation(op), "sync", None)
+        if sync is not None:
+            sync(model, family, key, op, state.plan.kept_layers())
+
+
 def layer_prefixes(model: nn.Module, family: Family) -> dict[int, str]:
     """Each original layer's tensor name prefix (``model.layers.3.``), read before the structure changes."""
     names = {id(module): name for name, module in model.named_modules()}

@@ -33,7 +33,7 @@ from .checkpoint import (
     stored_shapes,
     write_tensors,
 )
-from .engine import apply_structure
+from .engine import apply_structure, sync_plan
 from .errors import LayerfoldError, first_line
 from .families import Family, family_for_model_type, family_of
 from .operations.base import FoldedProjection
@@ -187,6 +187,7 @@ def write_folded(
 ) -> None:
     """Write a folded model's files into an existing ``directory`` (not atomically: ``save`` wraps this)."""
     directory = Path(directory)
+    sync_plan(model)
     tensors, aliases = _unique_state(model, state_dict)
     write_tensors(directory, tensors, max_shard_bytes=max_shard_bytes, metadata=weights_metadata(aliases))
     write_folded_config(model, directory, source=source)

@@ -126,3 +126,15 @@ class FoldedProjection(nn.Module):
     def relaxation_parameters(self) -> list[nn.Parameter]:
         """This layer's own trainable part (not the weights it shares)."""
         raise NotImplementedError
+
+    def add_low_rank(self, lora_b: torch.Tensor, lora_a: torch.Tensor) -> None:
+        """Add ``lora_b @ lora_a`` (out×r, r×in) to this layer's effective weight, exactly and for this layer only
+        (how a PEFT LoRA merges into a fold). Operations whose layers have no low-rank slot refuse."""
+        raise LayerfoldError(
+            f"{type(self).__name__} cannot take a merged low-rank update (it shares a weight with no per-layer "
+            "low-rank part): keep the adapter unmerged, or call layerfold.materialize(model) before merging"
+        )
+
+    def remove_low_rank(self, rank: int) -> None:
+        """Undo the last ``add_low_rank`` of that rank."""
+        raise NotImplementedError

@@ -98,3 +98,35 @@ def compute(op: Tie, unit: list[Recipe], values: dict, context) -> tuple:
                     rank=recipe.detail["rank"],
                 )
             yield recipe.name, factors[i][0 if recipe.role == "lora_A" else 1]
+
+
+def sync(model: nn.Module, family: Family, key: str, op: Tie, kept: list[int]) -> None:
+    """Make ``op`` say the relaxation ranks its layers have, before a save: a PEFT LoRA merged into a tied layer
+    (``TiedLinear.add_low_rank``) grows that layer's rank. Per projection, every layer of the group then gets
+    the group's largest rank (the others padded with zeros, which changes nothing) — at most the matrix's full
+    rank, refactored exactly (SVD of the merged update) where the sum went above it."""
+    layers = family.layer_list(model)
+    position = {layer: i for i, layer in enumerate(kept)}
+    ranks, changed = {}, False
+    for path in family.shared_projections(op.share):
+        modules = [layers[position[i]].get_submodule(path) for i in op.layers if i in position]
+        if not modules or not all(isinstance(m, TiedLinear) for m in modules):
+            continue
+        limit = min(modules[0].out_features, modules[0].in_features)
+        planned = resolve_rank(op.rank_for(path, family.kind_of(path)), (modules[0].out_features, limit))
+        for module in modules:
+            if module.rank > limit:
+                lora_a, lora_b = lora_from_delta(module.lora_B.detach() @ module.lora_A.detach(), limit)
+                module.set_relaxation(lora_a, lora_b, trainable=module.lora_A.requires_grad)
+        largest = max(module.rank for module in modules)
+        for module in modules:
+            if module.rank < largest:
+                missing = largest - module.rank
+                module.add_low_rank(
+                    torch.zeros(module.out_features, missing, dtype=module.weight.dtype, device=module.weight.device),
+                    torch.zeros(missing, module.in_features, dtype=module.weight.dtype, device=module.weight.device),
+                )
+        ranks[path] = largest
+        changed |= largest != planned
+    if changed:
+        op.rank = ranks

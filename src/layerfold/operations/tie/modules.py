@@ -77,6 +77,32 @@ class TiedLinear(FoldedProjection):
     def relaxation_parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.lora_A, self.lora_B) if p is not None]
 
+    def add_low_rank(self, lora_b: torch.Tensor, lora_a: torch.Tensor) -> None:
+        """Append the update to this layer's relaxation (its rank grows by the update's); exact."""
+        lora_a = lora_a.detach().to(self.weight.dtype)
+        lora_b = lora_b.detach().to(self.weight.dtype)
+        trainable = self.lora_A.requires_grad if self.lora_A is not None else True
+        if self.lora_A is not None:
+            lora_a = torch.cat([self.lora_A.detach(), lora_a])
+            lora_b = torch.cat([self.lora_B.detach(), lora_b], dim=1)
+        self.set_relaxation(lora_a, lora_b, trainable=trainable)
+
+    def remove_low_rank(self, rank: int) -> None:
+        keep = self.rank - rank
+        trainable = self.lora_A.requires_grad
+        if keep == 0:
+            self.rank = 0
+            self.register_parameter("lora_A", None)
+            self.register_parameter("lora_B", None)
+            return
+        self.set_relaxation(self.lora_A.detach()[:keep], self.lora_B.detach()[:, :keep], trainable=trainable)
+
+    def set_relaxation(self, lora_a: torch.Tensor, lora_b: torch.Tensor, *, trainable: bool = True) -> None:
+        """Replace the relaxation by these factors (A: r×in, B: out×r), whatever its rank was."""
+        self.rank = lora_a.shape[0]
+        self.lora_A = nn.Parameter(lora_a.contiguous(), requires_grad=trainable)
+        self.lora_B = nn.Parameter(lora_b.contiguous(), requires_grad=trainable)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.shared.weight.t() if self.transposed else self.shared.weight
         y = F.linear(x, weight, self.merged_bias())

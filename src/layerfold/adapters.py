@@ -1,0 +1,117 @@
+"""PEFT LoRA on folded models, through PEFT's extension point for custom layers
+(``LoraConfig._register_custom_module``).
+
+PEFT knows nn.Linear and Conv1D; a tied or factorised projection is neither, so a plain ``LoraConfig`` refuses it
+("Target module ... is not supported"). ``lora_config`` returns a ``LoraConfig`` that maps every folded
+projection type to ``FoldedLoraLinear``: PEFT's own LoRA layer, which computes ``base(x) + B A x · scale`` around
+the folded module, plus a merge that keeps the fold. Merging into the shared weight would change every layer of the
+group, so ``merge`` adds the update to *this layer's* relaxation instead (``FoldedProjection.add_low_rank``: a
+tied layer's LoRA relaxation grows by the adapter's rank, exactly); the next save records the new ranks in the
+plan (``tie.build.sync``). A factorised (basis) projection has no per-layer low-rank part and refuses to merge with
+one line; its adapter trains, saves and loads as usual.
+
+    import layerfold
+    from layerfold.adapters import lora_config, load_adapter
+    from peft import get_peft_model
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained("folded"), lora_config(r=8, target_modules=["q_proj"]))
+    ...train, model.save_pretrained("adapter")...
+    model = load_adapter(AutoModelForCausalLM.from_pretrained("folded"), "adapter")   # PeftModel
+    model.merge_and_unload().save_pretrained("folded-merged")   # still a fold, reloads bit for bit
+
+Needs the ``peft`` extra (``pip install layerfold[peft]``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LayerfoldError
+from .operations.base import FoldedProjection
+from .store import STATE_ATTRIBUTE
+
+try:
+    from peft import LoraConfig, PeftConfig, PeftModel
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+except ImportError as err:  # pragma: no cover - the optional extra
+    raise ImportError("layerfold.adapters needs PEFT: pip install 'layerfold[peft]'") from err
+
+
+def folded_projection_types() -> list[type[nn.Module]]:
+    """Every FoldedProjection subclass the operations define (each operation's modules are imported)."""
+    from . import operations  # noqa: F401 (imports every operation's modules)
+
+    found, stack = [], [FoldedProjection]
+    while stack:
+        for subclass in stack.pop().__subclasses__():
+            found.append(subclass)
+            stack.append(subclass)
+    return found
+
+
+class FoldedLoraLinear(LoraLinear):
+    """PEFT's LoRA layer around a folded projection. A folded projection maps x to y like nn.Linear whatever
+    layout it stores, so the adapter is in nn.Linear layout (``fan_in_fan_out`` off)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
+        kwargs["fan_in_fan_out"] = False
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        base = self.get_base_layer()
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.lora_A:
+                continue
+            if name in self.lora_variant or self.lora_bias[name]:
+                raise LayerfoldError(f"adapter {name}: only plain LoRA (no DoRA or other variant, no lora_bias) merges into a fold")
+            lora_a = self.lora_A[name].weight.float()
+            lora_b = self.lora_B[name].weight.float() * self.scaling[name]
+            if safe_merge and not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            base.add_low_rank(lora_b, lora_a)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.lora_A:
+                base.remove_low_rank(self.lora_A[name].weight.shape[0])
+
+
+def register(config: LoraConfig) -> LoraConfig:
+    """Let ``config`` put LoRA layers on folded projections (every type, plus whatever it handled before), and
+    never on the shared weights themselves (the store, ``…layerfold_shared…``, whose entries carry the
+    projections' names too)."""
+    config._register_custom_module({kind: FoldedLoraLinear for kind in folded_projection_types()})
+    store = rf".*(^|\.){re.escape(STATE_ATTRIBUTE)}\..*"
+    excluded = config.exclude_modules
+    if excluded is None:
+        config.exclude_modules = store
+    elif isinstance(excluded, str):
+        config.exclude_modules = excluded if store in excluded else f"(?:{excluded})|{store}"
+    else:  # PEFT matches a list by whole name or dotted suffix; the same as one pattern
+        names = "|".join(re.escape(name) for name in excluded)
+        config.exclude_modules = f"(?:.*\\.)?(?:{names})|{store}"
+    return config
+
+
+def lora_config(**options: Any) -> LoraConfig:
+    """A ``peft.LoraConfig(**options)`` that can target folded projections."""
+    return register(LoraConfig(**options))
+
+
+def load_adapter(model: nn.Module, adapter: str, **options: Any) -> PeftModel:
+    """``PeftModel.from_pretrained(model, adapter)`` for a fold: the saved config, registered (PEFT does not save
+    custom module mappings)."""
+    config = PeftConfig.from_pretrained(adapter)
+    if isinstance(config, LoraConfig):
+        register(config)
+    return PeftModel.from_pretrained(model, adapter, config=config, **options)
