@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import DATA, RESULTS, machine, smollm2_dir, write_results
+from common import DATA, RESULTS, RUNTIME_KEYS, machine, runtime_cells, runtime_columns, runtime_of, smollm2_dir, write_results
 from heal import minilm as minilm_heal_task
 from heal import smollm2 as smollm2_heal_task
 from sweep import TASKS as SWEEP_TASKS
@@ -33,7 +33,7 @@ from layerfold.calibrate import Calibration, calibration_batches
 from layerfold.compress import plan_for_budget, planning_analysis, prepare
 from layerfold.data import read_sts, wikitext_half
 from layerfold.demo import default_model_path
-from layerfold.evaluate import perplexity, sts_spearman, tokenize_text
+from layerfold.evaluate import perplexity, runtime_cost, sts_spearman, tokenize_text
 from layerfold.heal import heal
 from layerfold.io import load, load_tokenizer, save
 from layerfold.planner import Proxy
@@ -127,11 +127,15 @@ def run_model(
     if only is not None:
         budgets = [b for b in budgets if b in only]
     rows = []
+    # The original's run-time cost, measured in this run: each auto row's ratios are to it.
+    original_runtime = runtime_cost(t["path"], quick=quick, **sweep_task.runtime_inputs)
     for budget in tqdm(budgets, desc=f"{t['model']} auto", unit="budget"):
         _, result = plan_for_budget(prepared, budget, analysis=analysis, proxy=proxy, refit=refit)
         search_seconds = result.seconds
         folded = result.best_model
         value = t["measure"](folded)
+        runtime = runtime_of(folded, t["path"], quick=quick, **sweep_task.runtime_inputs)
+        runtime["ratios"] = {k: runtime[k] / original_runtime[k] for k in RUNTIME_KEYS if k in runtime}
         fixed = best_fixed(sweep_rows, t["model"], budget, t["higher"], within=False)
         fixed_within = best_fixed(sweep_rows, t["model"], budget, t["higher"], within=True)
         row = {
@@ -147,6 +151,7 @@ def run_model(
             "refit_tokens": result.refit_tokens,
             "refit_seconds": result.refit_seconds,
             "search_seconds": round(search_seconds, 1),
+            "runtime": runtime,
             "planner_seconds": round(analysis_seconds + search_seconds, 1),
             "best_fixed": None
             if fixed is None
@@ -188,6 +193,7 @@ def run_model(
         "load_seconds": round(load_seconds, 1),
         "analysis_seconds": round(analysis_seconds, 1),
         "analysis_parts": analysis.seconds,
+        "original_runtime": original_runtime,
         "rows": rows,
     }
 
@@ -225,7 +231,12 @@ def render(payload: dict) -> str:
             ),
             "",
         ]
+        if info.get("original_runtime"):
+            shown = runtime_cells({"runtime": info["original_runtime"]}, runtime_columns([{"runtime": info["original_runtime"]}]))
+            labels = [label.replace(" (× orig.)", "") for _, label in runtime_columns([{"runtime": info["original_runtime"]}])]
+            parts += ["The original, measured in this run: " + ", ".join(f"{a} {b}" for a, b in zip(labels, shown)) + ".", ""]
         body = []
+        columns = runtime_columns(info["rows"])
         for r in info["rows"]:
             fixed, within = r["best_fixed"], r["best_fixed_within"]
             body.append(
@@ -242,6 +253,7 @@ def render(payload: dict) -> str:
                     else "–",
                     f"{r['planner_seconds']:.0f}",
                     f"{r['refit_seconds']:.0f}" if r.get("refit_seconds") is not None else "–",
+                    *runtime_cells(r, columns),
                 ]
             )
         parts += [
@@ -257,6 +269,7 @@ def render(payload: dict) -> str:
                     "best fixed healed",
                     "planner s",
                     "fit s",
+                    *(label for _, label in columns),
                 ],
                 body,
             ),

@@ -68,3 +68,57 @@ def write_results(name: str, payload: dict, markdown: str) -> Path:
         (RESULTS / f"{name}{suffix}").write_text(text)
         (RESULTS / f"{name}-{stamp:%Y-%m-%d}{suffix}").write_text(text)
     return RESULTS / f"{name}.json"
+
+
+def runtime_of(model, original_path: Path, *, quick: bool, texts=None, token_ids=None) -> dict:
+    """A row's run-time cost (``layerfold.evaluate.runtime_cost``): the model is saved to a temporary folder and
+    loaded and run in a fresh process; an unfolded model (the original row) is measured from ``original_path``."""
+    import tempfile
+
+    import layerfold
+    from layerfold.evaluate import runtime_cost
+    from layerfold.store import fold_state
+
+    if fold_state(model) is None:
+        return runtime_cost(original_path, texts=texts, token_ids=token_ids, quick=quick)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        saved = Path(tmp) / "model"
+        layerfold.save(model, saved, source=original_path)
+        return runtime_cost(saved, texts=texts, token_ids=token_ids, quick=quick)
+
+
+RUNTIME_KEYS = ("decode_tokens_per_second", "prefill_tokens_per_second", "sentences_per_second", "peak_rss_bytes")
+
+
+def runtime_ratios(rows: list[dict]) -> None:
+    """Each row's run-time figures as ratios to its model's original row (measured in the same run), in place."""
+    originals = {r["model"]: r["runtime"] for r in rows if r.get("method") == "original" and r.get("runtime")}
+    for row in rows:
+        reference, mine = originals.get(row["model"]), row.get("runtime")
+        if reference and mine:
+            mine["ratios"] = {k: mine[k] / reference[k] for k in RUNTIME_KEYS if k in mine and k in reference}
+
+
+def runtime_columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """The run-time columns a model's rows have (decoders: decode, prefill; encoders: sentences/s), and RSS."""
+    present = {k for r in rows for k in (r.get("runtime") or {})}
+    columns = [
+        ("decode_tokens_per_second", "decode tok/s (× orig.)"),
+        ("prefill_tokens_per_second", "prefill tok/s (× orig.)"),
+        ("sentences_per_second", "sentences/s (× orig.)"),
+        ("peak_rss_bytes", "peak RSS MB (× orig.)"),
+    ]
+    return [(k, label) for k, label in columns if k in present]
+
+
+def runtime_cells(row: dict, columns: list[tuple[str, str]]) -> list[str]:
+    runtime = row.get("runtime") or {}
+    cells = []
+    for key, _ in columns:
+        if key not in runtime:
+            cells.append("-")
+            continue
+        value = runtime[key] / 1e6 if key == "peak_rss_bytes" else runtime[key]
+        ratio = runtime.get("ratios", {}).get(key)
+        cells.append(f"{value:.0f}" + (f" ({ratio:.2f})" if ratio is not None else ""))
+    return cells

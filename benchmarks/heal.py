@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from common import DATA, RESULTS, machine, smollm2_dir, write_results
+from common import DATA, RESULTS, machine, runtime_cells, runtime_columns, runtime_ratios, smollm2_dir, write_results
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
@@ -31,7 +31,7 @@ from layerfold.budget import Budget, kept_fractions
 from layerfold.calibrate import Calibration, calibration_batches
 from layerfold.data import read_sts, wikitext_half
 from layerfold.demo import default_model_path
-from layerfold.evaluate import perplexity, sts_spearman, tokenize_text
+from layerfold.evaluate import perplexity, runtime_cost, sts_spearman, tokenize_text
 from layerfold.heal import HealConfig, heal
 from layerfold.io import load, load_source, load_tokenizer, save
 from layerfold.report import markdown_table, parameter_breakdown
@@ -63,6 +63,8 @@ class HealTask:
     calibration_tokens: int
     config: HealConfig
     methods: list[tuple[str, dict]] = field(default_factory=list)
+    runtime_inputs: dict = field(default_factory=dict)  # texts (encoders) or token_ids (decoders), only timed
+    quick: bool = False
 
 
 def minilm(quick: bool, work: Path) -> HealTask:
@@ -82,6 +84,8 @@ def minilm(quick: bool, work: Path) -> HealTask:
         8192 if quick else 32768,
         HealConfig(steps=20 if quick else 150, batch=64, lr=2e-4, eval_every=10 if quick else 50, seed=0),
         QUICK_METHODS if quick else METHODS,
+        {"texts": [s for p in pairs for s in (p.first, p.second)]},
+        quick,
     )
 
 
@@ -103,6 +107,8 @@ def smollm2(quick: bool, work: Path) -> HealTask:
         32768,
         HealConfig(steps=24, batch=4, seq_len=512, lr=1e-4, eval_every=12, save_every=1000, seed=0),
         METHODS,
+        {"token_ids": ids.flatten()[:1024].tolist()},
+        quick,
     )
 
 
@@ -147,6 +153,7 @@ def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
             "keep": 1.0,
             "training_free": task.measure(original),
             "healed": None,
+            "runtime": runtime_cost(task.path, quick=task.quick, **task.runtime_inputs),
         }
     ]
     calibration = None
@@ -178,9 +185,11 @@ def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
                 "heal_tokens_per_second": report["tokens_per_second"],
                 "held_out_before": report["fidelity_before"],
                 "held_out_after": report["fidelity_after"],
+                "runtime": runtime_cost(healed_dir, quick=task.quick, **task.runtime_inputs),
             }
         )
         tqdm.write(json.dumps(rows[-1], default=str))
+    runtime_ratios(rows)
     config = task.config.resolved(task.metric == "perplexity")
     budget = {
         "steps": config.steps,
@@ -232,6 +241,7 @@ def render(payload: dict) -> str:
             "",
         ]
         rows = []
+        columns = runtime_columns(info["rows"])  # the healed model's, in a fresh process (see the sweep's notes)
         for row in info["rows"]:
             keep = f"{row['keep_blocks']:.1%} / {row['keep']:.1%}" if row.get("keep") is not None else ""
             rows.append(
@@ -243,12 +253,15 @@ def render(payload: dict) -> str:
                     f"{row['healed']:.2f}" if row["healed"] is not None else "",
                     f"{row['heal_seconds']:.0f}" if "heal_seconds" in row else "",
                     f"{row['heal_tokens_per_second']:.0f}" if "heal_tokens_per_second" in row else "",
+                    *runtime_cells(row, columns),
                 ]
             )
         parts.append(
             markdown_table(
-                ["method", "options", "kept (blocks / all)", "training-free", "healed", "heal s", "tokens/s"], rows
-            )
+                ["method", "options", "kept (blocks / all)", "training-free", "healed", "heal s", "tokens/s",
+                 *(label for _, label in columns)],
+                rows,
+            )  # fmt: skip
         )
         if info.get("plain_finetune"):
             plain = info["plain_finetune"]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from common import DATA, RESULTS, machine, smollm2_dir
+from common import DATA, RESULTS, machine, runtime_cells, runtime_columns, runtime_of, runtime_ratios, smollm2_dir
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
@@ -57,6 +57,7 @@ class Task:
     calibration_text: str
     total_budgets: tuple[float, ...]
     block_methods: tuple[str, ...] | None = None  # methods run at the block budgets (None: all)
+    runtime_inputs: dict | None = None  # texts (encoders) or token_ids (decoders) for the run-time cost
 
 
 def minilm_task(quick: bool) -> Task:
@@ -74,6 +75,7 @@ def minilm_task(quick: bool) -> Task:
         8192 if quick else 32768,
         "STS-B train sentences",
         (),
+        runtime_inputs={"texts": [s for p in pairs for s in (p.first, p.second)]},
     )
 
 
@@ -81,7 +83,10 @@ def smollm2_task(quick: bool) -> Task:
     path = smollm2_dir()
     tokens = 2048 if quick else 4096
     wikitext = DATA / "wikitext-2-raw" / "wiki.test.raw"
-    ids = tokenize_text(load_tokenizer(path), wikitext_half(wikitext, "second"), tokens)
+    tokenizer = load_tokenizer(path)
+    ids = tokenize_text(tokenizer, wikitext_half(wikitext, "second"), tokens)
+    # The run-time cost's prompt and prefill sequence: 1,024 tokens of the evaluation half (only timed).
+    runtime_ids = tokenize_text(tokenizer, wikitext_half(wikitext, "second"), 1024)
     return Task(
         "SmolLM2-135M",
         path,
@@ -95,6 +100,7 @@ def smollm2_task(quick: bool) -> Task:
         QUICK_TOTAL_BUDGETS if quick else TOTAL_BUDGETS,
         # The training-free methods of issue 5 run at the "of all" budgets here (the time limit of make bench).
         ("original", "drop-first", "drop-even", "tie-cycle", "tie-sequence"),
+        runtime_inputs={"token_ids": runtime_ids.flatten().tolist()},
     )
 
 
@@ -159,19 +165,23 @@ def sweep(task_name: str, quick: bool) -> tuple[list[dict], str, dict]:
         params = parameter_breakdown(model)
         with torch.no_grad():
             value = task.measure(model)
+        seconds = round(time.perf_counter() - start, 1)
+        runtime = runtime_of(model, task.path, quick=quick, **task.runtime_inputs)
         rows.append(
             {
                 **row,
                 **kept_fractions(base, params),
                 "unique_params": params["total"],
                 "value": value,
-                "seconds": round(time.perf_counter() - start, 1),
+                "seconds": seconds,
+                "runtime": runtime,
             }
         )
         if method.name.startswith(("tie-", "drop-")):
             rows[-1]["options"]["unique_blocks"] = registry.unique_blocks_for(original, budget)
         tqdm.write(json.dumps(rows[-1]))
         del model
+    runtime_ratios(rows)
     return rows, task.cap, calibration_info
 
 
@@ -202,6 +212,7 @@ def table(rows: list[dict]) -> str:
                     "-",
                     f"failed: {r['error']}",
                     f"{r['seconds']:.0f}",
+                    *["-"] * len(runtime_columns(rows)),
                 ]
             )
             continue
@@ -216,6 +227,7 @@ def table(rows: list[dict]) -> str:
                 f"{r['unique_params'] / 1e6:.2f}M",
                 f"{r['value']:.2f}",
                 f"{r['seconds']:.0f}",
+                *runtime_cells(r, runtime_columns(rows)),
             ]
         )
     metric = rows[0]["metric"]
@@ -230,6 +242,7 @@ def table(rows: list[dict]) -> str:
             "unique params",
             metric,
             "seconds",
+            *(label for _, label in runtime_columns(rows)),
         ],
         body,
     )
@@ -266,43 +279,81 @@ def summary(rows: list[dict]) -> str:
     )
 
 
+def method_colours(rows: list[dict]) -> dict[str, tuple]:
+    """One colour per method, the same in every panel."""
+    import matplotlib
+
+    methods = sorted({r["method"] for r in rows})
+    palette = matplotlib.colormaps["tab20"]
+    return {method: palette(i % 20) for i, method in enumerate(methods)}
+
+
+def pareto_front(points: list[dict], key, better) -> list[dict]:
+    """Rows that no smaller row beats on ``key`` (``better(a, b)``: a is better than b)."""
+    front, best = [], None
+    for r in sorted(points, key=lambda r: (r["unique_params"], -key(r) if better(1, 0) else key(r))):
+        if best is None or better(key(r), best):
+            front.append(r)
+            best = key(r)
+    return front
+
+
 def chart(rows: list[dict], path: Path) -> None:
+    """Quality against unique parameters (top) and run-time speed against unique parameters (bottom: decode
+    tokens/s for decoders, sentences/s for encoders, as a ratio to the original measured in the same run)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = method_colours(rows)
     models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    fig, axes = plt.subplots(2, len(models), figsize=(6.5 * len(models), 9.5), squeeze=False)
+    for column, model in enumerate(models):
         mine = [r for r in rows if r["model"] == model and r["value"] is not None]
         lower_is_better = mine[0]["metric"] == "perplexity"
+        ax = axes[0][column]
         for method in sorted({r["method"] for r in mine}):
             points = [r for r in mine if r["method"] == method]
-            ax.scatter(
-                [r["unique_params"] / 1e6 for r in points], [r["value"] for r in points], label=method, s=28, alpha=0.8
-            )
-        # Pareto front: no other row is both smaller and better.
-        front, best = [], None
-        for r in sorted(mine, key=lambda r: (r["unique_params"], r["value"] if lower_is_better else -r["value"])):
-            if best is None or (r["value"] < best if lower_is_better else r["value"] > best):
-                front.append(r)
-                best = r["value"]
-        ax.plot(
-            [r["unique_params"] / 1e6 for r in front], [r["value"] for r in front], "k--", lw=1, label="Pareto front"
-        )
+            ax.scatter([r["unique_params"] / 1e6 for r in points], [r["value"] for r in points], label=method,
+                       s=28, alpha=0.85, color=colours[method])  # fmt: skip
+        front = pareto_front(mine, lambda r: r["value"], (lambda a, b: a < b) if lower_is_better else (lambda a, b: a > b))
+        ax.plot([r["unique_params"] / 1e6 for r in front], [r["value"] for r in front], "k--", lw=1, label="Pareto front")
         ax.set_xlabel("unique parameters (M)")
-        ax.set_ylabel(
-            mine[0]["metric"] + (" (log scale, lower is better)" if lower_is_better else " (higher is better)")
-        )
+        ax.set_ylabel(mine[0]["metric"] + (" (log scale, lower is better)" if lower_is_better else " (higher is better)"))
         if lower_is_better:
             ax.set_yscale("log")
         ax.set_title(f"{model}: quality against size (training-free)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
+
+        ax = axes[1][column]
+        speed_key = "decode_tokens_per_second" if lower_is_better else "sentences_per_second"
+        timed = [r for r in mine if (r.get("runtime") or {}).get("ratios", {}).get(speed_key) is not None]
+        for method in sorted({r["method"] for r in timed}):
+            points = [r for r in timed if r["method"] == method]
+            ax.scatter([r["unique_params"] / 1e6 for r in points], [r["runtime"]["ratios"][speed_key] for r in points],
+                       label=method, s=28, alpha=0.85, color=colours[method])  # fmt: skip
+        ax.axhline(1.0, color="grey", lw=1)
+        if lower_is_better:
+            ax.axhline(0.95, color="red", lw=1, ls=":", label="target 0.95 × original")
+        ax.set_xlabel("unique parameters (M)")
+        ax.set_ylabel(("decode tokens/s" if lower_is_better else "sentences/s") + " ÷ original's (higher is faster)")
+        ax.set_title(f"{model}: speed against size (fresh process, this machine)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def runtime_protocol_text(quick: bool) -> str:
+    from layerfold.evaluate import QUICK_RUNTIME_PROTOCOL, RUNTIME_PROTOCOL
+
+    p = QUICK_RUNTIME_PROTOCOL if quick else RUNTIME_PROTOCOL
+    return (f"decoders: batch 1, greedy, KV cache, {p['new_tokens']} new tokens after a {p['prompt']}-token prompt, "
+            f"prefill of one {p['prefill']}-token sequence; encoders: {p['sentences']} sentences in batches of 32; "
+            f"median of {p['repeats']} run(s) after a warm-up; peak RSS of that process")  # fmt: skip
 
 
 def render(payload: dict, out: Path) -> str:
@@ -326,7 +377,9 @@ def render(payload: dict, out: Path) -> str:
             f"Budgets: {payload['budgets']}.",
             "## Best options of each method at each budget\n\n" + summary(rows),
             *sections,
-            "![quality against unique parameters](pareto.png)",
+            "Run-time columns: each row's model saved and then loaded and run in a fresh process "
+            f"({runtime_protocol_text(payload['quick'])}); ratios are to the original measured in the same run.",
+            "![quality and speed against unique parameters](pareto.png)",
         ]
     )
     for name in ("latest", f"latest-{stamp:%Y-%m-%d}"):

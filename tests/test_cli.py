@@ -164,9 +164,11 @@ def test_unwritable_output(capsys, tiny_dir, tmp_path):
     assert_one_line_error(code, err, "cannot write output directory")
 
 
-def test_info_on_a_plain_model_is_one_line(capsys, tiny_dir):
-    code, _, err = run(capsys, "info", tiny_dir)
-    assert_one_line_error(code, err, "not a layerfold checkpoint")
+def test_info_on_a_plain_model_says_it_loads_with_transformers_alone(capsys, tiny_dir, tmp_path):
+    code, out, err = run(capsys, "info", tiny_dir)
+    assert code == 0 and "transformers alone: a plain llama checkpoint" in out, err
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(*run(capsys, "info", tmp_path / "empty")[::2], "no config.json")
 
 
 def test_console_script_exit_code_and_message(tiny_dir, tmp_path):
@@ -223,3 +225,14 @@ def test_version_prints_one_line_without_loading_torch():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.stdout.splitlines() == [f"layerfold {layerfold.__version__}", "False 0"], result.stderr
+
+
+def test_quiet_leaves_stdout_and_errors_only(capsys, tmp_path):
+    build_tiny("llama").save_pretrained(tmp_path / "original")
+    capsys.readouterr()  # transformers' own progress bar, before the command
+    code, out, err = run(capsys, "--quiet", "fold", tmp_path / "original", "--out", tmp_path / "folded",
+                         "--strategy", "cycle", "--unique", "2", "--json")  # fmt: skip
+    assert code == 0 and err == "" and json.loads(out)["out"] == str(tmp_path / "folded")
+    code, out, err = run(capsys, "-q", "fold", tmp_path / "original", "--out", tmp_path / "folded",
+                         "--strategy", "cycle", "--unique", "2")  # fmt: skip
+    assert_one_line_error(code, err, "exists")

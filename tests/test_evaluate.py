@@ -265,3 +265,23 @@ def test_minilm_scores_the_published_sts_b_figure(capsys):
     data = ROOT.parent / "shared" / "data" / "stsbenchmark" / "sts-test.csv"
     code, out, _ = run(capsys, "eval", default_model_path(), "--task", "sts", "--data", data, "--json")
     assert code == 0 and round(json.loads(out)["value"], 2) == 82.03
+
+
+def test_runtime_cost_of_a_fold_in_a_fresh_process(tmp_path):
+    """Decoders: decode and prefill tokens/s and peak RSS; encoders: sentences/s. Measured in a fresh process that
+    loads the folded checkpoint (so it runs the folded modules, not a materialised copy)."""
+    from conftest import save_tiny_with_tokenizer
+
+    import layerfold
+    from layerfold.evaluate import QUICK_RUNTIME_PROTOCOL, runtime_cost
+
+    save_tiny_with_tokenizer(tmp_path)
+    for name in ("llama", "bert"):
+        model = layerfold.fold(layerfold.load_source(tmp_path / name), layerfold.FoldPlan.cycle(4, 2), progress=False)
+        layerfold.save(model, tmp_path / f"{name}-folded", source=tmp_path / name)
+    decoder = runtime_cost(tmp_path / "llama-folded", token_ids=list(range(5, 300)), quick=True)
+    assert decoder["decode_tokens_per_second"] > 0 and decoder["prefill_tokens_per_second"] > 0
+    assert decoder["peak_rss_bytes"] >= decoder["rss_after_load_bytes"] >= decoder["rss_after_imports_bytes"] > 0
+    assert decoder["protocol"] == QUICK_RUNTIME_PROTOCOL and "sentences_per_second" not in decoder
+    encoder = runtime_cost(tmp_path / "bert-folded", texts=["a sentence", "another one"] * 10, quick=True)
+    assert encoder["sentences_per_second"] > 0 and "decode_tokens_per_second" not in encoder

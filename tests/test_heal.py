@@ -265,13 +265,18 @@ def test_heal_lowers_the_loss_and_writes_a_loadable_model(capsys, saved, tmp_pat
     assert healed.base_model.layerfold_shared is not None
     from transformers import AutoModel, AutoModelForCausalLM
 
-    auto = (AutoModelForCausalLM if model == "llama" else AutoModel).from_pretrained(out, trust_remote_code=True)
+    auto = (AutoModelForCausalLM if model == "llama" else AutoModel).from_pretrained(out)
     ids = torch.randint(3, 1000, (1, 12))
     with torch.no_grad():
         expected, got = healed(input_ids=ids), auto(input_ids=ids)
     key = "logits" if model == "llama" else "last_hidden_state"
     torch.testing.assert_close(getattr(got, key), getattr(expected, key))
-    assert (out / "heal.md").is_file()
+    heal_md = (out / "heal.md").read_text()
+    assert "Losses over time" in heal_md and f"| 8 | {losses[-1]:.4g} |" in heal_md
+    # Progress is one bar with figures in its postfix: no printed log dictionaries, no summary line.
+    assert "{'loss'" not in err and "'train_runtime'" not in err and "heal: 100%" in err
+    card = (out / "README.md").read_text()
+    assert "trained further" in card and "healed by" in card
 
 
 def test_train_relax_changes_only_the_relaxations(capsys, saved, tmp_path):

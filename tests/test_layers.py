@@ -19,6 +19,7 @@ LAYERS = {
         "layerfold", "layerfold.errors", "layerfold.families", "layerfold.store", "layerfold.checkpoint",
         "layerfold.data", "layerfold.operations.base", "layerfold.operations", "layerfold.operations.*.spec",
         "layerfold.operations.*", "layerfold.plan", "layerfold.report", "layerfold.budget",
+        "layerfold.modelcard",
     ],
     "operations": ["layerfold.operations.*.*"],
     "engine and calibration": [

@@ -18,8 +18,21 @@ from .checkpoint import DEFAULT_MAX_SHARD_BYTES
 from .errors import LayerfoldError
 from .families import family_of
 from .folding import fold
-from .io import export, load, load_any, load_source, load_tokenizer, model_class_of, read_checkpoint_config, save, skeleton_of
+from .io import (
+    export,
+    is_folded_checkpoint,
+    load,
+    load_any,
+    load_source,
+    load_tokenizer,
+    model_class_of,
+    read_checkpoint_config,
+    save,
+    skeleton_of,
+    source_config,
+)
 from .methods import registry
+from .modelcard import CARD_NAME
 from .outputs import check_output
 from .plan import FoldPlan
 from .report import ABSENT, Report, human_count, markdown_table, merged, parameter_breakdown, size_table, weight_bytes
@@ -88,6 +101,16 @@ class FoldReport(Report):
         )
 
 
+def _card_figures(before: dict, folded) -> dict:
+    """What a fold's model card states beside its own size: the original's size and the kept fractions."""
+    fractions = kept_fractions(before["parameters"], parameter_breakdown(folded))
+    return {
+        "original unique parameters": before["parameters"]["total"],
+        "kept: all unique parameters": f"{fractions['keep']:.1%}",
+        "kept: block parameters": f"{fractions['keep_blocks']:.1%}",
+    }
+
+
 def fold_model_dir(
     model_dir: str | Path,
     out: str | Path,
@@ -96,9 +119,12 @@ def fold_model_dir(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
+    dtype: str | None = None,
 ) -> FoldReport:
-    """Load an original model, fold it with a plan (or a function of the layer count), save it, report sizes."""
+    """Load an original model, fold it with a plan (or a function of the layer count), save it (in ``dtype``:
+    fp32, fp16 or bf16, if given), report sizes."""
     start = time.perf_counter()
+    chosen_dtype = dtype_of(dtype)
     check_output(out, {"original model": model_dir}, overwrite=overwrite)
     if Path(model_dir).is_dir():  # a plan that does not fit (layers, ranks) fails before the weights load
         skeleton = skeleton_of(Path(model_dir))
@@ -110,7 +136,10 @@ def fold_model_dir(
     plan = plan_for if isinstance(plan_for, FoldPlan) else plan_for(num_layers)
     before = size_report(model, model_dir)
     fold(model, plan, progress=progress)
-    save(model, out, source=model_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+    if chosen_dtype is not None:
+        model.to(chosen_dtype)
+    save(model, out, source=model_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+         figures=_card_figures(before, model))  # fmt: skip
     after = size_report(model, out)
     return FoldReport(
         model=str(model_dir),
@@ -138,10 +167,13 @@ def fold_with_method(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
+    dtype: str | None = None,
 ) -> FoldReport:
-    """Fold an original model with a registered method at a parameter budget, save it, report both fractions."""
+    """Fold an original model with a registered method at a parameter budget, save it (in ``dtype`` if given),
+    report both fractions."""
 
     start = time.perf_counter()
+    chosen_dtype = dtype_of(dtype)
     chosen = registry.get(method)
     chosen.make_options(dict(options or {}))  # unknown or bad options fail before the model loads
     budget = Budget.from_options(keep, keep_blocks)
@@ -162,7 +194,10 @@ def fold_with_method(
     state = fold_state(folded)
     if state is None:
         raise LayerfoldError(f"method {method} leaves the model as it is; nothing to save")
-    save(folded, out, source=model_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+    if chosen_dtype is not None:
+        folded.to(chosen_dtype)
+    save(folded, out, source=model_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+         figures={"method": f"{method}, {budget.option} {budget.keep:g}", **_card_figures(before, folded)})
     after = size_report(folded, out)
     plan = state.plan
     return FoldReport(
@@ -329,10 +364,14 @@ class InfoReport(Report):
     plan_summary: str
     parameters: dict
     bytes_on_disk: int
+    needs_layerfold: bool = True
+    why: str = ""
 
     def markdown(self) -> str:
         params = self.parameters
         rows = [
+            ["loads with", ("layerfold (`import layerfold`, then the Auto classes or layerfold.load)"
+                            if self.needs_layerfold else "transformers alone") + f": {self.why}"],
             ["base model", f"{self.base_architecture} ({self.model_type})"],
             ["layers", f"{self.layers} -> {self.layers_kept} kept, {self.unique_blocks} unique blocks"],
             ["plan", self.plan_summary],
@@ -348,11 +387,22 @@ class InfoReport(Report):
 
 
 def checkpoint_info(path: str | Path) -> InfoReport:
-    """Describe a folded checkpoint: base model, plan, unique parameters, bytes on disk."""
+    """Describe a model folder: a fold (base model, plan, unique parameters, bytes on disk) or a plain checkpoint
+    (an export, an original), and whether it needs layerfold to load, and why."""
+    if not is_folded_checkpoint(path):
+        return _plain_info(Path(path))
     config = read_checkpoint_config(path)
     plan = FoldPlan.from_dict(config["fold_plan"])
     model = load(path)
+    kinds = sorted({op.kind for op in plan.operations})
     return InfoReport(
+        needs_layerfold=True,
+        why=(
+            f"its model type is layerfold ({', '.join(kinds) or 'no'} operations over {config['base_architecture']}"
+            + ("; tied or factorised projections are layerfold modules" if plan.ties() or plan.factors() else "")
+            + "); `layerfold export` writes a plain checkpoint"
+            + (" of the base architecture with fewer layers" if not plan.ties() and not plan.factors() else "")
+        ),
         path=str(path),
         base_architecture=config["base_architecture"],
         model_type=config["base_config"]["model_type"],
@@ -365,6 +415,37 @@ def checkpoint_info(path: str | Path) -> InfoReport:
         parameters=parameter_breakdown(model),
         bytes_on_disk=weight_bytes(path),
     )
+
+
+def _plain_info(path: Path) -> InfoReport:
+    if not path.is_dir():
+        raise LayerfoldError(f"not a model folder: {path}")
+    config, _ = source_config(path)  # one line for a missing or unsupported config
+    skeleton = skeleton_of(path)  # counted on the meta device
+    layers = len(family_of(skeleton).layer_list(skeleton))
+    exported = any(line.strip() == "- layerfold-export" for line in _card_lines(path))
+    return InfoReport(
+        path=str(path),
+        base_architecture=(config.architectures or [type(skeleton).__name__])[0],
+        model_type=config.model_type,
+        layerfold_version=None,
+        layers=layers,
+        layers_kept=layers,
+        unique_blocks=layers,
+        plan={},
+        plan_summary="none (every layer has its own weights)",
+        parameters=parameter_breakdown(skeleton),
+        bytes_on_disk=weight_bytes(path),
+        needs_layerfold=False,
+        why=f"a plain {config.model_type} checkpoint" + (" exported by layerfold (see its README.md)" if exported else ""),
+    )
+
+
+def _card_lines(path: Path) -> list[str]:
+    try:
+        return (path / CARD_NAME).read_text(encoding="utf-8").splitlines()[:40]
+    except (OSError, UnicodeDecodeError):
+        return []
 
 
 @dataclass(eq=False)

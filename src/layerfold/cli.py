@@ -39,8 +39,25 @@ def _options(
     version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print layerfold's version and exit."
     ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress bars, notes or library warnings on stderr; errors still show."
+    ),
 ) -> None:
     """Make pretrained transformers smaller by sharing parameters across layers."""
+    # --quiet is acted on by main, which must silence stderr before the app starts.
+
+
+class _QuietStderr:
+    """stderr while --quiet: nothing is written until the app returns (``main`` prints errors afterwards)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
 
 
 class Strategy(str, Enum):
@@ -152,14 +169,21 @@ def _fold(
     max_shard_size: str = typer.Option(
         "5GB", "--max-shard-size", help="Largest output weight file; bigger models are written in shards."
     ),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="Save the folded weights as fp32, fp16 or bf16 [default: as the original loads]."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     method_flags: Optional[dict] = None,
 ) -> None:
     """Fold a model and save it: by a plan or tying strategy, or by a method at a parameter budget."""
-    from .api import fold_model_dir, fold_streamed, fold_with_method
+    from .api import dtype_of, fold_model_dir, fold_streamed, fold_with_method
     from .checkpoint import parse_size
     from .outputs import check_output
+
+    dtype_of(dtype)  # a bad value fails before anything loads
+    if dtype is not None and stream:
+        raise LayerfoldError("--dtype does not go with --stream (a streamed fold keeps the checkpoint's dtype)")
 
     check_output(out, {"original model": model_dir, "plan": plan, "calibration text": calib}, overwrite=overwrite)
     max_shard_bytes = parse_size(max_shard_size)
@@ -209,11 +233,14 @@ def _fold(
                 options={**method_options, **plan_options},
                 overwrite=overwrite,
                 max_shard_bytes=max_shard_bytes,
+                dtype=dtype,
             )
     else:
         if method_options or keep is not None or keep_blocks is not None or calib is not None:
             raise LayerfoldError("--keep, --calib and the method options need --method")
-        report = fold_model_dir(model_dir, out, plan_for=plan_for, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+        report = fold_model_dir(
+            model_dir, out, plan_for=plan_for, overwrite=overwrite, max_shard_bytes=max_shard_bytes, dtype=dtype
+        )
     _emit(as_json, report)
 
 
@@ -280,10 +307,11 @@ app.command("fold")(fold_command)
 
 @app.command("info")
 def info_command(
-    folded_dir: Path = typer.Argument(..., help="A folded model written by layerfold."),
+    folded_dir: Path = typer.Argument(..., help="A model folder: folded by layerfold, exported, or an original."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Describe a folded model: its plan, unique parameters and size on disk."""
+    """Describe a model folder: whether it needs layerfold to load and why, its plan, unique parameters and size
+    on disk."""
     from .api import checkpoint_info
 
     info = checkpoint_info(folded_dir)
@@ -533,12 +561,33 @@ def demo_command(
     _emit(as_json, report)
 
 
+def _silence_libraries() -> None:
+    """Library progress bars and warnings off (those that write to the real stderr, not sys.stderr)."""
+    import logging
+    import warnings
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+    if "transformers" in sys.modules:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         if next((a for a in args if not a.startswith("-")), None) == "fold":
             _load_method_flags()
-        result = app(args=argv, prog_name="layerfold", standalone_mode=False)
+        command_at = next((i for i, a in enumerate(args) if not a.startswith("-")), len(args))
+        quiet = any(a in ("--quiet", "-q") for a in args[:command_at])
+        with contextlib.redirect_stderr(_QuietStderr()) if quiet else contextlib.nullcontext():
+            if quiet:
+                _silence_libraries()
+            result = app(args=argv, prog_name="layerfold", standalone_mode=False)
     except LayerfoldError as err:
         typer.echo(f"layerfold: error: {err}", err=True)
         return 2

@@ -258,3 +258,83 @@ def speed(
             "threads": torch.get_num_threads(),
         },
     }
+
+
+# ---- run-time cost in a fresh process -----------------------------------------------------------------------
+# The protocol of every benchmark row (issue 17): decoders decode batch 1, greedy, with the KV cache, NEW tokens
+# after a PROMPT-token prompt (decode tokens/s excludes the prompt's prefill: the time of NEW tokens minus that
+# of one), and prefill one PREFILL-token sequence; encoders embed SENTENCES sentences in batches of 32. Every
+# timing is the median of REPEATS runs after one warm-up. Peak RSS is the fresh process's, loading and running.
+RUNTIME_PROTOCOL = {"prompt": 256, "new_tokens": 128, "prefill": 1024, "sentences": 256, "repeats": 3}
+QUICK_RUNTIME_PROTOCOL = {"prompt": 64, "new_tokens": 32, "prefill": 256, "sentences": 128, "repeats": 1}
+
+_RUNTIME_PROBE = """
+import json, resource, statistics, sys, time
+import torch
+import layerfold.io as io
+from layerfold.evaluate import is_causal_lm, sentence_embeddings
+
+path, inputs_file, protocol = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+inputs = json.loads(open(inputs_file, encoding="utf-8").read())
+imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+model = io.load_any(path).eval()
+tokenizer = io.load_tokenizer(path)
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def median_seconds(run):
+    run()
+    times = []
+    for _ in range(protocol["repeats"]):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+result = {}
+with torch.no_grad():
+    if is_causal_lm(model):
+        ids = torch.tensor(inputs["token_ids"])
+        prompt = ids[None, : protocol["prompt"]]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        def generate(n):
+            return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                          min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=pad)
+        many, one = median_seconds(generate(protocol["new_tokens"])), median_seconds(generate(1))
+        result["decode_tokens_per_second"] = (protocol["new_tokens"] - 1) / max(many - one, 1e-9)
+        sequence = ids[None, : protocol["prefill"]]
+        seconds = median_seconds(lambda: model(input_ids=sequence, use_cache=False))
+        result["prefill_tokens_per_second"] = sequence.shape[1] / seconds
+    else:
+        texts = inputs["texts"][: protocol["sentences"]]
+        seconds = median_seconds(lambda: sentence_embeddings(model, tokenizer, texts, batch_size=32))
+        result["sentences_per_second"] = len(texts) / seconds
+result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+result["rss_after_imports_bytes"] = imported
+result["rss_after_load_bytes"] = loaded
+result["threads"] = torch.get_num_threads()
+print(json.dumps(result))
+"""
+
+
+def runtime_cost(
+    path: str | Path, *, texts: list[str] | None = None, token_ids: list[int] | None = None, quick: bool = False
+) -> dict:
+    """Run-time cost of a saved model (original or folded), measured in a fresh Python process that loads and runs
+    it: decode and prefill tokens/s for decoders (``token_ids``: the prompt and the prefill sequence), sentences/s
+    for encoders (``texts``), and that process's peak resident memory. See ``RUNTIME_PROTOCOL``."""
+    import tempfile
+
+    protocol = QUICK_RUNTIME_PROTOCOL if quick else RUNTIME_PROTOCOL
+    with tempfile.NamedTemporaryFile("w", suffix=".json", encoding="utf-8", delete=False) as handle:
+        json.dump({"texts": texts or [], "token_ids": list(map(int, token_ids or []))}, handle)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _RUNTIME_PROBE, str(path), handle.name, json.dumps(protocol)],
+            capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        )  # fmt: skip
+    finally:
+        os.unlink(handle.name)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LayerfoldError(f"running {path} in a fresh process failed: {last}")
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "protocol": dict(protocol)}

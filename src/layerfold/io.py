@@ -36,7 +36,9 @@ from .checkpoint import (
 from .engine import apply_structure, sync_plan
 from .errors import LayerfoldError, first_line
 from .families import Family, family_for_model_type, family_of
+from .modelcard import CARD_NAME, export_card, fold_card
 from .operations.base import FoldedProjection
+from .report import parameter_breakdown, weight_bytes
 from .outputs import atomic_output_dir, check_output
 from .plan import FoldPlan, legacy_store_keys
 from .sources import (  # noqa: F401 (the original-model readers are offered here too, as before)
@@ -164,14 +166,16 @@ def save(
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    figures: dict | None = None,
 ) -> Path:
     """Write a folded model to ``path`` (atomically). ``source`` is the original model's folder or .gguf file,
-    whose tokenizer is copied along; ``extra_files`` (name -> text) are written beside it, e.g. a report."""
+    whose tokenizer is copied along; ``extra_files`` (name -> text) are written beside it, e.g. a report;
+    ``figures`` (name -> value: what was measured) go into the model card with the sizes."""
     if fold_state(model) is None:
         raise LayerfoldError("the model is not folded: call layerfold.fold(model, plan) first")
     path = Path(path)
     with atomic_output_dir(path, overwrite=overwrite, inputs={"original model": source}) as tmp:
-        write_folded(model, tmp, source=source, max_shard_bytes=max_shard_bytes)
+        write_folded(model, tmp, source=source, max_shard_bytes=max_shard_bytes, figures=figures, name=path.name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return path
@@ -184,13 +188,16 @@ def write_folded(
     source: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     state_dict: dict[str, torch.Tensor] | None = None,
+    figures: dict | None = None,
+    name: str | None = None,
 ) -> None:
-    """Write a folded model's files into an existing ``directory`` (not atomically: ``save`` wraps this)."""
+    """Write a folded model's files into an existing ``directory`` (not atomically: ``save`` wraps this; ``name``:
+    the folder's final name, for the model card)."""
     directory = Path(directory)
     sync_plan(model)
     tensors, aliases = _unique_state(model, state_dict)
     write_tensors(directory, tensors, max_shard_bytes=max_shard_bytes, metadata=weights_metadata(aliases))
-    write_folded_config(model, directory, source=source)
+    write_folded_config(model, directory, source=source, figures=figures, name=name)
 
 
 def weights_metadata(aliases: dict[str, str]) -> dict[str, str]:
@@ -198,9 +205,17 @@ def weights_metadata(aliases: dict[str, str]) -> dict[str, str]:
     return {ALIASES_KEY: json.dumps(aliases), FORMAT_KEY: str(FORMAT_VERSION)}
 
 
-def write_folded_config(model: nn.Module, directory: Path, *, source: str | Path | None = None) -> None:
-    """Everything of a folded checkpoint but its weights: config, plan, remote code, generation config and
-    the tokenizer. ``model`` may be on the meta device (a streamed fold)."""
+def write_folded_config(
+    model: nn.Module,
+    directory: Path,
+    *,
+    source: str | Path | None = None,
+    figures: dict | None = None,
+    name: str | None = None,
+) -> None:
+    """Everything of a folded checkpoint but its weights: config, plan, remote code, generation config, the
+    tokenizer and the model card (written after the weights, whose size it gives). ``model`` may be on the meta
+    device (a streamed fold)."""
     state = fold_state(model)
     config = {
         "model_type": "layerfold",
@@ -221,6 +236,29 @@ def write_folded_config(model: nn.Module, directory: Path, *, source: str | Path
         generation_config.save_pretrained(directory)
     if source is not None:
         copy_side_files(source, directory)
+    write_card(
+        directory,
+        fold_card(
+            name=name or directory.name, plan=state.plan, base_architecture=state.base_architecture,
+            base_config=state.base_config, source=source, figures=_fold_figures(model, directory, figures),
+        ),
+    )  # fmt: skip
+
+
+def _fold_figures(model: nn.Module, directory: Path, figures: dict | None) -> dict:
+    shown = {"unique parameters": parameter_breakdown(model)["total"]}
+    if has_weights(directory):
+        shown["weights on disk (bytes)"] = weight_bytes(directory)
+    return {**shown, **(figures or {})}
+
+
+def write_card(directory: Path, text: str) -> None:
+    """Write the model card, unless the folder holds a README.md that is not one of layerfold's (a folder the
+    user saves into with ``save_pretrained``)."""
+    card = directory / CARD_NAME
+    if card.exists() and "- layerfold" not in card.read_text(encoding="utf-8", errors="replace"):
+        return
+    card.write_text(text, encoding="utf-8")
 
 
 def _aliases(path: Path) -> dict[str, str]:
@@ -474,9 +512,14 @@ def export(path: str | Path, out: str | Path, *, overwrite: bool = False, dtype:
     if dtype is not None:
         model.to(dtype)
     out = Path(out)
+    plan = FoldPlan.from_dict(read_checkpoint_config(path)["fold_plan"])
     with atomic_output_dir(out, overwrite=overwrite, inputs={"folded model": path}) as tmp:
         model.save_pretrained(tmp)
         copy_side_files(path, tmp)
+        figures = {"parameters": parameter_breakdown(model)["total"], "weights on disk (bytes)": weight_bytes(tmp)}
+        card = export_card(name=out.name, folded=Path(path), plan=plan, architecture=type(model).__name__,
+                           dtype=str(next(model.parameters()).dtype).removeprefix("torch."), figures=figures)  # fmt: skip
+        write_card(tmp, card)
     return out
 
 

@@ -187,7 +187,7 @@ def stream_fold(
             writer.close()
         if (source / "generation_config.json").is_file():
             folded.generation_config = transformers.GenerationConfig.from_pretrained(source)
-        write_folded_config(folded, tmp, source=source)
+        write_folded_config(folded, tmp, source=source, name=Path(out).name)
     return {
         "model": str(source),
         "model_type": config.model_type,

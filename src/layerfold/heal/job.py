@@ -21,6 +21,7 @@ from ..store import fold_state
 from .checkpoints import check_checkpoint_folder, check_resumable, checkpoint_dir_for, prepare_checkpoints
 from .data import Collator, Examples, prepare_data
 from .losses import hidden_layer_pairs, teacher_layer_map
+from .progress import HealProgress, loss_table
 from .settings import REPORT_JSON, REPORT_MD, HealConfig
 from .teacher_cache import teacher_fingerprint, teacher_top_k
 from .trainable import select_trainable
@@ -122,6 +123,10 @@ def heal(
         source=student_dir,
         cache=cache,
     )
+    from transformers.trainer_callback import ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)  # one bar with figures, not a printed log dictionary per step
+    trainer.add_callback(HealProgress())
     before = trainer.evaluate(metric_key_prefix="before")
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(start) if start else None)
@@ -160,6 +165,11 @@ def heal(
                 REPORT_JSON: report.to_json() + "\n",
                 REPORT_MD: report.markdown() + "\n",
             },
+            figures={
+                "healed by": f"distillation from {teacher_path}, {report.tokens_this_run:,} tokens (heal.md)",
+                **{k.replace("_", " "): v for k, v in {**before, **after}.items()
+                   if isinstance(v, float) and "runtime" not in k and "per_second" not in k},
+            },  # fmt: skip
         )
         if not keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)
@@ -273,4 +283,9 @@ class HealReport(Report):
                 )
         if report["resumed_from"]:
             rows.append(["resumed from", report["resumed_from"]])
-        return markdown_table(["", "value"], rows)
+        text = markdown_table(["", "value"], rows)
+        losses = loss_table(report["log_history"])
+        if len(losses) > 1:
+            text += "\n\nLosses over time (every logged step, at most 20 rows; held-out fidelity where evaluated):\n\n"
+            text += markdown_table(losses[0], losses[1:])
+        return text
