@@ -169,12 +169,23 @@ def next_token_fidelity(
 
 
 # ---- size and speed --------------------------------------------------------------------------------------
-_RSS_PROBE = """
-import json, resource, sys
+# Peak RSS is the process's own high-water mark, VmHWM (Linux). Not getrusage's ru_maxrss: the kernel carries
+# that over from the parent across fork and exec, so a child of a large benchmark process would report the
+# parent's size.
+_PEAK_RSS = """
+def peak_rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+"""
+_RSS_PROBE = _PEAK_RSS + """
+import json, sys
 import layerfold.io as io
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = peak_rss()
 model = io.load_any(sys.argv[1])
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+after = peak_rss()
 print(json.dumps({"peak_rss_bytes": after, "rss_before_load_bytes": before}))
 """
 
@@ -268,18 +279,18 @@ def speed(
 RUNTIME_PROTOCOL = {"prompt": 256, "new_tokens": 128, "prefill": 1024, "sentences": 256, "repeats": 3}
 QUICK_RUNTIME_PROTOCOL = {"prompt": 64, "new_tokens": 32, "prefill": 256, "sentences": 128, "repeats": 1}
 
-_RUNTIME_PROBE = """
-import json, resource, statistics, sys, time
+_RUNTIME_PROBE = _PEAK_RSS + """
+import json, statistics, sys, time
 import torch
 import layerfold.io as io
 from layerfold.evaluate import is_causal_lm, sentence_embeddings
 
 path, inputs_file, protocol = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 inputs = json.loads(open(inputs_file, encoding="utf-8").read())
-imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+imported = peak_rss()
 model = io.load_any(path).eval()
 tokenizer = io.load_tokenizer(path)
-loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+loaded = peak_rss()
 
 def median_seconds(run):
     run()
@@ -308,7 +319,7 @@ with torch.no_grad():
         texts = inputs["texts"][: protocol["sentences"]]
         seconds = median_seconds(lambda: sentence_embeddings(model, tokenizer, texts, batch_size=32))
         result["sentences_per_second"] = len(texts) / seconds
-result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+result["peak_rss_bytes"] = peak_rss()
 result["rss_after_imports_bytes"] = imported
 result["rss_after_load_bytes"] = loaded
 result["threads"] = torch.get_num_threads()
