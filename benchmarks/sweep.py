@@ -3,7 +3,8 @@
     python benchmarks/sweep.py            # full sweep  (make bench)
     python benchmarks/sweep.py --quick    # smoke test  (make bench-quick)
 
-Encoder: all-MiniLM-L6-v2, STS-B test Spearman × 100, calibrated on STS-B train sentences. Decoder:
+Encoders: all-MiniLM-L6-v2 and all-mpnet-base-v2 (fewer methods), STS-B test Spearman × 100, calibrated on
+STS-B train sentences. Decoder:
 SmolLM2-135M, perplexity on the second half of the WikiText-2 test file, calibrated on the first half (kept for
 calibration and healing; the two never meet). Budgets: "N% of blocks" keeps that fraction of the
 transformer-block parameters (whole-block methods get round(N × layers) unique blocks; tying adds its
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from common import DATA, RESULTS, machine, runtime_cells, runtime_columns, runtime_of, runtime_ratios, smollm2_dir
+from common import DATA, RESULTS, machine, mpnet_dir, runtime_cells, runtime_columns, runtime_of, runtime_ratios, smollm2_dir
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
@@ -58,25 +59,38 @@ class Task:
     total_budgets: tuple[float, ...]
     block_methods: tuple[str, ...] | None = None  # methods run at the block budgets (None: all)
     runtime_inputs: dict | None = None  # texts (encoders) or token_ids (decoders) for the run-time cost
+    accuracies: Callable[[torch.nn.Module], dict] | None = None  # lm-eval's zero-shot accuracies (decoders)
 
 
-def minilm_task(quick: bool) -> Task:
-    path = default_model_path()
+def sts_task(model: str, path: Path, quick: bool, block_methods: tuple[str, ...] | None = None) -> Task:
+    """An encoder on STS-B test (Spearman × 100), calibrated on STS-B train sentences."""
     pairs = read_sts(DATA / "stsbenchmark" / "sts-test.csv", limit=300 if quick else None)
     tokenizer = load_tokenizer(path)
     train = [s for p in read_sts(DATA / "stsbenchmark" / "sts-train.csv") for s in (p.first, p.second)]
     return Task(
-        "all-MiniLM-L6-v2",
+        model,
         path,
         "spearman",
         f"STS-B test, {len(pairs)} pairs",
-        lambda model: sts_spearman(model, tokenizer, pairs)["value"],
+        lambda m: sts_spearman(m, tokenizer, pairs)["value"],
         train,
         8192 if quick else 32768,
         "STS-B train sentences",
         (),
+        block_methods=block_methods,
         runtime_inputs={"texts": [s for p in pairs for s in (p.first, p.second)]},
     )
+
+
+def minilm_task(quick: bool) -> Task:
+    return sts_task("all-MiniLM-L6-v2", default_model_path(), quick)
+
+
+def mpnet_task(quick: bool) -> Task:
+    """all-mpnet-base-v2 (MPNet, 12 layers, six times MiniLM's size): fewer methods, at the block budgets only
+    (the time limit of make bench)."""
+    methods = ("original", "drop-even", "shortgpt", "tie-cycle", "svd", "basis")
+    return sts_task("all-mpnet-base-v2", mpnet_dir(), quick, block_methods=methods)
 
 
 def smollm2_task(quick: bool) -> Task:
@@ -101,10 +115,23 @@ def smollm2_task(quick: bool) -> Task:
         # The training-free methods of issue 5 run at the "of all" budgets here (the time limit of make bench).
         ("original", "drop-first", "drop-even", "tie-cycle", "tie-sequence"),
         runtime_inputs={"token_ids": runtime_ids.flatten().tolist()},
+        accuracies=lambda model: lm_eval_accuracies(model, tokenizer, quick),
     )
 
 
-TASKS = {"minilm": minilm_task, "smollm2": smollm2_task}
+LM_EVAL_TASKS = ["glue_sst2_dev", "glue_rte_dev"]
+LM_EVAL_LIMIT = {True: 64, False: 200}  # examples per task (the first ones of each dev file)
+
+
+def lm_eval_accuracies(model, tokenizer, quick: bool) -> dict:
+    """Zero-shot accuracy on GLUE SST-2 dev and RTE dev by lm-evaluation-harness (layerfold eval --task lm-eval)."""
+    from layerfold import lm_eval_tasks
+
+    result = lm_eval_tasks.evaluate(model, tokenizer, LM_EVAL_TASKS, DATA / "glue", limit=LM_EVAL_LIMIT[quick])
+    return {"accuracies": result["accuracies"], "examples": result["examples"]}
+
+
+TASKS = {"minilm": minilm_task, "smollm2": smollm2_task, "mpnet": mpnet_task}
 
 
 def jobs_for(task: Task, quick: bool) -> list[tuple[registry.Method, Budget, dict]]:
@@ -165,6 +192,7 @@ def sweep(task_name: str, quick: bool) -> tuple[list[dict], str, dict]:
         params = parameter_breakdown(model)
         with torch.no_grad():
             value = task.measure(model)
+        lm_eval = task.accuracies(model) if task.accuracies is not None else None
         seconds = round(time.perf_counter() - start, 1)
         runtime = runtime_of(model, task.path, quick=quick, **task.runtime_inputs)
         rows.append(
@@ -175,6 +203,7 @@ def sweep(task_name: str, quick: bool) -> tuple[list[dict], str, dict]:
                 "value": value,
                 "seconds": seconds,
                 "runtime": runtime,
+                **({"lm_eval": lm_eval} if lm_eval is not None else {}),
             }
         )
         if method.name.startswith(("tie-", "drop-")):
@@ -211,6 +240,7 @@ def table(rows: list[dict]) -> str:
                     "-",
                     "-",
                     f"failed: {r['error']}",
+                    *["-"] * len(accuracy_columns(rows)),
                     f"{r['seconds']:.0f}",
                     *["-"] * len(runtime_columns(rows)),
                 ]
@@ -226,6 +256,7 @@ def table(rows: list[dict]) -> str:
                 f"{r['keep']:.1%}",
                 f"{r['unique_params'] / 1e6:.2f}M",
                 f"{r['value']:.2f}",
+                *[f"{r['lm_eval']['accuracies'][t]:.3f}" if r.get("lm_eval") else "-" for t in accuracy_columns(rows)],
                 f"{r['seconds']:.0f}",
                 *runtime_cells(r, runtime_columns(rows)),
             ]
@@ -241,11 +272,16 @@ def table(rows: list[dict]) -> str:
             "params kept",
             "unique params",
             metric,
+            *(f"{t.removeprefix('glue_').removesuffix('_dev').upper()} acc" for t in accuracy_columns(rows)),
             "seconds",
             *(label for _, label in runtime_columns(rows)),
         ],
         body,
     )
+
+
+def accuracy_columns(rows: list[dict]) -> list[str]:
+    return LM_EVAL_TASKS if any(r.get("lm_eval") for r in rows) else []
 
 
 def summary(rows: list[dict]) -> str:
@@ -377,6 +413,9 @@ def render(payload: dict, out: Path) -> str:
             f"Budgets: {payload['budgets']}.",
             "## Best options of each method at each budget\n\n" + summary(rows),
             *sections,
+            f"SST2/RTE acc (SmolLM2): zero-shot accuracy by lm-evaluation-harness on the first "
+            f"{LM_EVAL_LIMIT[payload['quick']]} examples of GLUE SST-2 dev and of RTE dev (log-likelihood of the label "
+            "words; `layerfold eval --task lm-eval`); chance is about 0.5 on both.",
             "Run-time columns: each row's model saved and then loaded and run in a fresh process "
             f"({runtime_protocol_text(payload['quick'])}); ratios are to the original measured in the same run.",
             "![quality and speed against unique parameters](pareto.png)",
@@ -392,7 +431,7 @@ def render(payload: dict, out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few rows and small caps (a smoke test)")
-    parser.add_argument("--models", default="minilm,smollm2", help="comma-separated: minilm, smollm2")
+    parser.add_argument("--models", default="minilm,smollm2,mpnet", help="comma-separated: minilm, smollm2, mpnet")
     parser.add_argument("--render", action="store_true", help="only redraw table and chart from latest.json")
     args = parser.parse_args()
     out = RESULTS / "quick" if args.quick else RESULTS

@@ -71,9 +71,16 @@ TINY = {
         ),
         T.RobertaModel,
     ),
+    "mpnet": (
+        lambda: T.MPNetConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, vocab_size=128
+        ),
+        T.MPNetModel,
+    ),
 }
 FAMILY_NAMES = sorted(TINY)
-DECODERS = [name for name in FAMILY_NAMES if name not in ("bert", "roberta")]
+ENCODERS = ("bert", "mpnet", "roberta")
+DECODERS = [name for name in FAMILY_NAMES if name not in ENCODERS]
 
 
 def build_tiny(family: str, seed: int = 0) -> torch.nn.Module:

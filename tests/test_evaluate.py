@@ -285,3 +285,53 @@ def test_runtime_cost_of_a_fold_in_a_fresh_process(tmp_path):
     assert decoder["protocol"] == QUICK_RUNTIME_PROTOCOL and "sentences_per_second" not in decoder
     encoder = runtime_cost(tmp_path / "bert-folded", texts=["a sentence", "another one"] * 10, quick=True)
     assert encoder["sentences_per_second"] > 0 and "decode_tokens_per_second" not in encoder
+
+
+def tiny_glue(root: Path) -> Path:
+    """A folder in the layout of ../shared/data/glue with a few rows of each dev file."""
+    (root / "SST-2").mkdir(parents=True)
+    (root / "RTE").mkdir()
+    (root / "SST-2" / "dev.tsv").write_text(
+        "text\tlabel\nit 's a charming and often affecting journey . \t1\nunflinchingly bleak and desperate \t0\n"
+        'a "quoted" word , and a bad film \t0\n'
+    )
+    (root / "RTE" / "dev.tsv").write_text(
+        "sentence1\tsentence2\tlabel\tidx\nA cat sat on the mat.\tA cat sat.\t0\t0\nIt rained all day.\tThe sun shone.\t1\t1\n"
+    )
+    return root
+
+
+def test_lm_eval_on_the_local_glue_tasks(capsys, tmp_path):
+    """lm-eval's Python API on the shipped SST-2 and RTE definitions, reading the local files (nothing from the Hub):
+    a folded model is evaluated in memory, and the counts are the files' rows."""
+    pytest.importorskip("lm_eval")
+    save_tiny_with_tokenizer(tmp_path, names=("llama",))
+    model = layerfold.fold(layerfold.load_source(tmp_path / "llama"), layerfold.FoldPlan.cycle(4, 2), progress=False)
+    layerfold.save(model, tmp_path / "folded", source=tmp_path / "llama")
+    glue = tiny_glue(tmp_path / "glue")
+    code, out, err = run(capsys, "eval", tmp_path / "folded", "--task", "lm-eval", "--data", glue, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["examples"] == {"glue_sst2_dev": 3, "glue_rte_dev": 2}
+    assert all(0 <= a <= 1 for a in result["accuracies"].values())
+    assert result["value"] == pytest.approx(sum(result["accuracies"].values()) / 2)
+    code, out, err = run(capsys, "eval", tmp_path / "folded", "--task", "lm-eval", "--data", glue,
+                         "--tasks", "glue_rte_dev", "--limit", "1", "--json")  # fmt: skip
+    assert code == 0 and json.loads(out)["examples"] == {"glue_rte_dev": 1}, err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tasks", "mmlu"], "unknown lm-eval task 'mmlu'"),
+        (["--data", "MISSING"], "no SST-2/dev.tsv"),
+        ([], "needs --data DIR"),
+    ],
+)
+def test_lm_eval_bad_input_is_one_line_before_the_model_loads(capsys, tmp_path, extra, message):
+    extra = [str(tmp_path / "empty") if a == "MISSING" else a for a in extra]
+    (tmp_path / "empty").mkdir()
+    if "--tasks" in extra:
+        extra += ["--data", str(tmp_path / "empty")]
+    code, _, err = run(capsys, "eval", tmp_path / "no-model-needed", "--task", "lm-eval", *extra)
+    assert code != 0 and message in err and "Traceback" not in err

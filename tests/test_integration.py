@@ -1,8 +1,9 @@
-"""On the real all-MiniLM-L6-v2 weights (the embedded default model)."""
+"""On the real all-MiniLM-L6-v2 (the embedded default model) and all-mpnet-base-v2 weights."""
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +69,35 @@ def test_demo_command_prints_its_table():
     assert report["after"]["parameters"]["total"] < report["before"]["parameters"]["total"]
     assert report["search"]["best"]["name"] == report["search"]["candidates"][0]["name"]
     assert 0 < report["held_out_cosine"]["mean"] < 1
+
+
+# ---- sentence-transformers/all-mpnet-base-v2 (MPNet, 12 layers; installed by make install-dev) ------------------
+@pytest.fixture(scope="module")
+def mpnet():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import mpnet_dir
+
+    path = mpnet_dir()
+    return path, AutoTokenizer.from_pretrained(path), layerfold.load_source(path), pydoc_paragraphs(limit=24)
+
+
+def test_full_rank_fold_of_mpnet_is_exact_and_loads_with_the_standard_tools(mpnet, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    path, tokenizer, original, texts = mpnet
+    assert original.config.model_type == "mpnet" and original.config.num_hidden_layers == 12
+    folded_dir = tmp_path / "folded"
+    args = ["fold", str(path), "--out", str(folded_dir), "--strategy", "cycle", "--unique", "4", "--rank", "full"]
+    assert main(args) == 0
+    reference = sentence_embeddings(original, tokenizer, texts)
+    folded = layerfold.load(folded_dir)
+    assert embedding_fidelity(reference, sentence_embeddings(folded, tokenizer, texts))["min"] > 0.99999
+    auto = AutoModel.from_pretrained(folded_dir)  # import layerfold is enough: no trust_remote_code
+    assert type(auto).__name__ == "MPNetModel"
+    assert torch.equal(sentence_embeddings(auto, tokenizer, texts), sentence_embeddings(folded, tokenizer, texts))
+    encoder = SentenceTransformer(str(folded_dir), local_files_only=True)
+    plain = SentenceTransformer(str(path), local_files_only=True)
+    assert encoder.max_seq_length == plain.max_seq_length == 384
+    embeddings = encoder.encode(texts[:8], convert_to_tensor=True)
+    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(8), atol=1e-5)  # 2_Normalize carried over
+    assert torch.nn.functional.cosine_similarity(embeddings, plain.encode(texts[:8], convert_to_tensor=True)).min() > 0.9999

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 import transformers as T
-from conftest import FAMILY_NAMES, TINY, build_tiny, outputs, sample_inputs
+from conftest import ENCODERS, FAMILY_NAMES, TINY, build_tiny, outputs, sample_inputs
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -56,7 +56,7 @@ def saved_families(tmp_path_factory):
         layerfold.save(model, root / name)
         expected[name] = outputs(model, inputs)
         folded_models[name] = model
-        jobs[name] = "AutoModelForCausalLM" if name not in ("bert", "roberta") else "AutoModel"
+        jobs[name] = "AutoModelForCausalLM" if name not in ENCODERS else "AutoModel"
     (root / "jobs.json").write_text(json.dumps(jobs))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(root / "hf_modules"))
     subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(root)], check=True, env=env)

@@ -28,7 +28,7 @@ LAYERS = {
     ],
     "methods": ["layerfold.methods", "layerfold.methods.*"],
     "heal, analysis, planning": ["layerfold.planner", "layerfold.heal", "layerfold.heal.*",
-        "layerfold.stream"],
+        "layerfold.stream", "layerfold.lm_eval_tasks"],
     "jobs": ["layerfold.api", "layerfold.compress", "layerfold.demo"],
     "cli": ["layerfold.cli", "layerfold._entry", "layerfold.__main__"],
 }  # fmt: skip

@@ -448,6 +448,22 @@ def _card_lines(path: Path) -> list[str]:
         return []
 
 
+def _lm_eval(model_path, data, tasks: str | None, limit: int | None) -> "EvalReport":
+    import transformers
+
+    from . import lm_eval_tasks
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(lm_eval_tasks.shipped_tasks())
+    lm_eval_tasks.check_tasks(names, Path(data) if data is not None else None)  # before the model loads
+    model_class = model_class_of(model_path)
+    if model_class is not None and model_class is not transformers.AutoModelForCausalLM:
+        ev.require_kind(model_class, "lm-eval", causal=True)
+    model = load_any(model_path)
+    ev.require_kind(model, "lm-eval", causal=True)
+    result = lm_eval_tasks.evaluate(model, load_tokenizer(model_path), names, Path(data), limit=limit)
+    return EvalReport(model=str(model_path), data=str(data), result=result)
+
+
 @dataclass(eq=False)
 class EvalReport(Report):
     """``layerfold eval``: one measurement (``result``: task, metric, value, settings and the task's own keys)."""
@@ -462,6 +478,8 @@ class EvalReport(Report):
         value = result["value"]
         shown = f"{value:.4g}" if isinstance(value, float) else f"{value:,}"
         rows = [["model", result["model"]], ["task", result["task"]], [result["metric"], shown]]
+        for name, accuracy in result.get("accuracies", {}).items():
+            rows.append([f"{name} accuracy", f"{accuracy:.4f} ({result['examples'][name]} examples)"])
         for key in ("top1_agreement", "min", "bytes_on_disk", "peak_rss_bytes"):
             if key in result:
                 rows.append([key, f"{result[key]:.4g}" if isinstance(result[key], float) else f"{result[key]:,}"])
@@ -482,12 +500,17 @@ def evaluate_path(
     max_length: int = 1024,
     stride: int = 512,
     progress: bool = True,
+    tasks: str | None = None,
 ) -> EvalReport:
     """One measurement of a model (original or folded) on a data file; see ``layerfold eval --help``."""
     import transformers
 
     if task not in ev.TASKS:
         raise LayerfoldError(f"unknown task '{task}' (choose from {', '.join(ev.TASKS)})")
+    if tasks is not None and task != "lm-eval":
+        raise LayerfoldError("--tasks goes with --task lm-eval")
+    if task == "lm-eval":
+        return _lm_eval(model_path, data, tasks, limit)
     if task in ("ppl", "sts", "fidelity") and data is None:
         raise LayerfoldError(f"task {task} needs --data PATH")
     if task == "fidelity" and reference is None:

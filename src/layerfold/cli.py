@@ -338,27 +338,37 @@ class Task(str, Enum):
     fidelity = "fidelity"
     size = "size"
     speed = "speed"
+    lm_eval = "lm-eval"
 
 
 @app.command("eval")
 def eval_command(
     model: Path = typer.Argument(..., help="A model folder (original or folded) or a .gguf file."),
     task: Task = typer.Option(..., "--task", help="What to measure."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Text, WikiText raw, or STS-B tsv file."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Text, WikiText raw, or STS-B tsv file; for lm-eval a GLUE-layout folder."
+    ),
+    tasks: Optional[str] = typer.Option(
+        None, "--tasks", help="lm-eval tasks, comma-separated: glue_sst2_dev, glue_rte_dev [default: both]."
+    ),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Reference model for --task fidelity."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on tokens read (ppl, fidelity)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Cap on pairs/sentences (sts, fidelity, speed)."),
+    limit: Optional[int] = typer.Option(
+        None, "--limit", help="Cap on pairs/sentences (sts, fidelity, speed) or examples per task (lm-eval)."
+    ),
     max_length: int = typer.Option(1024, "--max-length", help="Window length for ppl and fidelity."),
     stride: int = typer.Option(512, "--stride", help="Window stride for ppl."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Measure a model: perplexity, STS-B Spearman, fidelity to a reference, size, or speed."""
+    """Measure a model: perplexity, STS-B Spearman, fidelity to a reference, size, speed, or zero-shot accuracy
+    on local lm-evaluation-harness tasks."""
     from .api import evaluate_path
 
     result = evaluate_path(
         model,
         task.value,
         data=data,
+        tasks=tasks,
         reference=reference,
         max_tokens=max_tokens,
         limit=limit,

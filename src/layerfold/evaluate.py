@@ -24,7 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from .errors import LayerfoldError
 from .report import parameter_breakdown, weight_bytes
 
-TASKS = ("ppl", "sts", "fidelity", "size", "speed")
+TASKS = ("ppl", "sts", "fidelity", "size", "speed", "lm-eval")
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -277,7 +277,7 @@ def speed(
 # of one), and prefill one PREFILL-token sequence; encoders embed SENTENCES sentences in batches of 32. Every
 # timing is the median of REPEATS runs after one warm-up. Peak RSS is the fresh process's, loading and running.
 RUNTIME_PROTOCOL = {"prompt": 256, "new_tokens": 128, "prefill": 1024, "sentences": 256, "repeats": 3}
-QUICK_RUNTIME_PROTOCOL = {"prompt": 64, "new_tokens": 32, "prefill": 256, "sentences": 128, "repeats": 1}
+QUICK_RUNTIME_PROTOCOL = {"prompt": 64, "new_tokens": 32, "prefill": 256, "sentences": 256, "repeats": 3}
 
 _RUNTIME_PROBE = _PEAK_RSS + """
 import json, statistics, sys, time

@@ -82,6 +82,10 @@ _BERT_ATTENTION = (
 _BERT_MLP = ("intermediate.dense", "output.dense")
 for _model_type in ("bert", "roberta"):
     register(_model_type, "encoder.layer", _BERT_ATTENTION, _BERT_MLP)
+# MPNet (all-mpnet-base-v2): BERT's block with the attention projections under attention.attn; the relative
+# position bias is one table for the whole encoder, outside the blocks.
+register("mpnet", "encoder.layer", ("attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o"),
+         _BERT_MLP)  # fmt: skip
 
 
 def supported_model_types() -> list[str]:

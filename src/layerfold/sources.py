@@ -139,6 +139,10 @@ def source_config(path: Path) -> tuple[transformers.PretrainedConfig, type]:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise LayerfoldError(f"cannot read {path / CONFIG_NAME}: {first_line(err)}") from None
+    if (path / SENTENCE_TRANSFORMERS_MODULES).is_file():
+        # sentence-transformers loads its Transformer module with AutoModel: the base model, whatever head
+        # config.json names (all-mpnet-base-v2 says MPNetForMaskedLM but ships no LM head weights).
+        return config, transformers.AutoModel
     return config, _model_class(config)
 
 
