@@ -324,7 +324,7 @@ def test_lm_eval_on_the_local_glue_tasks(capsys, tmp_path):
     "extra, message",
     [
         (["--tasks", "mmlu"], "unknown lm-eval task 'mmlu'"),
-        (["--data", "MISSING"], "no SST-2/dev.tsv"),
+        (["--data", "MISSING"], "no RTE/dev.tsv"),
         ([], "needs --data DIR"),
     ],
 )

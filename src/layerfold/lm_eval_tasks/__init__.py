@@ -64,7 +64,12 @@ def evaluate(
             text = shipped_tasks()[name].read_text(encoding="utf-8")
             text = _PLACEHOLDER.sub(lambda m: f'"{(Path(data) / m.group(1)).resolve()}"', text)
             (Path(folder) / f"{name}.yaml").write_text(text, encoding="utf-8")
-        wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        # The log-likelihood's first context token: lm-eval takes BOS, else EOS; a tokenizer with neither (a BERT
+        # vocabulary on a decoder) gets its CLS or pad token rather than failing inside lm-eval.
+        prefix = None
+        if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:
+            prefix = next((t for t in (tokenizer.cls_token_id, tokenizer.pad_token_id) if t is not None), None)
+        wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, prefix_token_id=prefix)
         output = lm_eval.simple_evaluate(
             model=wrapped,
             tasks=names,
