@@ -251,7 +251,11 @@ def test_benchmark_results_follow_the_schema(name):
                 assert row[key] is None and isinstance(row["error"], str) and row["error"], row
                 continue
             assert isinstance(row[key], (int, float) if kind is float else kind), (key, row)
-        assert row["model"] in ("all-MiniLM-L6-v2", "SmolLM2-135M")
+        assert row["model"] in ("all-MiniLM-L6-v2", "SmolLM2-135M", "all-mpnet-base-v2")
+        if not failed and "runtime" in row:  # rows written since issue 17: run-time cost beside the quality
+            speed = "decode_tokens_per_second" if row["metric"] == "perplexity" else "sentences_per_second"
+            assert row["runtime"][speed] > 0 and row["runtime"]["peak_rss_bytes"] > 0, row
+            assert row["runtime"]["ratios"][speed] > 0, row
         assert row["metric"] in ("spearman", "perplexity")
         assert row["budget"]["counts"] in ("all", "blocks") and 0 < row["budget"]["fraction"] <= 1
         assert failed or (0 < row["keep"] and 0 < row["keep_blocks"])
