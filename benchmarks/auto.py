@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import DATA, RESULTS, RUNTIME_KEYS, machine, runtime_cells, runtime_columns, runtime_of, smollm2_dir, write_results
+from common import DATA, RESULTS, machine, ratios_to, runtime_cells, runtime_columns, runtime_of, smollm2_dir, write_results
 from heal import minilm as minilm_heal_task
 from heal import smollm2 as smollm2_heal_task
 from sweep import TASKS as SWEEP_TASKS
@@ -135,7 +135,7 @@ def run_model(
         folded = result.best_model
         value = t["measure"](folded)
         runtime = runtime_of(folded, t["path"], quick=quick, **sweep_task.runtime_inputs)
-        runtime["ratios"] = {k: runtime[k] / original_runtime[k] for k in RUNTIME_KEYS if k in runtime}
+        runtime["ratios"] = ratios_to(runtime, original_runtime)
         fixed = best_fixed(sweep_rows, t["model"], budget, t["higher"], within=False)
         fixed_within = best_fixed(sweep_rows, t["model"], budget, t["higher"], within=True)
         row = {
@@ -232,9 +232,11 @@ def render(payload: dict) -> str:
             "",
         ]
         if info.get("original_runtime"):
-            shown = runtime_cells({"runtime": info["original_runtime"]}, runtime_columns([{"runtime": info["original_runtime"]}]))
-            labels = [label.replace(" (× orig.)", "") for _, label in runtime_columns([{"runtime": info["original_runtime"]}])]
-            parts += ["The original, measured in this run: " + ", ".join(f"{a} {b}" for a, b in zip(labels, shown)) + ".", ""]
+            original = {"runtime": info["original_runtime"]}
+            columns = runtime_columns([original])
+            shown = ", ".join(f"{label.replace(' (× orig.)', '')} {cell}" for (_, label), cell in
+                              zip(columns, runtime_cells(original, columns)))  # fmt: skip
+            parts += [f"The original, measured in this run: {shown}.", ""]
         body = []
         columns = runtime_columns(info["rows"])
         for r in info["rows"]:

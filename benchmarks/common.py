@@ -128,13 +128,18 @@ def runtime_of(model, original_path: Path, *, quick: bool, texts=None, token_ids
 RUNTIME_KEYS = ("decode_tokens_per_second", "prefill_tokens_per_second", "sentences_per_second", "peak_rss_bytes")
 
 
+def ratios_to(runtime: dict, reference: dict) -> dict:
+    """A run-time measurement's figures as ratios to the original's (measured in the same run)."""
+    return {k: runtime[k] / reference[k] for k in RUNTIME_KEYS if k in runtime and k in reference}
+
+
 def runtime_ratios(rows: list[dict]) -> None:
-    """Each row's run-time figures as ratios to its model's original row (measured in the same run), in place."""
+    """Each row's run-time figures as ratios to its model's original row, in place."""
     originals = {r["model"]: r["runtime"] for r in rows if r.get("method") == "original" and r.get("runtime")}
     for row in rows:
         reference, mine = originals.get(row["model"]), row.get("runtime")
         if reference and mine:
-            mine["ratios"] = {k: mine[k] / reference[k] for k in RUNTIME_KEYS if k in mine and k in reference}
+            mine["ratios"] = ratios_to(mine, reference)
 
 
 def runtime_columns(rows: list[dict]) -> list[tuple[str, str]]:

@@ -24,14 +24,21 @@ def minilm():
     return path, AutoTokenizer.from_pretrained(path), layerfold.load_source(path), pydoc_paragraphs(limit=48)
 
 
-def test_full_rank_fold_of_minilm_keeps_its_embeddings(minilm, tmp_path):
-    path, tokenizer, original, texts = minilm
-    folded_dir = tmp_path / "folded"
-    args = ["fold", str(path), "--out", str(folded_dir), "--strategy", "cycle", "--unique", "3", "--rank", "full"]
+def full_rank_fold(real_model, folded_dir, unique: int):
+    """Fold a real encoder with tie-cycle at full rank by the CLI; the fold, checked to embed as the original."""
+    path, tokenizer, original, texts = real_model
+    args = ["fold", str(path), "--out", str(folded_dir), "--strategy", "cycle", "--unique", str(unique), "--rank", "full"]
     assert main(args) == 0
     reference = sentence_embeddings(original, tokenizer, texts)
     folded = layerfold.load(folded_dir)
     assert embedding_fidelity(reference, sentence_embeddings(folded, tokenizer, texts))["min"] > 0.99999
+    return folded
+
+
+def test_full_rank_fold_of_minilm_keeps_its_embeddings(minilm, tmp_path):
+    path, tokenizer, original, texts = minilm
+    folded_dir = tmp_path / "folded"
+    folded = full_rank_fold(minilm, folded_dir, unique=3)
     # The checkpoint carries its tokenizer and loads through transformers' Auto classes.
     auto = AutoModel.from_pretrained(folded_dir, trust_remote_code=True)
     auto_tokenizer = AutoTokenizer.from_pretrained(folded_dir, trust_remote_code=True)
@@ -87,11 +94,7 @@ def test_full_rank_fold_of_mpnet_is_exact_and_loads_with_the_standard_tools(mpne
     path, tokenizer, original, texts = mpnet
     assert original.config.model_type == "mpnet" and original.config.num_hidden_layers == 12
     folded_dir = tmp_path / "folded"
-    args = ["fold", str(path), "--out", str(folded_dir), "--strategy", "cycle", "--unique", "4", "--rank", "full"]
-    assert main(args) == 0
-    reference = sentence_embeddings(original, tokenizer, texts)
-    folded = layerfold.load(folded_dir)
-    assert embedding_fidelity(reference, sentence_embeddings(folded, tokenizer, texts))["min"] > 0.99999
+    folded = full_rank_fold(mpnet, folded_dir, unique=4)
     auto = AutoModel.from_pretrained(folded_dir)  # import layerfold is enough: no trust_remote_code
     assert type(auto).__name__ == "MPNetModel"
     assert torch.equal(sentence_embeddings(auto, tokenizer, texts), sentence_embeddings(folded, tokenizer, texts))

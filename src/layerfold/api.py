@@ -32,7 +32,7 @@ from .io import (
     source_config,
 )
 from .methods import registry
-from .modelcard import CARD_NAME
+from .modelcard import EXPORT_TAG, card_tags
 from .outputs import check_output
 from .plan import FoldPlan
 from .report import ABSENT, Report, human_count, markdown_table, merged, parameter_breakdown, size_table, weight_bytes
@@ -342,7 +342,7 @@ def export_model_dir(
         layers=len(plan.kept_layers()),
         original_layers=plan.num_layers,
         plan_summary=plan.describe(),
-        same_architecture=not plan.ties() and not plan.factors(),
+        same_architecture=plan.keeps_base_architecture(),
         parameters=parameter_breakdown(skeleton),
         dtype=str(plain.get("dtype") or plain.get("torch_dtype")),
         bytes_on_disk=weight_bytes(out),
@@ -399,9 +399,9 @@ def checkpoint_info(path: str | Path) -> InfoReport:
         needs_layerfold=True,
         why=(
             f"its model type is layerfold ({', '.join(kinds) or 'no'} operations over {config['base_architecture']}"
-            + ("; tied or factorised projections are layerfold modules" if plan.ties() or plan.factors() else "")
+            + ("" if plan.keeps_base_architecture() else "; tied or factorised projections are layerfold modules")
             + "); `layerfold export` writes a plain checkpoint"
-            + (" of the base architecture with fewer layers" if not plan.ties() and not plan.factors() else "")
+            + (" of the base architecture with fewer layers" if plan.keeps_base_architecture() else "")
         ),
         path=str(path),
         base_architecture=config["base_architecture"],
@@ -423,7 +423,7 @@ def _plain_info(path: Path) -> InfoReport:
     config, _ = source_config(path)  # one line for a missing or unsupported config
     skeleton = skeleton_of(path)  # counted on the meta device
     layers = len(family_of(skeleton).layer_list(skeleton))
-    exported = any(line.strip() == "- layerfold-export" for line in _card_lines(path))
+    exported = EXPORT_TAG in card_tags(path)
     return InfoReport(
         path=str(path),
         base_architecture=(config.architectures or [type(skeleton).__name__])[0],
@@ -439,13 +439,6 @@ def _plain_info(path: Path) -> InfoReport:
         needs_layerfold=False,
         why=f"a plain {config.model_type} checkpoint" + (" exported by layerfold (see its README.md)" if exported else ""),
     )
-
-
-def _card_lines(path: Path) -> list[str]:
-    try:
-        return (path / CARD_NAME).read_text(encoding="utf-8").splitlines()[:40]
-    except (OSError, UnicodeDecodeError):
-        return []
 
 
 def _lm_eval(model_path, data, tasks: str | None, limit: int | None) -> "EvalReport":

@@ -190,17 +190,20 @@ print(json.dumps({"peak_rss_bytes": after, "rss_before_load_bytes": before}))
 """
 
 
-def peak_load_memory(path: str | Path) -> dict:
-    """Peak resident memory of a fresh Python process that loads the model (and the same after imports only)."""
+def _fresh_process(script: str, args: list[str], doing: str) -> dict:
+    """Run a probe script in a fresh Python process; the JSON object on its last stdout line."""
     result = subprocess.run(
-        [sys.executable, "-c", _RSS_PROBE, str(path)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1")
     )
     if result.returncode != 0:
-        raise LayerfoldError(f"loading {path} in a fresh process failed: {result.stderr.strip().splitlines()[-1]}")
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LayerfoldError(f"{doing} in a fresh process failed: {last}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def peak_load_memory(path: str | Path) -> dict:
+    """Peak resident memory of a fresh Python process that loads the model (and the same after imports only)."""
+    return _fresh_process(_RSS_PROBE, [str(path)], f"loading {path}")
 
 
 def size(model: nn.Module, path: str | Path, *, measure_memory: bool = True) -> dict:
@@ -339,13 +342,7 @@ def runtime_cost(
     with tempfile.NamedTemporaryFile("w", suffix=".json", encoding="utf-8", delete=False) as handle:
         json.dump({"texts": texts or [], "token_ids": list(map(int, token_ids or []))}, handle)
     try:
-        result = subprocess.run(
-            [sys.executable, "-c", _RUNTIME_PROBE, str(path), handle.name, json.dumps(protocol)],
-            capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
-        )  # fmt: skip
+        result = _fresh_process(_RUNTIME_PROBE, [str(path), handle.name, json.dumps(protocol)], f"running {path}")
     finally:
         os.unlink(handle.name)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise LayerfoldError(f"running {path} in a fresh process failed: {last}")
-    return {**json.loads(result.stdout.strip().splitlines()[-1]), "protocol": dict(protocol)}
+    return {**result, "protocol": dict(protocol)}

@@ -36,7 +36,7 @@ from .checkpoint import (
 from .engine import apply_structure, sync_plan
 from .errors import LayerfoldError, first_line
 from .families import Family, family_for_model_type, family_of
-from .modelcard import CARD_NAME, export_card, fold_card
+from .modelcard import CARD_NAME, FOLD_TAG, card_tags, export_card, fold_card
 from .operations.base import FoldedProjection
 from .report import parameter_breakdown, weight_bytes
 from .outputs import atomic_output_dir, check_output
@@ -240,7 +240,9 @@ def write_folded_config(
         directory,
         fold_card(
             name=name or directory.name, plan=state.plan, base_architecture=state.base_architecture,
-            base_config=state.base_config, source=source, figures=_fold_figures(model, directory, figures),
+            base_config=state.base_config, source=source,
+            refolded=source is not None and is_folded_checkpoint(source),
+            figures=_fold_figures(model, directory, figures),
         ),
     )  # fmt: skip
 
@@ -256,7 +258,7 @@ def write_card(directory: Path, text: str) -> None:
     """Write the model card, unless the folder holds a README.md that is not one of layerfold's (a folder the
     user saves into with ``save_pretrained``)."""
     card = directory / CARD_NAME
-    if card.exists() and "- layerfold" not in card.read_text(encoding="utf-8", errors="replace"):
+    if card.exists() and FOLD_TAG not in card_tags(directory):
         return
     card.write_text(text, encoding="utf-8")
 
@@ -508,11 +510,12 @@ def export(path: str | Path, out: str | Path, *, overwrite: bool = False, dtype:
     """Write a folded checkpoint as a plain Hugging Face checkpoint (relaxations merged into per-layer weights)
     that loads without layerfold, in ``dtype`` if given (default: as stored)."""
     check_output(out, {"folded model": path}, overwrite=overwrite)
-    model = materialize(load(path))
+    folded = load(path)
+    plan = fold_state(folded).plan  # read before materialize removes it
+    model = materialize(folded)
     if dtype is not None:
         model.to(dtype)
     out = Path(out)
-    plan = FoldPlan.from_dict(read_checkpoint_config(path)["fold_plan"])
     with atomic_output_dir(out, overwrite=overwrite, inputs={"folded model": path}) as tmp:
         model.save_pretrained(tmp)
         copy_side_files(path, tmp)

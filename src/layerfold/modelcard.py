@@ -6,7 +6,6 @@ with which measured figures, and how to load it. The Hub reads its front matter 
 from __future__ import annotations
 
 import datetime
-import json
 import re
 from pathlib import Path
 
@@ -14,32 +13,41 @@ from . import __version__
 from .plan import FoldPlan
 
 CARD_NAME = "README.md"
+FOLD_TAG, EXPORT_TAG = "layerfold", "layerfold-export"  # every card of ours has FOLD_TAG; an export's also EXPORT_TAG
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*\n", re.S)
 
 
-def front_matter(folder: str | Path | None) -> dict[str, str]:
-    """The ``key: value`` lines of a model card's YAML front matter (the simple scalars only)."""
+def _front_matter_lines(folder: str | Path | None) -> list[str]:
     if folder is None:
-        return {}
+        return []
     folder = Path(folder)
     card = (folder if folder.is_dir() else folder.parent) / CARD_NAME
     try:
         match = _FRONT_MATTER.match(card.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError):
-        return {}
+        return []
+    return match.group(1).splitlines() if match else []
+
+
+def front_matter(folder: str | Path | None) -> dict[str, str]:
+    """The ``key: value`` lines of a model card's YAML front matter (the simple scalars only)."""
     fields = {}
-    for line in match.group(1).splitlines() if match else []:
+    for line in _front_matter_lines(folder):
         key, sep, value = line.partition(":")
         if sep and key.strip() and not key.startswith((" ", "-")) and value.strip():
             fields[key.strip()] = value.strip().strip("'\"")
     return fields
 
 
-def _is_fold(folder: Path) -> bool:
-    try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type") == "layerfold"
-    except (OSError, ValueError, AttributeError):
-        return False
+def card_tags(folder: str | Path | None) -> list[str]:
+    """The ``tags:`` list of a model card's front matter (``- tag`` lines)."""
+    tags, inside = [], False
+    for line in _front_matter_lines(folder):
+        if not line.startswith((" ", "-")):
+            inside = line.partition(":")[0].strip() == "tags"
+        elif inside and line.strip().startswith("- "):
+            tags.append(line.strip()[2:].strip().strip("'\""))
+    return tags
 
 
 def _hub_id(name: str | None) -> str | None:
@@ -68,18 +76,24 @@ def _figure_rows(figures: dict) -> list[str]:
 
 
 def fold_card(
-    *, name: str, plan: FoldPlan, base_architecture: str, base_config: dict, source=None, figures: dict
+    *,
+    name: str,
+    plan: FoldPlan,
+    base_architecture: str,
+    base_config: dict,
+    source=None,
+    refolded: bool = False,
+    figures: dict,
 ) -> str:
-    """The card of a folded checkpoint."""
+    """The card of a folded checkpoint; ``refolded``: ``source`` is itself a fold (a heal's student)."""
     origin = str(source) if source is not None else base_config.get("_name_or_path") or "an unrecorded model"
     carried = front_matter(source)
-    refolded = source is not None and _is_fold(Path(source))
     model_type = base_config.get("model_type", "?")
     kinds = sorted({op.kind for op in plan.operations})
     auto = "AutoModelForCausalLM" if base_architecture.endswith(("ForCausalLM", "LMHeadModel")) else "AutoModel"
     lines = [
         _header(_hub_id(carried.get("base_model")) or _hub_id(origin), carried.get("license"),
-                ["layerfold", "parameter-sharing", *kinds]),  # fmt: skip
+                [FOLD_TAG, "parameter-sharing", *kinds]),  # fmt: skip
         f"# {name}",
         "",
         (f"The fold `{origin}` trained further" if refolded else f"`{origin}` folded")
@@ -101,7 +115,7 @@ def fold_card(
         "",
         "`layerfold export` writes a plain checkpoint that loads with transformers alone"
         + (" (this plan only drops or merges blocks, so the export is the base architecture with fewer layers)."
-           if not plan.ties() and not plan.factors() else " (with every kept layer stored in full)."),  # fmt: skip
+           if plan.keeps_base_architecture() else " (with every kept layer stored in full)."),  # fmt: skip
         "",
         f"License: {carried['license']} (the original's)." if carried.get("license") else
         "License: see the original model's card; the fold is a derivative of its weights.",  # fmt: skip
@@ -113,16 +127,15 @@ def fold_card(
 def export_card(*, name: str, folded: Path, plan: FoldPlan, architecture: str, dtype: str, figures: dict) -> str:
     """The card of an export (a plain checkpoint of a fold)."""
     carried = front_matter(folded)
-    same = not plan.ties() and not plan.factors()
     kind = (
         f"the base architecture with {len(plan.kept_layers())} of its {plan.num_layers} layers (the plan only drops or "
         "merges blocks), loadable by any tool that reads the original's architecture"
-        if same
+        if plan.keeps_base_architecture()
         else "every kept layer stored in full (tied and factorised layers merged back into per-layer weights); "
         "the folded checkpoint is the smaller one"
     )
     lines = [
-        _header(carried.get("base_model"), carried.get("license"), ["layerfold", "layerfold-export"]),
+        _header(carried.get("base_model"), carried.get("license"), [FOLD_TAG, EXPORT_TAG]),
         f"# {name}",
         "",
         f"A plain {architecture} checkpoint in {dtype}, exported by layerfold {__version__} on "

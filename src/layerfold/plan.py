@@ -130,6 +130,10 @@ class FoldPlan:
     def merges(self) -> list[Merge]:
         return self.of_kind(Merge)
 
+    def keeps_base_architecture(self) -> bool:
+        """Only drops and merges: the fold is the base architecture with fewer layers (exports as such)."""
+        return not self.ties() and not self.factors()
+
     def dropped(self) -> list[int]:
         return sorted(i for op in self.of_kind(Drop) for i in op.layers)
 

@@ -21,7 +21,7 @@ from ..store import fold_state
 from .checkpoints import check_checkpoint_folder, check_resumable, checkpoint_dir_for, prepare_checkpoints
 from .data import Collator, Examples, prepare_data
 from .losses import hidden_layer_pairs, teacher_layer_map
-from .progress import HealProgress, loss_table
+from .progress import HealProgress, is_timing, loss_table
 from .settings import REPORT_JSON, REPORT_MD, HealConfig
 from .teacher_cache import teacher_fingerprint, teacher_top_k
 from .trainable import select_trainable
@@ -168,7 +168,7 @@ def heal(
             figures={
                 "healed by": f"distillation from {teacher_path}, {report.tokens_this_run:,} tokens (heal.md)",
                 **{k.replace("_", " "): v for k, v in {**before, **after}.items()
-                   if isinstance(v, float) and "runtime" not in k and "per_second" not in k},
+                   if isinstance(v, float) and not is_timing(k)},
             },  # fmt: skip
         )
         if not keep_checkpoints:
@@ -273,7 +273,7 @@ class HealReport(Report):
             ["throughput", f"{fmt(report['tokens_per_second'])} tokens/s over {report['seconds_this_run']:.0f} s"],
         ]
         for key in report["fidelity_before"]:
-            if key.startswith("before_") and not key.endswith(("runtime", "per_second")):
+            if key.startswith("before_") and not is_timing(key):
                 name = key[len("before_") :]
                 rows.append(
                     [

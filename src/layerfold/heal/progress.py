@@ -42,6 +42,11 @@ class HealProgress(TrainerCallback):
             self.bar = None
 
 
+def is_timing(key: str) -> bool:
+    """Trainer's timing entries of an evaluation (``eval_runtime``, ``…_samples_per_second``), not figures."""
+    return key.endswith(("runtime", "per_second"))
+
+
 def loss_table(history: list[dict], rows: int = 20) -> list[list[str]]:
     """The losses over time from Trainer's log history: a row per logged step (at most ``rows``, evenly
     spaced, the last always), with the training loss and the held-out fidelity logged at that step."""
@@ -55,7 +60,8 @@ def loss_table(history: list[dict], rows: int = 20) -> list[list[str]]:
     if len(steps) > rows:
         stride = (len(steps) - 1) / (rows - 1)
         steps = sorted({steps[round(i * stride)] for i in range(rows)})
-    fidelity = sorted({k for s in steps for k in by_step[s] if k.startswith("eval_") and not k.endswith(("runtime", "per_second", "loss"))})
+    fidelity = sorted({k for s in steps for k in by_step[s]
+                       if k.startswith("eval_") and not is_timing(k) and not k.endswith("loss")})  # fmt: skip
     table = []
     for step in steps:
         entry = by_step[step]
