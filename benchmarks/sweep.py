@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from common import DATA, RESULTS, machine, mpnet_dir, runtime_cells, runtime_columns, runtime_of, runtime_ratios, smollm2_dir
+from common import DATA, RESULTS, gemma3_dir, machine, mpnet_dir, runtime_cells, runtime_columns, runtime_of, runtime_ratios, smollm2_dir
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
@@ -86,15 +86,18 @@ def minilm_task(quick: bool) -> Task:
     return sts_task("all-MiniLM-L6-v2", default_model_path(), quick)
 
 
+MPNET_METHODS = ("original", "drop-even", "shortgpt", "tie-cycle", "svd", "basis")
+
+
 def mpnet_task(quick: bool) -> Task:
     """all-mpnet-base-v2 (MPNet, 12 layers, six times MiniLM's size): fewer methods, at the block budgets only
     (the time limit of make bench)."""
-    methods = ("original", "drop-even", "shortgpt", "tie-cycle", "svd", "basis")
-    return sts_task("all-mpnet-base-v2", mpnet_dir(), quick, block_methods=methods)
+    return sts_task("all-mpnet-base-v2", mpnet_dir(), quick, block_methods=MPNET_METHODS)
 
 
-def smollm2_task(quick: bool) -> Task:
-    path = smollm2_dir()
+def causal_task(model: str, path: Path, quick: bool, total_budgets, block_methods: tuple[str, ...]) -> Task:
+    """A causal LM on WikiText-2 (second half) perplexity and lm-eval's GLUE accuracies, calibrated on the first
+    half."""
     tokens = 2048 if quick else 4096
     wikitext = DATA / "wikitext-2-raw" / "wiki.test.raw"
     tokenizer = load_tokenizer(path)
@@ -102,21 +105,35 @@ def smollm2_task(quick: bool) -> Task:
     # The run-time cost's prompt and prefill sequence: 1,024 tokens of the evaluation half (only timed).
     runtime_ids = tokenize_text(tokenizer, wikitext_half(wikitext, "second"), 1024)
     return Task(
-        "SmolLM2-135M",
+        model,
         path,
         "perplexity",
         f"WikiText-2 test, second half (cut at the middle character), first {ids.numel()} tokens, "
         "non-overlapping 1,024-token windows",
-        lambda model: perplexity(model, ids, max_length=1024, stride=1024)["value"],
+        lambda m: perplexity(m, ids, max_length=1024, stride=1024)["value"],
         [wikitext_half(wikitext, "first")],
         8192 if quick else 65536,
         "WikiText-2 test, first half, 2,048-token windows",
-        QUICK_TOTAL_BUDGETS if quick else TOTAL_BUDGETS,
-        # The training-free methods of issue 5 run at the "of all" budgets here (the time limit of make bench).
-        ("original", "drop-first", "drop-even", "tie-cycle", "tie-sequence"),
+        total_budgets,
+        block_methods,
         runtime_inputs={"token_ids": runtime_ids.flatten().tolist()},
-        accuracies=lambda model: lm_eval_accuracies(model, tokenizer, quick),
+        accuracies=lambda m: lm_eval_accuracies(m, tokenizer, quick),
     )
+
+
+def smollm2_task(quick: bool) -> Task:
+    # The training-free methods of issue 5 run at the "of all" budgets here (the time limit of make bench).
+    methods = ("original", "drop-first", "drop-even", "tie-cycle", "tie-sequence")
+    budgets = QUICK_TOTAL_BUDGETS if quick else TOTAL_BUDGETS
+    return causal_task("SmolLM2-135M", smollm2_dir(), quick, budgets, methods)
+
+
+def gemma3_task(quick: bool) -> Task:
+    """gemma-3-270m (base model, 18 layers, a 262k vocabulary: 63 % of its parameters are the embedding): the
+    methods of the MPNet rows at the block budgets (four of them in --quick: a row costs one to two minutes), and
+    (not in --quick) 84 % of all for the methods that take it."""
+    methods = ("original", "drop-even", "tie-cycle", "svd") if quick else MPNET_METHODS
+    return causal_task("gemma-3-270m", gemma3_dir(), quick, () if quick else QUICK_TOTAL_BUDGETS, methods)
 
 
 LM_EVAL_TASKS = ["glue_sst2_dev", "glue_rte_dev"]
@@ -131,7 +148,7 @@ def lm_eval_accuracies(model, tokenizer, quick: bool) -> dict:
     return {"accuracies": result["accuracies"], "examples": result["examples"]}
 
 
-TASKS = {"minilm": minilm_task, "smollm2": smollm2_task, "mpnet": mpnet_task}
+TASKS = {"minilm": minilm_task, "smollm2": smollm2_task, "mpnet": mpnet_task, "gemma3": gemma3_task}
 
 
 def jobs_for(task: Task, quick: bool) -> list[tuple[registry.Method, Budget, dict]]:
@@ -431,7 +448,9 @@ def render(payload: dict, out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few rows and small caps (a smoke test)")
-    parser.add_argument("--models", default="minilm,smollm2,mpnet", help="comma-separated: minilm, smollm2, mpnet")
+    parser.add_argument(
+        "--models", default=",".join(TASKS), help=f"comma-separated, from: {', '.join(TASKS)}"
+    )
     parser.add_argument("--render", action="store_true", help="only redraw table and chart from latest.json")
     args = parser.parse_args()
     out = RESULTS / "quick" if args.quick else RESULTS

@@ -251,7 +251,7 @@ def test_benchmark_results_follow_the_schema(name):
                 assert row[key] is None and isinstance(row["error"], str) and row["error"], row
                 continue
             assert isinstance(row[key], (int, float) if kind is float else kind), (key, row)
-        assert row["model"] in ("all-MiniLM-L6-v2", "SmolLM2-135M", "all-mpnet-base-v2")
+        assert row["model"] in ("all-MiniLM-L6-v2", "SmolLM2-135M", "all-mpnet-base-v2", "gemma-3-270m")
         if not failed and "runtime" in row:  # rows written since issue 17: run-time cost beside the quality
             speed = "decode_tokens_per_second" if row["metric"] == "perplexity" else "sentences_per_second"
             assert row["runtime"][speed] > 0 and row["runtime"]["peak_rss_bytes"] > 0, row

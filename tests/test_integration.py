@@ -1,5 +1,6 @@
 """On the real all-MiniLM-L6-v2 (the embedded default model) and all-mpnet-base-v2 weights."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import layerfold
 from layerfold import FoldPlan
 from layerfold.cli import main
 from layerfold.demo import default_model_path, pydoc_paragraphs
+from layerfold.store import fold_state
 from layerfold.evaluate import embedding_fidelity, sentence_embeddings
 
 pytestmark = pytest.mark.slow
@@ -104,3 +106,71 @@ def test_full_rank_fold_of_mpnet_is_exact_and_loads_with_the_standard_tools(mpne
     embeddings = encoder.encode(texts[:8], convert_to_tensor=True)
     assert torch.allclose(embeddings.norm(dim=-1), torch.ones(8), atol=1e-5)  # 2_Normalize carried over
     assert torch.nn.functional.cosine_similarity(embeddings, plain.encode(texts[:8], convert_to_tensor=True)).min() > 0.9999
+
+
+# ---- google/gemma-3-270m (gemma3_text, 18 layers, sliding-window attention; installed by make install-dev) ------
+@pytest.fixture(scope="module")
+def gemma3():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import gemma3_dir
+
+    path = gemma3_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(" ".join(pydoc_paragraphs(limit=8)), return_tensors="pt").input_ids[:, :192]
+    return path, tokenizer, layerfold.load_source(path), ids
+
+
+def causal_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_full_rank_fold_of_gemma3_is_exact_and_loads_with_the_standard_tools(gemma3, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path, tokenizer, original, ids = gemma3
+    config = original.config
+    assert config.model_type == "gemma3_text" and config.num_hidden_layers == 18 and config.vocab_size == 262144
+    assert set(config.layer_types) == {"sliding_attention", "full_attention"}
+    assert ids.shape[1] == 192
+    folded_dir = tmp_path / "folded"
+    assert main(["fold", str(path), "--out", str(folded_dir), "--strategy", "cycle", "--unique", "6", "--rank", "full"]) == 0
+    reference = causal_logits(original, ids)
+    auto = AutoModelForCausalLM.from_pretrained(folded_dir)  # import layerfold is enough: no trust_remote_code
+    assert type(auto).__name__ == "Gemma3ForCausalLM" and auto.name_or_path == str(folded_dir)
+    logits = causal_logits(auto, ids)
+    # Full rank reproduces every layer's weights to float rounding: the logits agree closely, the argmax exactly.
+    assert (logits - reference).abs().max() < 1e-2 * reference.abs().max()
+    assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+    # The standard save path writes the fold back: it reloads bit for bit, and generates as before.
+    auto.save_pretrained(tmp_path / "resaved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")
+    assert torch.equal(causal_logits(again, ids), logits)
+    prompt = ids[:, :16]
+    assert torch.equal(
+        again.generate(prompt, max_new_tokens=8, do_sample=False),
+        original.generate(prompt, max_new_tokens=8, do_sample=False),
+    )
+
+
+def test_drop_fold_of_gemma3_exports_as_a_smaller_gemma3_with_its_layer_types(gemma3, tmp_path):
+    path, tokenizer, original, ids = gemma3
+    folded_dir, export_dir = tmp_path / "folded", tmp_path / "export"
+    assert main(["fold", str(path), "--out", str(folded_dir), "--method", "drop-even", "--keep-blocks", "0.5"]) == 0
+    assert main(["export", str(folded_dir), "--out", str(export_dir), "--dtype", "bf16"]) == 0
+    saved = json.loads((export_dir / "config.json").read_text())
+    assert saved["model_type"] == "gemma3_text" and saved["num_hidden_layers"] == 9
+    kept = fold_state(layerfold.load(folded_dir)).plan.kept_layers()
+    assert len(kept) == 9 and saved["layer_types"] == [original.config.layer_types[i] for i in kept]
+    # Loadable by transformers alone (a fresh process that never imports layerfold), in bf16.
+    code = (
+        "import sys; sys.modules['layerfold'] = None\n"
+        "import torch; from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(export_dir)!r})\n"
+        "assert type(m).__name__ == 'Gemma3ForCausalLM' and m.dtype == torch.bfloat16\n"
+        "assert len(m.model.layers) == 9\n"
+        "print(m(torch.tensor([[2, 651, 6037]])).logits.shape)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "262144" in done.stdout

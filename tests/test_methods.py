@@ -282,3 +282,24 @@ def test_method_options_are_checked(llama):
         registry.build(registry.get("basis"), model, Budget(0.8), calibration, score="angular")
     with pytest.raises(LayerfoldError, match="needs calibration data"):
         registry.build(registry.get("svd"), model, Budget(0.8), None)
+
+
+def test_a_basis_above_break_even_rank_merges_for_long_inputs_and_computes_the_same():
+    from layerfold.operations.factor.modules import SharedBasis
+
+    torch.manual_seed(0)
+    n_in, n_out = 24, 16  # break-even rank 24·16/40 = 9.6
+    wide = BasisLinear(SharedBasis(torch.randn(12, n_in)), torch.randn(n_out, 12), None, transposed=False)
+    narrow = BasisLinear(SharedBasis(torch.randn(6, n_in)), torch.randn(n_out, 6), None, transposed=False)
+    # Above break-even: one token stays factorised (forming W costs more), many tokens merge.
+    assert not wide.merges_for(1) and wide.merges_for(512)
+    # Below it the factors are always cheaper.
+    assert not any(narrow.merges_for(n) for n in (1, 512, 10**6))
+    for layer in (wide, narrow):
+        for tokens in (1, 512):
+            x = torch.randn(1, tokens, n_in)
+            y = layer(x)
+            assert torch.allclose(y, x @ (layer.coefficients @ layer.basis.weight).T, atol=1e-4)
+            y.sum().backward()  # both paths train the basis and the coefficients
+            assert layer.basis.weight.grad is not None and layer.coefficients.grad is not None
+            layer.basis.weight.grad = layer.coefficients.grad = None

@@ -118,6 +118,16 @@ def test_gates_start_as_the_model_and_shrink_most_for_a_useless_block():
     assert all(p.requires_grad for p in model.parameters())  # flags restored
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_gate_training_shows_one_bar_or_nothing_and_never_trainers_summary(capsys, progress):
+    model = build_tiny("llama")
+    batch = {"input_ids": torch.randint(3, 128, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    train_gates(model, [batch], steps=3, progress=progress)
+    out, err = capsys.readouterr()
+    assert out == "" and "train_runtime" not in err
+    assert ("block gates: 100%" in err) is progress
+
+
 def test_cluster_groups_the_most_similar_layers_first():
     similarity = np.array([[1, 0.1, 0.2, 0.1], [0.1, 1, 0.9, 0.3], [0.2, 0.9, 1, 0.1], [0.1, 0.3, 0.1, 1]])
     assert cluster(similarity, range(4), 3) == [[0], [1, 2], [3]]

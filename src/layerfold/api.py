@@ -189,7 +189,9 @@ def fold_with_method(
     if calib is not None:
         tokenizer = load_tokenizer(model_dir)
         batches = calibration_batches(model, tokenizer, calib, tokens=calib_tokens, window=calib_window)
-        calibration = Calibration(model, batches, {"data": str(calib)}, mask_token_id=tokenizer.mask_token_id)
+        calibration = Calibration(
+            model, batches, {"data": str(calib)}, mask_token_id=tokenizer.mask_token_id, progress=progress
+        )
     folded = registry.build(chosen, model, budget, calibration, **(options or {}))
     state = fold_state(folded)
     if state is None:

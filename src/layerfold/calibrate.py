@@ -321,9 +321,16 @@ class Calibration:
     use and kept (so that a sweep over methods and budgets calibrates once)."""
 
     def __init__(
-        self, model: nn.Module, batches: Sequence[dict], settings: dict | None = None, *, mask_token_id: int | None = None
+        self,
+        model: nn.Module,
+        batches: Sequence[dict],
+        settings: dict | None = None,
+        *,
+        mask_token_id: int | None = None,
+        progress: bool = True,
     ) -> None:
         self.model = model
+        self.progress = progress  # bars for what is measured on first use (statistics, a method's analysis)
         self.batches = list(batches)
         self.settings = dict(settings or {}, tokens=batch_tokens(self.batches), batches=len(self.batches))
         self.mask_token_id = mask_token_id  # the tokenizer's, for an encoder's masked-token loss (analysis)
@@ -332,7 +339,8 @@ class Calibration:
         self.sensitivity_batches = 4
         self.sensitivity_length = 1024
 
-    def statistics(self, *, grams: bool = True, progress: bool = True) -> Statistics:
+    def statistics(self, *, grams: bool = True, progress: bool | None = None) -> Statistics:
+        progress = self.progress if progress is None else progress
         if self._statistics is None or (grams and not self._statistics.grams):
             stats = collect_statistics(self.model, self.batches, grams=grams, progress=progress)
             if grams:

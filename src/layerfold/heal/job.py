@@ -21,7 +21,7 @@ from ..store import fold_state
 from .checkpoints import check_checkpoint_folder, check_resumable, checkpoint_dir_for, prepare_checkpoints
 from .data import Collator, Examples, prepare_data
 from .losses import hidden_layer_pairs, teacher_layer_map
-from .progress import HealProgress, is_timing, loss_table
+from ..progress import TrainingProgress, is_timing, loss_table
 from .settings import REPORT_JSON, REPORT_MD, HealConfig
 from .teacher_cache import teacher_fingerprint, teacher_top_k
 from .trainable import select_trainable
@@ -123,10 +123,11 @@ def heal(
         source=student_dir,
         cache=cache,
     )
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    trainer.remove_callback(ProgressCallback)  # one bar with figures, not a printed log dictionary per step
-    trainer.add_callback(HealProgress())
+    for printing in (ProgressCallback, PrinterCallback):  # one bar with figures, not a log dictionary per step
+        trainer.remove_callback(printing)
+    trainer.add_callback(TrainingProgress("heal"))
     before = trainer.evaluate(metric_key_prefix="before")
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(start) if start else None)

@@ -20,7 +20,11 @@ class SharedBasis(nn.Module):
 
 class BasisLinear(FoldedProjection):
     """A projection factorised as ``y = (x Bᵀ) Cᵀ + b``: B is the group's shared basis, C (out, k) this
-    layer's own coefficients and b its own bias. Works in place of nn.Linear and of GPT-2's Conv1D."""
+    layer's own coefficients and b its own bias. Works in place of nn.Linear and of GPT-2's Conv1D.
+
+    A shared basis may have a rank above the break-even ``in·out / (in + out)`` (it is paid for once per group,
+    not per layer); then a call over many tokens costs fewer multiply-adds as ``W = C B`` formed once and
+    applied than as two factor products, and ``forward`` takes that path (see ``merges_for``)."""
 
     def __init__(
         self, basis: SharedBasis, coefficients: torch.Tensor, bias: nn.Parameter | None, *, transposed: bool
@@ -52,7 +56,15 @@ class BasisLinear(FoldedProjection):
     def out_features(self) -> int:
         return self.coefficients.shape[0]
 
+    def merges_for(self, tokens: int) -> bool:
+        """Whether forming the merged weight, then one product, costs fewer multiply-adds for this many tokens
+        than the two factor products: ``k·in·out + n·in·out < n·k·(in + out)``."""
+        k, n_in, n_out = self.rank, self.in_features, self.out_features
+        return k * n_in * n_out + tokens * n_in * n_out < tokens * k * (n_in + n_out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merges_for(x.numel() // x.shape[-1]):
+            return F.linear(x, self.merged_weight(), self.bias)
         return F.linear(F.linear(x, self.basis.weight), self.coefficients, self.bias)
 
     def merged_weight(self) -> torch.Tensor:

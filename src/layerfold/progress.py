@@ -1,5 +1,6 @@
-"""Heal's progress: one tqdm bar on stderr with the latest figures in its postfix, in place of Trainer's
-ProgressCallback (which prints every log dictionary as a line and the run's summary twice)."""
+"""A training run's progress (heal's, the block gates'): one tqdm bar on stderr with the latest figures in its
+postfix, in place of Trainer's ProgressCallback (which prints every log dictionary as a line and the run's
+summary twice)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ _SHOWN = {"loss": "loss", "learning_rate": "lr", "eval_kl": "held-out KL", "eval
           "eval_cosine": "held-out cos"}  # fmt: skip
 
 
-class HealProgress(TrainerCallback):
+class TrainingProgress(TrainerCallback):
     """A bar over the training steps (main process only); evaluation and the final summary print nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
         self.bar = None
         self.figures: dict[str, str] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="heal", unit="step", file=sys.stderr)
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step", file=sys.stderr)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
