@@ -24,7 +24,8 @@ LAYERS = {
     "operations": ["layerfold.operations.*.*"],
     "engine and calibration": [
         "layerfold.engine", "layerfold.calibrate", "layerfold.evaluate", "layerfold.outputs", "layerfold.folding",
-        "layerfold.io", "layerfold.hub", "layerfold.progress", "layerfold.adapters", "layerfold.sources", "layerfold.analysis",
+        "layerfold.io", "layerfold.hub", "layerfold.progress", "layerfold.adapters", "layerfold.sources",
+        "layerfold.analysis",
     ],
     "methods": ["layerfold.methods", "layerfold.methods.*"],
     "heal, analysis, planning": ["layerfold.planner", "layerfold.heal", "layerfold.heal.*",

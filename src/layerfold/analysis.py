@@ -333,9 +333,8 @@ def train_gates(
     """FoldGPT's block gates: train one scalar per block (model frozen) to keep the final hidden states
     (relative squared error) under an L1 penalty of weight ``sparsity``; returns the gates."""
     from transformers import Trainer, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .progress import TrainingProgress
+    from .progress import show_progress
 
     if steps < 1:
         raise LayerfoldError(f"gate steps must be at least 1, got {steps}")
@@ -380,11 +379,7 @@ def train_gates(
             trainer = GateTrainer(
                 model=gated, args=args, train_dataset=_Batches(batches, targets), data_collator=_whole_batch
             )
-            # One bar (or nothing), never Trainer's bar or printer with their summary dictionary.
-            for printing in (ProgressCallback, PrinterCallback):
-                trainer.remove_callback(printing)
-            if progress:
-                trainer.add_callback(TrainingProgress("block gates"))
+            show_progress(trainer, "block gates", progress=progress)
             trainer.train()
         return [float(g) for g in gated.gates.detach()]
     finally:
@@ -493,10 +488,11 @@ def cluster(similarity: np.ndarray, layers: Sequence[int], groups: int) -> list[
     return sorted(clusters)
 
 
-def analysis_of(calibration: Calibration, progress: bool | None = None) -> Analysis:
+def analysis_of(calibration: Calibration) -> Analysis:
     """The analysis of a calibration's model on its batches, measured once and kept on the calibration, for the
     methods that plan from it when no planner handed them one. Gate training seeds the random generators (HF
-    Trainer); their states are restored, so that measuring here changes nothing that follows."""
+    Trainer); their states are restored, so that measuring here changes nothing that follows. Its bars follow
+    ``calibration.progress``."""
     if "analysis" not in calibration.derived:
         python_state, numpy_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng():
@@ -504,7 +500,7 @@ def analysis_of(calibration: Calibration, progress: bool | None = None) -> Analy
                 calibration.model,
                 calibration,
                 mask_token_id=calibration.mask_token_id,
-                progress=calibration.progress if progress is None else progress,
+                progress=calibration.progress,
             )
         random.setstate(python_state)
         np.random.set_state(numpy_state)

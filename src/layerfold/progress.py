@@ -8,6 +8,7 @@ import sys
 
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 # What the postfix shows, by log key (Trainer's names; fidelity keys as DistillationTrainer logs them).
 _SHOWN = {"loss": "loss", "learning_rate": "lr", "eval_kl": "held-out KL", "eval_top1_agreement": "top-1",
@@ -42,6 +43,15 @@ class TrainingProgress(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def show_progress(trainer, desc: str, *, progress: bool = True) -> None:
+    """Give a Trainer one bar named ``desc`` (or none), in place of its own bar or printer: both print the log
+    dictionaries and the run's summary (the printer is what Trainer installs when its bar is off)."""
+    for printing in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(printing)
+    if progress:
+        trainer.add_callback(TrainingProgress(desc))
 
 
 def is_timing(key: str) -> bool:

@@ -16,12 +16,12 @@ from ..errors import LayerfoldError
 from ..evaluate import is_causal_lm, is_causal_lm_class
 from ..io import check_checkpoint, is_folded_checkpoint, load, load_source, load_tokenizer, save
 from ..outputs import check_inputs, check_output
+from ..progress import is_timing, loss_table, show_progress
 from ..report import Report, markdown_table
 from ..store import fold_state
 from .checkpoints import check_checkpoint_folder, check_resumable, checkpoint_dir_for, prepare_checkpoints
 from .data import Collator, Examples, prepare_data
 from .losses import hidden_layer_pairs, teacher_layer_map
-from ..progress import TrainingProgress, is_timing, loss_table
 from .settings import REPORT_JSON, REPORT_MD, HealConfig
 from .teacher_cache import teacher_fingerprint, teacher_top_k
 from .trainable import select_trainable
@@ -123,11 +123,7 @@ def heal(
         source=student_dir,
         cache=cache,
     )
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    for printing in (ProgressCallback, PrinterCallback):  # one bar with figures, not a log dictionary per step
-        trainer.remove_callback(printing)
-    trainer.add_callback(TrainingProgress("heal"))
+    show_progress(trainer, "heal")
     before = trainer.evaluate(metric_key_prefix="before")
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(start) if start else None)
