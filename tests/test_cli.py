@@ -58,7 +58,7 @@ def test_fold_json_report(capsys, tiny_dir, tmp_path):
         "attention=2,mlp=full",
         "--share",
         "attention",
-        "--init",
+        "--fit",
         "lower",
         "--json",
     )
@@ -118,6 +118,15 @@ def test_fold_with_a_plan_file_then_export(capsys, tiny_dir, tmp_path):
         (["{model}", "--plan", "{bad_plan}", "--strategy", "cycle"], "give either --plan or --strategy"),
         (["{t5}", "--strategy", "cycle", "--unique", "1"], "unsupported architecture: model type 't5'"),
         (["{model}", "--strategy", "spiral", "--unique", "2"], "'spiral' is not one of"),
+        (
+            ["{model}", "--strategy", "cycle", "--unique", "2", "--fit", "lstsq"],
+            "the plan's least-squares ties and whitened tie relaxations need calibration text (--calib PATH)",
+        ),
+        (["{model}", "--strategy", "cycle", "--unique", "2", "--fit", "median"], "'median' is not one of"),
+        (
+            ["{model}", "--plan", "{plain_plan}", "--calib", "{plain_plan}"],
+            "the plan fits nothing to calibration data: leave out --calib",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_output(capsys, tiny_dir, tmp_path, args, message):
@@ -125,6 +134,7 @@ def test_bad_input_is_one_line_and_leaves_no_output(capsys, tiny_dir, tmp_path, 
 
     T.T5Config(d_model=32, num_layers=1).save_pretrained(tmp_path / "t5")
     FoldPlan.cycle(6, 3).save(tmp_path / "six.yaml")
+    FoldPlan.cycle(4, 2).save(tmp_path / "plain.yaml")
     (tmp_path / "garbage.yaml").write_text("num_layers: [1\n")
     values = dict(
         model=tiny_dir,
@@ -132,6 +142,7 @@ def test_bad_input_is_one_line_and_leaves_no_output(capsys, tiny_dir, tmp_path, 
         bad_plan=tmp_path / "six.yaml",
         garbage=tmp_path / "garbage.yaml",
         t5=tmp_path / "t5",
+        plain_plan=tmp_path / "plain.yaml",
     )
     out = tmp_path / "out"
     code, _, err = run(capsys, "fold", *[a.format(**values) for a in args], "--out", out)

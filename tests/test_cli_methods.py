@@ -112,3 +112,19 @@ def test_a_method_on_an_unsupported_architecture(capsys, saved, tmp_path):
     )  # fmt: skip
     assert code != 0 and "unsupported architecture: model type 'distilbert'" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("how", [["--strategy", "cycle", "--unique", "2"], ["--method", "tie-cycle", "--keep-blocks", "0.5"]])
+def test_ties_fit_least_squares_by_default_with_calibration_text(capsys, saved, tmp_path, how):
+    code, out, err = run(capsys, "fold", saved / "llama", "--out", tmp_path / "f", *how, "--rank", "2",
+                         "--calib", saved / "calib.txt", "--calib-tokens", "512", "--json")  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    assert "fit=lstsq" in report["plan_summary"]
+    assert all(op["fit"] == "lstsq" and op["whiten"] for op in report["plan"]["operations"] if op["op"] == "tie")
+    # Asked for, the average stays the average.
+    code, out, err = run(capsys, "fold", saved / "llama", "--out", tmp_path / "g", *how, "--fit", "average",
+                         *(["--calib", saved / "calib.txt", "--calib-tokens", "512"] if "--method" in how else []),
+                         "--json")  # fmt: skip
+    assert code == 0, err
+    assert "fit=average" in json.loads(out)["plan_summary"]

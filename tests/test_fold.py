@@ -22,8 +22,8 @@ def test_identity_plan_is_bit_identical(family):
     "plan",
     [
         FoldPlan.cycle(4, 2, rank="full"),
-        FoldPlan.sequence(4, 2, rank="full", init="lower"),
-        FoldPlan.cycle(4, 1, rank="full", init="stepwise"),
+        FoldPlan.sequence(4, 2, rank="full", fit="lower"),
+        FoldPlan.cycle(4, 1, rank="full", fit="stepwise"),
         FoldPlan.middle_cycle(4, 3, rank="full", share="attention"),
         FoldPlan.cycle(4, 2, rank="full", share="mlp", share_bias=True),
     ],

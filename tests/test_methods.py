@@ -245,7 +245,7 @@ def test_factor_plan_checks_against_the_model():
         FoldPlan(4, [Factor([0], "attn.c_attn", 2)]).validate(model)
     with pytest.raises(LayerfoldError, match="at most 64"):
         FoldPlan(4, [Factor([0], "self_attn.q_proj", 65)]).validate(model)
-    with pytest.raises(LayerfoldError, match="needs calibration data"):
+    with pytest.raises(LayerfoldError, match="need calibration text"):
         layerfold.fold(model, FoldPlan(4, [Factor([0], "mlp.up_proj", 2)]))
 
 

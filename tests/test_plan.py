@@ -39,10 +39,21 @@ def test_identity_and_from_groups():
 
 def test_init_sources_follow_relaxed_recursive_transformers():
     sources = lambda plan: [op.sources for op in plan.ties()]  # noqa: E731
-    assert sources(FoldPlan.cycle(6, 3, init="lower")) == [[0], [1], [2]]
-    assert sources(FoldPlan.cycle(6, 3, init="stepwise")) == [[0], [2], [4]]
-    assert sources(FoldPlan.cycle(6, 3, init="average")) == [[0, 3], [1, 4], [2, 5]]
-    assert "init=stepwise" in FoldPlan.cycle(6, 3, init="stepwise").describe()
+    assert sources(FoldPlan.cycle(6, 3, fit="lower")) == [[0], [1], [2]]
+    assert sources(FoldPlan.cycle(6, 3, fit="stepwise")) == [[0], [2], [4]]
+    assert sources(FoldPlan.cycle(6, 3, fit="average")) == [[0, 3], [1, 4], [2, 5]]
+    assert "fit=stepwise" in FoldPlan.cycle(6, 3, fit="stepwise").describe()
+    assert FoldPlan.cycle(6, 3, init="lower") == FoldPlan.cycle(6, 3, fit="lower")  # fit's earlier name
+
+
+def test_lstsq_fit_fits_every_layer_of_the_group_and_whitens_the_relaxations():
+    plan = FoldPlan.cycle(6, 3, fit="lstsq", rank=2)
+    assert [op.sources for op in plan.ties()] == [[0, 3], [1, 4], [2, 5]]
+    assert all(op.fit == "lstsq" and op.whiten for op in plan.ties())
+    assert plan.whitens() and "fit=lstsq" in plan.describe()
+    assert not FoldPlan.cycle(6, 3, fit="average").whitens()
+    plan.set_tie_options(fit="average")
+    assert not plan.whitens() and all(op.fit == "mean" for op in plan.ties())
 
 
 def test_rank_for_resolves_path_then_name_then_kind():
@@ -77,7 +88,7 @@ def test_plan_round_trips_through_files(tmp_path, suffix):
         drop=[4],
         num_layers=6,
         share="attention",
-        init="lower",
+        fit="lower",
         rank={"attention": 4, "mlp": "full"},
         share_bias=True,
     )
@@ -136,7 +147,7 @@ def test_a_plan_in_the_0_1_schema_converts_to_operations():
         (lambda: FoldPlan.from_groups([], drop=[1, 1], num_layers=4), r"\(drop\).layers: layer 1 is listed twice"),
         (lambda: FoldPlan(4, [Drop([1]), Drop([1])]), r"operations\[1\] \(drop\).layers: layer 1 is already dropped"),
         (lambda: FoldPlan.cycle(4, 2, share="everything"), r"\(tie\).share: must be one of all, attention, mlp"),
-        (lambda: FoldPlan.cycle(4, 2, init="random"), r"plan.init: must be one of average, stepwise, lower"),
+        (lambda: FoldPlan.cycle(4, 2, fit="random"), r"plan.fit: must be one of average, stepwise, lower, lstsq"),
         (lambda: FoldPlan.cycle(4, 2, rank=-1), r"\(tie\).rank: must be 0, a positive integer or 'full'"),
         (lambda: FoldPlan.cycle(4, 2, rank={"mlp": "half"}), r"\(tie\).rank\['mlp'\]: must be 0"),
         (lambda: FoldPlan(num_layers=0), r"plan.num_layers: must be a positive integer"),

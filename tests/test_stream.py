@@ -22,6 +22,7 @@ from layerfold.calibrate import calibration_batches
 from layerfold.checkpoint import INDEX_NAME, ShardWriter
 from layerfold.cli import main
 from layerfold.demo import pydoc_paragraphs
+from layerfold.errors import LayerfoldError
 from layerfold.folding import fold
 from layerfold.io import load, load_source, load_tokenizer, read_weights, save
 from layerfold.operations import Drop, Merge, Tie
@@ -30,9 +31,9 @@ from layerfold.stream import method_plan, stream_fold
 
 PLANS = {
     "cycle, rank 4": lambda: FoldPlan.cycle(4, 2, rank=4),
-    "sequence, lower, full rank": lambda: FoldPlan.sequence(4, 2, init="lower", rank="full"),
+    "sequence, lower, full rank": lambda: FoldPlan.sequence(4, 2, fit="lower", rank="full"),
     "attention only, shared bias, stepwise": lambda: FoldPlan.cycle(
-        4, 2, share="attention", share_bias=True, init="stepwise", rank={"attention": 2}
+        4, 2, share="attention", share_bias=True, fit="stepwise", rank={"attention": 2}
     ),
     "drop": lambda: FoldPlan.from_groups([], drop=[1, 2], num_layers=4),
     "LaCo merge + tie": lambda: FoldPlan(4, [Merge(into=1, layers=[2]), Tie(layers=[0, 3], rank=2), Drop([2])]),
@@ -89,6 +90,22 @@ def test_streamed_whitened_factorisation_is_bit_identical(with_tokenizer, family
     plan = FoldPlan.from_dict(report["plan"])
     assert plan.whitens() and plan.factors()
     assert_same_checkpoint(streamed, in_memory_fold(source, plan, tmp_path / "memory", batches))
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
+def test_streamed_least_squares_tie_is_bit_identical(with_tokenizer, family, tmp_path):
+    source = with_tokenizer / family
+    tokenizer = load_tokenizer(source)
+
+    def batches(model):
+        return calibration_batches(model, tokenizer, with_tokenizer / "text.txt", tokens=1024, window=128)
+
+    plan = FoldPlan.cycle(4, 2, fit="lstsq", rank=3)
+    stream_fold(source, tmp_path / "streamed", plan, calibration=batches, progress=False)
+    assert_same_checkpoint(tmp_path / "streamed", in_memory_fold(source, plan, tmp_path / "memory", batches))
+    with pytest.raises(LayerfoldError, match="least-squares ties .* need calibration text"):
+        stream_fold(source, tmp_path / "no-calibration", plan, progress=False)
+    assert not (tmp_path / "no-calibration").exists()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -213,7 +230,7 @@ def test_stream_rejects_methods_that_need_the_whole_model(capsys, tmp_path):
     for extra, message in (
         (["--method", "shortgpt"], "measures the whole model"),
         (["--method", "svd", "--allocation", "sensitivity"], "--allocation uniform"),
-        (["--method", "basis"], "needs calibration text"),
+        (["--method", "basis"], "need calibration text (--calib PATH)"),
     ):
         code, _, err = run(
             capsys, "fold", source, "--out", tmp_path / "out", "--stream", "--keep-blocks", "0.5", *extra

@@ -120,22 +120,34 @@ def fold_model_dir(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
     dtype: str | None = None,
+    calib: str | Path | None = None,
+    calib_tokens: int = 65536,
+    calib_window: int | None = None,
 ) -> FoldReport:
     """Load an original model, fold it with a plan (or a function of the layer count), save it (in ``dtype``:
-    fp32, fp16 or bf16, if given), report sizes."""
+    fp32, fp16 or bf16, if given), report sizes. A plan that fits to calibration data (whitened
+    factorisations, least-squares ties) measures it on ``calib``."""
     start = time.perf_counter()
     chosen_dtype = dtype_of(dtype)
-    check_output(out, {"original model": model_dir}, overwrite=overwrite)
+    check_output(out, {"original model": model_dir, "calibration text": calib}, overwrite=overwrite)
     if Path(model_dir).is_dir():  # a plan that does not fit (layers, ranks) fails before the weights load
         skeleton = skeleton_of(Path(model_dir))
         layers = len(family_of(skeleton).layer_list(skeleton))
-        (plan_for if isinstance(plan_for, FoldPlan) else plan_for(layers)).validate(skeleton)
+        planned = plan_for if isinstance(plan_for, FoldPlan) else plan_for(layers)
+        planned.validate(skeleton)
+        _check_calibration_need(planned, calib)
         del skeleton
+    if calib is not None:
+        datasets.read_documents(calib)  # missing, empty or unreadable: fail before the model loads
     model = load_source(model_dir)
     num_layers = len(family_of(model).layer_list(model))
     plan = plan_for if isinstance(plan_for, FoldPlan) else plan_for(num_layers)
+    _check_calibration_need(plan, calib)
     before = size_report(model, model_dir)
-    fold(model, plan, progress=progress)
+    statistics = None
+    if calib is not None:
+        statistics = _calibration(model, model_dir, calib, calib_tokens, calib_window, progress).statistics()
+    fold(model, plan, calibration=statistics, progress=progress)
     if chosen_dtype is not None:
         model.to(chosen_dtype)
     save(model, out, source=model_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
@@ -151,6 +163,23 @@ def fold_model_dir(
         after=after,
         seconds=round(time.perf_counter() - start, 2),
     )
+
+
+def _check_calibration_need(plan: FoldPlan, calib) -> None:
+    if plan.whitens() and calib is None:
+        raise LayerfoldError(f"the plan's {plan.calibrated_steps()} need calibration text (--calib PATH)")
+    if not plan.whitens() and calib is not None:
+        raise LayerfoldError(
+            "the plan fits nothing to calibration data: leave out --calib, or give --fit lstsq (ties) or a plan "
+            "with whitened factorisations"
+        )
+
+
+def _calibration(model, model_dir, calib, tokens: int, window: int | None, progress: bool) -> Calibration:
+    """The calibration batches of ``calib`` for ``model`` (tokenised with the original's tokenizer)."""
+    tokenizer = load_tokenizer(model_dir)
+    batches = calibration_batches(model, tokenizer, calib, tokens=tokens, window=window)
+    return Calibration(model, batches, {"data": str(calib)}, mask_token_id=tokenizer.mask_token_id, progress=progress)
 
 
 def fold_with_method(
@@ -187,11 +216,7 @@ def fold_with_method(
     before = size_report(model, model_dir)
     calibration = None
     if calib is not None:
-        tokenizer = load_tokenizer(model_dir)
-        batches = calibration_batches(model, tokenizer, calib, tokens=calib_tokens, window=calib_window)
-        calibration = Calibration(
-            model, batches, {"data": str(calib)}, mask_token_id=tokenizer.mask_token_id, progress=progress
-        )
+        calibration = _calibration(model, model_dir, calib, calib_tokens, calib_window, progress)
     folded = registry.build(chosen, model, budget, calibration, **(options or {}))
     state = fold_state(folded)
     if state is None:

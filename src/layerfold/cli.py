@@ -72,10 +72,11 @@ class Share(str, Enum):
     mlp = "mlp"
 
 
-class Init(str, Enum):
+class Fit(str, Enum):
     average = "average"
     stepwise = "stepwise"
     lower = "lower"
+    lstsq = "lstsq"
 
 
 def parse_rank(text: str) -> Any:
@@ -147,7 +148,14 @@ def _fold(
     unique: Optional[int] = typer.Option(None, "--unique", help="Number of unique blocks for --strategy."),
     rank: Optional[str] = typer.Option(None, "--rank", help="Relaxation rank: N, full, or attention=N,mlp=M."),
     share: Optional[Share] = typer.Option(None, "--share", help="What a tie group shares [default: all]."),
-    init: Optional[Init] = typer.Option(None, "--init", help="How shared weights start [default: average]."),
+    fit: Optional[Fit] = typer.Option(
+        None,
+        "--fit",
+        "--init",
+        help="How a tie's shared weights are fitted: the average of its layers, one layer each (lower, stepwise), "
+        "or least squares on the calibration inputs with whitened relaxations (lstsq) [default: lstsq with "
+        "--calib, else average].",
+    ),
     method: Optional[str] = typer.Option(
         None, "--method", help="Fold at a budget with a registered method (listed by layerfold fold --help)."
     ),
@@ -194,7 +202,7 @@ def _fold(
         for key, value in (
             ("rank", parse_rank(rank) if rank is not None else None),
             ("share", share.value if share else None),
-            ("init", init.value if init else None),
+            ("fit", fit.value if fit else None),
         )
         if value is not None
     }
@@ -206,6 +214,9 @@ def _fold(
         calib_tokens=calib_tokens,
         calib_window=calib_window,
     )
+
+    if strategy is not None and calib is not None and "fit" not in plan_options:
+        plan_options["fit"] = "lstsq"  # with calibration data, ties fit it by default
 
     def plan_for(num_layers: int):
         return _build_plan(num_layers, plan, strategy, unique, plan_options)
@@ -236,19 +247,27 @@ def _fold(
                 dtype=dtype,
             )
     else:
-        if method_options or keep is not None or keep_blocks is not None or calib is not None:
-            raise LayerfoldError("--keep, --calib and the method options need --method")
+        if method_options or keep is not None or keep_blocks is not None:
+            raise LayerfoldError("--keep and the method options need --method")
         report = fold_model_dir(
-            model_dir, out, plan_for=plan_for, overwrite=overwrite, max_shard_bytes=max_shard_bytes, dtype=dtype
+            model_dir,
+            out,
+            plan_for=plan_for,
+            overwrite=overwrite,
+            max_shard_bytes=max_shard_bytes,
+            dtype=dtype,
+            calib=calib,
+            calib_tokens=calib_tokens,
+            calib_window=calib_window,
         )
     _emit(as_json, report)
 
 
 # ---- fold's method flags, generated from the registered methods' options ------------------------------------
-# --rank, --share and --init are fold's own flags (they serve --strategy too) and reach the tie methods as well.
+# --rank, --share and --fit are fold's own flags (they serve --strategy too) and reach the tie methods as well.
 # The registry imports torch (seconds), so the flags are generated only when the fold command runs or shows its
 # help (``main`` asks for them); ``layerfold --help`` and the other commands start without them.
-_OWN_FLAGS = ("rank", "share", "init")
+_OWN_FLAGS = ("rank", "share", "fit")
 METHOD_FLAGS: dict[str, dict] = {}
 
 

@@ -119,7 +119,9 @@ def recipes_for(folded: nn.Module, plan: FoldPlan, layer_prefix: dict[int, str])
             recipe = Recipe(name, "value", [], detail={"value": tensor.detach()})
         elif id(module) in store_of:
             key, path = store_of[id(module)]
-            recipe = implementation(operations[key]).store_recipe(name, key, operations[key], path, attr)
+            recipe = implementation(operations[key]).store_recipe(
+                name, key, operations[key], path, attr, module
+            )
         elif id(module) in block_of:
             i, path = block_of[id(module)]
             key = getattr(module, "op_key", None)
@@ -148,11 +150,11 @@ def last_layer(unit: list[Recipe], num_layers: int) -> int:
     return max((i for r in unit for i, _ in r.inputs if i is not None), default=num_layers)
 
 
-def gram_needs(plan: FoldPlan) -> dict[int, set[str]]:
+def gram_needs(plan: FoldPlan, family: Family) -> dict[int, set[str]]:
     """For each original layer, the projections whose input Gram matrices the plan's operations need."""
     needs: dict[int, set[str]] = defaultdict(set)
     for op in plan.operations:
-        for layer, projection in getattr(implementation(op), "gram_needs", lambda op: ())(op):
+        for layer, projection in getattr(implementation(op), "gram_needs", lambda op, family: ())(op, family):
             needs[layer].add(projection)
     return needs
 
@@ -213,7 +215,7 @@ def fold_in_memory(
     """Fold ``model`` in place: build the structure, then run every unit over the model's own tensors. The
     original tensors stay readable (by their original names) until the last unit is done."""
     if plan.whitens() and statistics is None:
-        raise LayerfoldError("a whitened factorisation needs calibration data (--calib PATH)")
+        raise LayerfoldError(f"the plan's {plan.calibrated_steps()} need calibration text (--calib PATH)")
     family = family_of(model)
     layer_prefix = layer_prefixes(model, family)
     snapshot = model.state_dict()  # detached views by original name, kept while the structure changes

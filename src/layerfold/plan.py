@@ -29,7 +29,9 @@ from .families import family_of
 from .operations import OPERATIONS, Drop, Factor, Merge, Operation, Rank, Tie
 from .operations.tie.spec import init_sources
 
-INIT_CHOICES = ("average", "stepwise", "lower")
+# How a tie group's shared weights are fitted: the mean of its layers, one layer each (Relaxed Recursive
+# Transformers' Lower and Stepwise), or least squares on their calibration inputs (with whitened relaxations).
+FIT_CHOICES = ("average", "stepwise", "lower", "lstsq")
 _LEGACY_FIELDS = ("groups", "drop", "share", "init", "rank", "share_bias", "merges", "factors", "whiten")
 
 
@@ -80,14 +82,17 @@ class FoldPlan:
         *,
         num_layers: int | None = None,
         share: str = "all",
-        init: str = "average",
+        fit: str = "average",
         rank: Rank | dict[str, Rank] = 0,
         share_bias: bool = False,
         provenance: dict[str, Any] | None = None,
+        init: str | None = None,
     ) -> "FoldPlan":
         """Tie each group of two or more layers (a one-layer group is just a unique layer) and drop ``drop``.
-        ``init``: the shared weights start as the ``average`` of a group's layers, or from one layer each,
-        ``lower`` or ``stepwise`` (see ``operations.tie.spec.init_sources``)."""
+        ``fit``: the shared weights are the ``average`` of a group's layers, one layer each (``lower`` or
+        ``stepwise``, see ``operations.tie.spec.init_sources``), or their least-squares fit on calibration
+        data (``lstsq``, with whitened relaxations). ``init`` is fit's earlier name."""
+        fit = init if init is not None else fit
         groups = [sorted(int(i) for i in g) for g in groups]
         drop = sorted(int(i) for i in drop)
         if num_layers is None:
@@ -95,27 +100,29 @@ class FoldPlan:
             if not indices:
                 raise LayerfoldError("plan: from_groups needs num_layers when no groups or drops are given")
             num_layers = max(indices) + 1
-        if init not in INIT_CHOICES:
-            raise LayerfoldError(f"plan.init: must be one of {', '.join(INIT_CHOICES)}, got {init!r}")
+        _check_fit(fit)
         tied = [g for g in groups if len(g) >= 2]
         operations: list[Operation] = [
-            Tie(layers=g, share=share, sources=s, rank=rank, share_bias=share_bias)
-            for g, s in zip(tied, init_sources(tied, init))
+            Tie(layers=g, share=share, sources=s, rank=rank, share_bias=share_bias, **_tie_fit(fit))
+            for g, s in zip(tied, init_sources(tied, fit))
         ]
         if drop:
             operations.append(Drop(layers=drop))
         return cls(num_layers=num_layers, operations=operations, provenance=dict(provenance or {}))
 
-    def set_tie_options(self, *, init: str | None = None, **options: Any) -> None:
-        """Set ``rank``, ``share`` or ``share_bias`` of every tie, and with ``init`` their sources."""
+    def set_tie_options(self, *, fit: str | None = None, init: str | None = None, **options: Any) -> None:
+        """Set ``rank``, ``share`` or ``share_bias`` of every tie, and with ``fit`` (or its earlier name
+        ``init``) how their shared weights are fitted."""
+        fit = init if init is not None else fit
         for op in self.ties():
             for name, value in options.items():
                 setattr(op, name, value)
-        if init is not None:
-            if init not in INIT_CHOICES:
-                raise LayerfoldError(f"plan.init: must be one of {', '.join(INIT_CHOICES)}, got {init!r}")
-            for op, sources in zip(self.ties(), init_sources([op.layers for op in self.ties()], init)):
+        if fit is not None:
+            _check_fit(fit)
+            for op, sources in zip(self.ties(), init_sources([op.layers for op in self.ties()], fit)):
                 op.sources = sources
+                for name, value in _tie_fit(fit).items():
+                    setattr(op, name, value)
 
     # ---- derived views ------------------------------------------------------------------------------
     def of_kind(self, kind: type[Operation]) -> list[Operation]:
@@ -158,8 +165,18 @@ class FoldPlan:
         raise LayerfoldError(f"plan: no operation {key}")
 
     def whitens(self) -> bool:
-        """Whether folding needs calibration statistics (a whitened factorisation)."""
-        return any(op.whiten for op in self.factors())
+        """Whether folding needs calibration statistics (a whitened factorisation, a least-squares or whitened
+        tie)."""
+        return any(op.whiten for op in self.factors()) or any(op.needs_calibration() for op in self.ties())
+
+    def calibrated_steps(self) -> str:
+        """What in the plan fits to calibration data, for messages."""
+        steps = ["whitened factorisations"] if any(op.whiten for op in self.factors()) else []
+        if any(op.fit == "lstsq" for op in self.ties()):
+            steps.append("least-squares ties")
+        if any(op.whiten for op in self.ties()):
+            steps.append("whitened tie relaxations")
+        return " and ".join(steps) or "this plan"
 
     def unique_blocks(self) -> int:
         """How many distinct sets of shared projections the folded model has."""
@@ -173,7 +190,7 @@ class FoldPlan:
             shares = {t.share for t in ties}
             ranks = {json.dumps(t.rank, sort_keys=True) for t in ties}
             if len(shares) == 1 and len(ranks) == 1:
-                parts.append(f"share={ties[0].share}, init={self._init_name()}, rank={ties[0].rank}")
+                parts.append(f"share={ties[0].share}, fit={self._fit_name()}, rank={ties[0].rank}")
             else:
                 parts.append(f"{len(ties)} tie groups")
         if self.merges():
@@ -190,10 +207,14 @@ class FoldPlan:
             parts.append(f"method={self.provenance['method']}")
         return "; ".join(parts)
 
-    def _init_name(self) -> str:
-        groups = [t.layers for t in self.ties()]
-        sources = [t.sources for t in self.ties()]
-        return next((init for init in INIT_CHOICES if init_sources(groups, init) == sources), "given sources")
+    def _fit_name(self) -> str:
+        ties = self.ties()
+        groups, sources = [t.layers for t in ties], [t.sources for t in ties]
+        settings = [{"fit": t.fit, "whiten": t.whiten} for t in ties]
+        for fit in FIT_CHOICES:
+            if init_sources(groups, fit) == sources and all(s == _tie_fit(fit) for s in settings):
+                return fit
+        return "given sources"
 
     # ---- checks ------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -346,6 +367,16 @@ def _where(n: int, op: Operation | None = None) -> str:
     return f"plan.operations[{n}]" + (f" ({op.kind})" if op is not None else "")
 
 
+def _check_fit(fit: Any) -> None:
+    if fit not in FIT_CHOICES:
+        raise LayerfoldError(f"plan.fit: must be one of {', '.join(FIT_CHOICES)}, got {fit!r}")
+
+
+def _tie_fit(fit: str) -> dict[str, Any]:
+    """The Tie fields a ``fit`` choice sets (besides the sources)."""
+    return {"fit": "lstsq", "whiten": True} if fit == "lstsq" else {"fit": "mean", "whiten": False}
+
+
 def _check_unique(num_layers: int, unique: int, minimum: int) -> None:
     if not minimum <= unique <= num_layers:
         raise LayerfoldError(f"unique: must be between {minimum} and the number of layers ({num_layers}), got {unique}")
@@ -378,8 +409,8 @@ def convert_legacy(data: dict) -> dict:
         if not isinstance(data.get(name, []), list):
             raise LayerfoldError(f"plan.{name}: must be a list")
     init = data.get("init", "average")
-    if init not in INIT_CHOICES:
-        raise LayerfoldError(f"plan.init: must be one of {', '.join(INIT_CHOICES)}, got {init!r}")
+    if init not in FIT_CHOICES[:3]:  # layerfold 0.1 knew these three
+        raise LayerfoldError(f"plan.init: must be one of {', '.join(FIT_CHOICES[:3])}, got {init!r}")
     for g, members in enumerate(data.get("groups", [])):
         if not isinstance(members, list) or not members or not all(isinstance(i, int) for i in members):
             raise LayerfoldError(f"plan.groups[{g}]: must be a non-empty list of layer indices, got {members!r}")

@@ -284,19 +284,20 @@ def search(
                 duplicate = seen.get(keys[-1])
                 if duplicate is not None:
                     break
+                if plan.whitens() and statistics is None:
+                    statistics = calibration.statistics(progress=False)
+                fitted = statistics if plan.whitens() else None
                 if kind == "lora":
                     tied = sum(len(op.layers) for op in plan.ties())
-                    base = parameter_breakdown(fold(copy.deepcopy(model), plan, progress=False))[counted_key]
+                    size = fold(copy.deepcopy(model), plan, calibration=fitted, progress=False)
+                    base = parameter_breakdown(size)[counted_key]
+                    del size
                     rank = (allowed - base) // max(_relaxation_cost(model, tied), 1)
                     if rank < 1:
                         raise LayerfoldError("no room for a relaxation of rank 1")
                     for op in plan.ties():
                         op.rank = int(rank)
-                if plan.whitens() and statistics is None:
-                    statistics = calibration.statistics(progress=False)
-                trial = fold(
-                    copy.deepcopy(model), plan, calibration=statistics if plan.factors() else None, progress=False
-                )
+                trial = fold(copy.deepcopy(model), plan, calibration=fitted, progress=False)
                 if parameter_breakdown(trial)[counted_key] <= allowed:
                     folded = trial
                 elif in_blocks and blocks > 1:

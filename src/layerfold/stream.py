@@ -157,8 +157,8 @@ def stream_fold(
 
     whitened = plan.whitens()
     if whitened and calibration is None:
-        raise LayerfoldError("the plan whitens its factorisations: it needs calibration text (--calib PATH)")
-    needs = gram_needs(plan)
+        raise LayerfoldError(f"the plan's {plan.calibrated_steps()} need calibration text (--calib PATH)")
+    needs = gram_needs(plan, family)
     grams: dict[tuple[int, str], torch.Tensor] = {}
     # A unit's Gram matrices are freed as it takes them; decompositions are not kept (one unit in memory).
     context = Context(gram=lambda i, projection: grams.pop((i, projection)), cache=None)

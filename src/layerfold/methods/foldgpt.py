@@ -38,7 +38,7 @@ def plan(model, budget, calibration, options: FoldGPTOptions, analysis) -> FoldP
     drop = lowest(analysis.gates_or_influence(), (layers - unique + 1) // 2)
     kept = [i for i in range(layers) if i not in drop]
     groups = cluster(analysis.similarity(similarity), kept, unique)
-    return FoldPlan.from_groups(groups, drop=drop, num_layers=layers, **options.tie_options())
+    return FoldPlan.from_groups(groups, drop=drop, num_layers=layers, **options.tie_options(calibration))
 
 
 METHOD = register(

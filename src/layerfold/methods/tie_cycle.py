@@ -9,7 +9,7 @@ from .tying import TieOptions, tie_variants
 
 
 def plan(model, budget, calibration, options: TieOptions) -> FoldPlan:
-    return FoldPlan.cycle(num_layers(model), unique_blocks_for(model, budget), **options.tie_options())
+    return FoldPlan.cycle(num_layers(model), unique_blocks_for(model, budget), **options.tie_options(calibration))
 
 
 def candidates(analysis) -> list[Candidate]:

@@ -9,7 +9,7 @@ from .tying import TieOptions, tie_variants
 
 
 def plan(model, budget, calibration, options: TieOptions) -> FoldPlan:
-    return FoldPlan.sequence(num_layers(model), unique_blocks_for(model, budget), **options.tie_options())
+    return FoldPlan.sequence(num_layers(model), unique_blocks_for(model, budget), **options.tie_options(calibration))
 
 
 METHOD = register(

@@ -31,7 +31,7 @@ class TieSimilarOptions(TieOptions):
 def plan(model, budget, calibration, options: TieSimilarOptions, analysis) -> FoldPlan:
     layers = num_layers(model)
     groups = cluster(analysis.similarity(options.similarity), range(layers), unique_blocks_for(model, budget))
-    return FoldPlan.from_groups(groups, num_layers=layers, **options.tie_options())
+    return FoldPlan.from_groups(groups, num_layers=layers, **options.tie_options(calibration))
 
 
 def candidates(analysis) -> list[Candidate]:

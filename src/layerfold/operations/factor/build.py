@@ -29,7 +29,7 @@ def build(model: nn.Module, family: Family, key: str, op: Factor, state: FoldSta
         layers[i].set_submodule(op.projection, module)
 
 
-def store_recipe(name: str, key: str, op: Factor, path: str, attr: str) -> Recipe:
+def store_recipe(name: str, key: str, op: Factor, path: str, attr: str, module: nn.Module) -> Recipe:
     return Recipe(name, "basis", [(i, f"{op.projection}.weight") for i in op.layers], key)
 
 
@@ -43,7 +43,7 @@ def layer_recipe(
     return Recipe(name, "coefficients", inputs, key, (), {"layer": layer, "transposed": module.transposed})
 
 
-def gram_needs(op: Factor) -> list[tuple[int, str]]:
+def gram_needs(op: Factor, family: Family) -> list[tuple[int, str]]:
     return [(i, op.projection) for i in op.layers] if op.whiten else []
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from ...families import Family, is_transposed, linear_weight
 from ...store import FoldState, ensure_path
 from ..base import Recipe
+from ..factor.decompose import decompose
 from .modules import SharedProjection, TiedLinear
 from .relax import lora_from_delta, resolve_rank
 from .spec import Tie
@@ -27,13 +28,38 @@ def average(tensors: list[torch.Tensor]) -> torch.Tensor:
     return total.to(tensors[0].dtype)
 
 
+# The least-squares fit adds this fraction of the mean input energy (the Gram matrices' mean diagonal) times
+# ‖Wᵢ − W‖² to its objective: it keeps the solve well conditioned where some input directions carry no energy,
+# and it pulls only towards the mean of the members, so one member, or identical members, are reproduced
+# exactly and the fit is never worse than the mean on the calibration data.
+LSTSQ_DAMPING = 1e-3
+
+
+def least_squares(weights: list[torch.Tensor], grams: list[torch.Tensor]) -> torch.Tensor:
+    """The shared weight W (nn.Linear layout, out×in) minimising Σᵢ ‖(Wᵢ − W) Xᵢᵀ‖² + λ Σᵢ ‖Wᵢ − W‖², with
+    Gᵢ = XᵢᵀXᵢ the Gram matrix of member i's inputs: W = (Σ Wᵢ (Gᵢ + λI)) (Σ Gᵢ + nλI)⁻¹, in float64."""
+    total = sum(g.double() for g in grams)
+    damping = LSTSQ_DAMPING * float(total.diagonal().mean().clamp(min=1e-12)) / len(grams)
+    right = sum(w.detach().double() @ (g.double() + damping * torch.eye(g.shape[0], dtype=torch.float64))
+                for w, g in zip(weights, grams))  # fmt: skip
+    total.diagonal().add_(damping * len(grams))
+    # W · total = right; total is symmetric positive definite.
+    solved = torch.linalg.solve(total, right.T).T
+    return solved.to(weights[0].dtype)
+
+
 def relaxation(
-    original: torch.Tensor, shared: torch.Tensor, *, transposed: bool, rank: int
+    original: torch.Tensor, shared: torch.Tensor, *, transposed: bool, rank: int, gram: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA factors (A, B) of one tied layer: the truncated SVD of its original weight (nn.Linear layout)
-    minus the shared weight (in the module's own layout)."""
+    minus the shared weight (in the module's own layout); with ``gram`` (its inputs' XᵀX), the SVD in the space
+    whitened by its inputs, which minimises the error of its outputs on the calibration data (as svd does)."""
     shared_weight = shared.t() if transposed else shared
-    return lora_from_delta(original.detach() - shared_weight.detach(), rank)
+    delta = original.detach() - shared_weight.detach()
+    if gram is None or rank == 0:
+        return lora_from_delta(delta, rank)
+    basis, (coefficients,) = decompose([delta], gram, layers=(), projection="relaxation").factors(rank, delta.dtype)
+    return basis, coefficients
 
 
 def build(model: nn.Module, family: Family, key: str, op: Tie, state: FoldState) -> None:
@@ -45,7 +71,9 @@ def build(model: nn.Module, family: Family, key: str, op: Tie, state: FoldState)
         template = layers[op.layers[0]].get_submodule(path)
         share_bias = op.share_bias and template.bias is not None
         shared = SharedProjection(
-            torch.empty_like(template.weight), torch.empty_like(template.bias) if share_bias else None
+            torch.empty_like(template.weight),
+            torch.empty_like(template.bias) if share_bias else None,
+            transposed=is_transposed(template),
         )
         ensure_path(entry, path).add_module(path.rsplit(".", 1)[-1], shared)
         for i in op.layers:
@@ -63,9 +91,10 @@ def build(model: nn.Module, family: Family, key: str, op: Tie, state: FoldState)
     state[key] = entry
 
 
-def store_recipe(name: str, key: str, op: Tie, path: str, attr: str) -> Recipe:
-    """A shared weight (or bias): the mean of the sources' tensors."""
-    return Recipe(name, "shared", [(i, f"{path}.{attr}") for i in op.sources], key, (path,), {"attr": attr})
+def store_recipe(name: str, key: str, op: Tie, path: str, attr: str, module: nn.Module) -> Recipe:
+    """A shared weight (or bias): fitted to the sources' tensors (the mean, or for a weight least squares)."""
+    detail = {"attr": attr, "transposed": module.transposed}
+    return Recipe(name, "shared", [(i, f"{path}.{attr}") for i in op.sources], key, (path,), detail)
 
 
 def layer_recipe(name: str, key: str, op: Tie, layer: int, path: str, attr: str, module: nn.Module) -> Recipe | None:
@@ -77,14 +106,36 @@ def layer_recipe(name: str, key: str, op: Tie, layer: int, path: str, attr: str,
     return Recipe(name, attr, inputs, key, (path,), detail)
 
 
+def gram_needs(op: Tie, family: Family) -> list[tuple[int, str]]:
+    """The Gram matrices a tie needs, for every projection it shares: its sources' for a least-squares fit,
+    its layers' for whitened relaxations."""
+    layers = set(op.sources if op.fit == "lstsq" else ()) | set(op.layers if op.whiten else ())
+    return [(i, path) for i in sorted(layers) for path in family.shared_projections(op.share)]
+
+
 def compute(op: Tie, unit: list[Recipe], values: dict, context) -> tuple:
     """One projection of a tie group: its shared tensors first, then each tied layer's relaxation."""
     path = unit[0].unit[0]
+    transposed = next(r.detail["transposed"] for r in unit if "transposed" in r.detail)
+    grams: dict[int, torch.Tensor] = {}
+
+    def gram(i: int) -> torch.Tensor:
+        if i not in grams:
+            grams[i] = context.gram(i, path)
+        return grams[i]
+
     shared = {}
     for recipe in unit:
-        if recipe.role == "shared":
-            shared[recipe.detail["attr"]] = average([values[k] for k in recipe.inputs])
-            yield recipe.name, shared[recipe.detail["attr"]]
+        if recipe.role != "shared":
+            continue
+        members = [values[k] for k in recipe.inputs]
+        if recipe.detail["attr"] == "weight" and op.fit == "lstsq":
+            linear = [m.t() if transposed else m for m in members]
+            fitted = least_squares(linear, [gram(i) for i in op.sources])
+            shared["weight"] = (fitted.t() if transposed else fitted).contiguous()
+        else:
+            shared[recipe.detail["attr"]] = average(members)
+        yield recipe.name, shared[recipe.detail["attr"]]
     factors: dict[int, tuple] = {}
     for recipe in unit:
         if recipe.role in ("lora_A", "lora_B"):
@@ -96,6 +147,7 @@ def compute(op: Tie, unit: list[Recipe], values: dict, context) -> tuple:
                     shared["weight"],
                     transposed=recipe.detail["transposed"],
                     rank=recipe.detail["rank"],
+                    gram=gram(i) if op.whiten else None,
                 )
             yield recipe.name, factors[i][0 if recipe.role == "lora_A" else 1]
 

@@ -20,8 +20,9 @@ class SharedProjection(nn.Module):
     The weight keeps the original module's layout: (out, in) for nn.Linear, (in, out) for GPT-2's Conv1D.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, transposed: bool = False) -> None:
         super().__init__()
+        self.transposed = transposed  # the weight is (in, out) (Conv1D)
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias) if bias is not None else None
 

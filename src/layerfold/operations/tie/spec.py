@@ -10,16 +10,20 @@ from ...families import ATTENTION, MLP, linear_weight
 from ..base import Operation, Rank, check_bool, check_layer_list, check_rank, sorted_layers
 
 SHARE_CHOICES = ("all", ATTENTION, MLP)
+FIT_CHOICES = ("mean", "lstsq")
 
 
 @dataclass
 class Tie(Operation):
     """The ``layers`` (two or more) share one weight per projection named by ``share`` (``all``, ``attention``
-    or ``mlp``), held once in the store. The shared weight starts as the mean of the ``sources`` layers'
-    weights (by default the group's own layers). Each layer keeps its bias (unless ``share_bias``), norms and a
-    LoRA relaxation of ``rank`` initialised from the truncated SVD of (original − shared): 0 for none, an int,
-    ``"full"`` (exact), or a mapping from a projection kind (``attention``/``mlp``), name (``q_proj``) or path
-    (``self_attn.q_proj``) to a rank."""
+    or ``mlp``), held once in the store. The shared weight is fitted to the ``sources`` layers (by default the
+    group's own layers): ``fit="mean"``, the mean of their weights; ``fit="lstsq"``, the weight whose outputs
+    on each source's calibration inputs are closest to that layer's own (least squares over their Gram
+    matrices; needs calibration data). Each layer keeps its bias (unless ``share_bias``), norms and a LoRA
+    relaxation of ``rank`` initialised from the truncated SVD of (original − shared) — with ``whiten``, in the
+    space whitened by that layer's inputs, so that it corrects the layer's outputs rather than its weights.
+    ``rank``: 0 for none, an int, ``"full"`` (exact), or a mapping from a projection kind
+    (``attention``/``mlp``), name (``q_proj``) or path (``self_attn.q_proj``) to a rank."""
 
     kind = "tie"
 
@@ -28,6 +32,8 @@ class Tie(Operation):
     sources: list[int] = field(default_factory=list)
     rank: Rank | dict[str, Rank] = 0
     share_bias: bool = False
+    fit: str = "mean"
+    whiten: bool = False
 
     def __post_init__(self) -> None:
         self.layers = sorted_layers(self.layers)
@@ -43,6 +49,13 @@ class Tie(Operation):
         for key, value in ranks:
             check_rank(value, f"{where}.rank" if key is None else f"{where}.rank[{key!r}]")
         check_bool(self.share_bias, f"{where}.share_bias")
+        if self.fit not in FIT_CHOICES:
+            raise LayerfoldError(f"{where}.fit: must be one of {', '.join(FIT_CHOICES)}, got {self.fit!r}")
+        check_bool(self.whiten, f"{where}.whiten")
+
+    def needs_calibration(self) -> bool:
+        """Whether computing this tie needs its layers' calibration Gram matrices."""
+        return self.fit == "lstsq" or self.whiten
 
     def rank_for(self, projection: str, kind: str) -> Rank:
         """The relaxation rank of one projection (path relative to a block, e.g. ``self_attn.q_proj``)."""
@@ -80,10 +93,10 @@ class Tie(Operation):
 
 
 def init_sources(groups: list[list[int]], init: str) -> list[list[int]]:
-    """Each tie group's ``sources`` for an ``init`` choice: ``average`` of its own layers; ``lower``, the g-th
-    lowest tied layer for the g-th group (ordered by first layer; Relaxed Recursive Transformers' "Lower");
-    ``stepwise``, evenly spaced tied layers ("Stepwise")."""
-    if init == "average":
+    """Each tie group's ``sources`` for an ``init`` choice: ``average`` (or ``lstsq``) of its own layers;
+    ``lower``, the g-th lowest tied layer for the g-th group (ordered by first layer; Relaxed Recursive
+    Transformers' "Lower"); ``stepwise``, evenly spaced tied layers ("Stepwise")."""
+    if init in ("average", "lstsq"):
         return [sorted(g) for g in groups]
     order = sorted(range(len(groups)), key=lambda g: min(groups[g]))
     pool = sorted(i for g in groups for i in g)
