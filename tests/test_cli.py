@@ -120,7 +120,7 @@ def test_fold_with_a_plan_file_then_export(capsys, tiny_dir, tmp_path):
         (["{model}", "--strategy", "spiral", "--unique", "2"], "'spiral' is not one of"),
         (
             ["{model}", "--strategy", "cycle", "--unique", "2", "--fit", "lstsq"],
-            "the plan's least-squares ties and whitened tie relaxations need calibration text (--calib PATH)",
+            "the plan's least-squares ties need calibration text (--calib PATH)",
         ),
         (["{model}", "--strategy", "cycle", "--unique", "2", "--fit", "median"], "'median' is not one of"),
         (

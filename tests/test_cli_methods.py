@@ -115,16 +115,17 @@ def test_a_method_on_an_unsupported_architecture(capsys, saved, tmp_path):
 
 
 @pytest.mark.parametrize("how", [["--strategy", "cycle", "--unique", "2"], ["--method", "tie-cycle", "--keep-blocks", "0.5"]])
-def test_ties_fit_least_squares_by_default_with_calibration_text(capsys, saved, tmp_path, how):
-    code, out, err = run(capsys, "fold", saved / "llama", "--out", tmp_path / "f", *how, "--rank", "2",
-                         "--calib", saved / "calib.txt", "--calib-tokens", "512", "--json")  # fmt: skip
-    assert code == 0, err
-    report = json.loads(out)
-    assert "fit=lstsq" in report["plan_summary"]
-    assert all(op["fit"] == "lstsq" and op["whiten"] for op in report["plan"]["operations"] if op["op"] == "tie")
-    # Asked for, the average stays the average.
-    code, out, err = run(capsys, "fold", saved / "llama", "--out", tmp_path / "g", *how, "--fit", "average",
-                         *(["--calib", saved / "calib.txt", "--calib-tokens", "512"] if "--method" in how else []),
+def test_tie_relaxations_are_whitened_by_default_with_calibration_text(capsys, saved, tmp_path, how):
+    calib = ["--calib", saved / "calib.txt", "--calib-tokens", "512"]
+    code, out, err = run(capsys, "fold", saved / "llama", "--out", tmp_path / "f", *how, "--rank", "2", *calib,
                          "--json")  # fmt: skip
     assert code == 0, err
-    assert "fit=average" in json.loads(out)["plan_summary"]
+    report = json.loads(out)
+    assert "fit=average, rank=2, whitened relaxations" in report["plan_summary"]
+    assert all(op["whiten"] and op["fit"] == "mean" for op in report["plan"]["operations"] if op["op"] == "tie")
+    # Asked for: a least-squares fit, and relaxations as Relaxed Recursive Transformers initialise them.
+    code, out, err = run(capsys, "fold", saved / "llama", "--out", tmp_path / "g", *how, "--rank", "2", *calib,
+                         "--fit", "lstsq", "--no-whiten", "--json")  # fmt: skip
+    assert code == 0, err
+    ties = [op for op in json.loads(out)["plan"]["operations"] if op["op"] == "tie"]
+    assert ties and all(op["fit"] == "lstsq" and not op["whiten"] for op in ties)

@@ -46,14 +46,16 @@ def test_init_sources_follow_relaxed_recursive_transformers():
     assert FoldPlan.cycle(6, 3, init="lower") == FoldPlan.cycle(6, 3, fit="lower")  # fit's earlier name
 
 
-def test_lstsq_fit_fits_every_layer_of_the_group_and_whitens_the_relaxations():
+def test_lstsq_fit_fits_every_layer_of_the_group_and_whitening_is_its_own_choice():
     plan = FoldPlan.cycle(6, 3, fit="lstsq", rank=2)
     assert [op.sources for op in plan.ties()] == [[0, 3], [1, 4], [2, 5]]
-    assert all(op.fit == "lstsq" and op.whiten for op in plan.ties())
-    assert plan.whitens() and "fit=lstsq" in plan.describe()
+    assert all(op.fit == "lstsq" and not op.whiten for op in plan.ties())
+    assert plan.whitens() and "fit=lstsq, rank=2" in plan.describe()
     assert not FoldPlan.cycle(6, 3, fit="average").whitens()
     plan.set_tie_options(fit="average")
     assert not plan.whitens() and all(op.fit == "mean" for op in plan.ties())
+    plan.set_tie_options(whiten=True)
+    assert plan.whitens() and "fit=average, rank=2, whitened relaxations" in plan.describe()
 
 
 def test_rank_for_resolves_path_then_name_then_kind():

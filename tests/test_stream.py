@@ -100,7 +100,7 @@ def test_streamed_least_squares_tie_is_bit_identical(with_tokenizer, family, tmp
     def batches(model):
         return calibration_batches(model, tokenizer, with_tokenizer / "text.txt", tokens=1024, window=128)
 
-    plan = FoldPlan.cycle(4, 2, fit="lstsq", rank=3)
+    plan = FoldPlan.cycle(4, 2, fit="lstsq", rank=3, whiten=True)
     stream_fold(source, tmp_path / "streamed", plan, calibration=batches, progress=False)
     assert_same_checkpoint(tmp_path / "streamed", in_memory_fold(source, plan, tmp_path / "memory", batches))
     with pytest.raises(LayerfoldError, match="least-squares ties .* need calibration text"):

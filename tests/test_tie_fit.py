@@ -104,7 +104,7 @@ def test_full_rank_whitened_relaxation_reproduces_the_original(family):
     stats = statistics_of(model)
     inputs = sample_inputs()
     expected = outputs(model, inputs)
-    plan = FoldPlan.cycle(4, 2, fit="lstsq", rank="full")
+    plan = FoldPlan.cycle(4, 2, fit="lstsq", rank="full", whiten=True)
     folded = fold(copy.deepcopy(model), plan, calibration=stats, progress=False)
     torch.testing.assert_close(outputs(folded, inputs), expected, rtol=1e-4, atol=1e-4)
 
@@ -137,7 +137,7 @@ def test_whitened_relaxation_fits_the_outputs_better_than_the_plain_svd(family):
 def test_lstsq_without_calibration_data_is_refused():
     model = build_tiny("llama")
     with pytest.raises(LayerfoldError, match=r"least-squares ties and whitened tie relaxations need calibration"):
-        fold(model, FoldPlan.cycle(4, 2, fit="lstsq"), progress=False)
+        fold(model, FoldPlan.cycle(4, 2, fit="lstsq", rank=2, whiten=True), progress=False)
 
 
 def test_a_bad_fit_in_a_plan_file_names_the_field():

@@ -153,8 +153,13 @@ def _fold(
         "--fit",
         "--init",
         help="How a tie's shared weights are fitted: the average of its layers, one layer each (lower, stepwise), "
-        "or least squares on the calibration inputs with whitened relaxations (lstsq) [default: lstsq with "
-        "--calib, else average].",
+        "or least squares on the calibration inputs (lstsq, needs --calib) [default: average].",
+    ),
+    whiten: Optional[bool] = typer.Option(
+        None,
+        "--whiten/--no-whiten",
+        help="Truncate tie relaxations in the space whitened by each layer's calibration inputs [default: on with "
+        "--calib and a rank].",
     ),
     method: Optional[str] = typer.Option(
         None, "--method", help="Fold at a budget with a registered method (listed by layerfold fold --help)."
@@ -203,6 +208,7 @@ def _fold(
             ("rank", parse_rank(rank) if rank is not None else None),
             ("share", share.value if share else None),
             ("fit", fit.value if fit else None),
+            ("whiten", whiten),
         )
         if value is not None
     }
@@ -215,8 +221,10 @@ def _fold(
         calib_window=calib_window,
     )
 
-    if strategy is not None and calib is not None and "fit" not in plan_options:
-        plan_options["fit"] = "lstsq"  # with calibration data, ties fit it by default
+    if strategy is not None and calib is not None and "whiten" not in plan_options:
+        from .methods.tying import has_relaxation
+
+        plan_options["whiten"] = has_relaxation(plan_options.get("rank", 0))  # with calibration data, by default
 
     def plan_for(num_layers: int):
         return _build_plan(num_layers, plan, strategy, unique, plan_options)
@@ -264,10 +272,10 @@ def _fold(
 
 
 # ---- fold's method flags, generated from the registered methods' options ------------------------------------
-# --rank, --share and --fit are fold's own flags (they serve --strategy too) and reach the tie methods as well.
+# --rank, --share, --fit and --whiten are fold's own flags (they serve --strategy too) and reach the tie methods.
 # The registry imports torch (seconds), so the flags are generated only when the fold command runs or shows its
 # help (``main`` asks for them); ``layerfold --help`` and the other commands start without them.
-_OWN_FLAGS = ("rank", "share", "fit")
+_OWN_FLAGS = ("rank", "share", "fit", "whiten")
 METHOD_FLAGS: dict[str, dict] = {}
 
 

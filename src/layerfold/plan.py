@@ -30,7 +30,7 @@ from .operations import OPERATIONS, Drop, Factor, Merge, Operation, Rank, Tie
 from .operations.tie.spec import init_sources
 
 # How a tie group's shared weights are fitted: the mean of its layers, one layer each (Relaxed Recursive
-# Transformers' Lower and Stepwise), or least squares on their calibration inputs (with whitened relaxations).
+# Transformers' Lower and Stepwise), or least squares on their calibration inputs.
 FIT_CHOICES = ("average", "stepwise", "lower", "lstsq")
 _LEGACY_FIELDS = ("groups", "drop", "share", "init", "rank", "share_bias", "merges", "factors", "whiten")
 
@@ -85,13 +85,15 @@ class FoldPlan:
         fit: str = "average",
         rank: Rank | dict[str, Rank] = 0,
         share_bias: bool = False,
+        whiten: bool = False,
         provenance: dict[str, Any] | None = None,
         init: str | None = None,
     ) -> "FoldPlan":
         """Tie each group of two or more layers (a one-layer group is just a unique layer) and drop ``drop``.
         ``fit``: the shared weights are the ``average`` of a group's layers, one layer each (``lower`` or
         ``stepwise``, see ``operations.tie.spec.init_sources``), or their least-squares fit on calibration
-        data (``lstsq``, with whitened relaxations). ``init`` is fit's earlier name."""
+        data (``lstsq``). ``whiten``: relaxations truncated in the space whitened by each layer's inputs
+        (calibration data). ``init`` is fit's earlier name."""
         fit = init if init is not None else fit
         groups = [sorted(int(i) for i in g) for g in groups]
         drop = sorted(int(i) for i in drop)
@@ -103,7 +105,7 @@ class FoldPlan:
         _check_fit(fit)
         tied = [g for g in groups if len(g) >= 2]
         operations: list[Operation] = [
-            Tie(layers=g, share=share, sources=s, rank=rank, share_bias=share_bias, **_tie_fit(fit))
+            Tie(layers=g, share=share, sources=s, rank=rank, share_bias=share_bias, whiten=whiten, **_tie_fit(fit))
             for g, s in zip(tied, init_sources(tied, fit))
         ]
         if drop:
@@ -111,8 +113,8 @@ class FoldPlan:
         return cls(num_layers=num_layers, operations=operations, provenance=dict(provenance or {}))
 
     def set_tie_options(self, *, fit: str | None = None, init: str | None = None, **options: Any) -> None:
-        """Set ``rank``, ``share`` or ``share_bias`` of every tie, and with ``fit`` (or its earlier name
-        ``init``) how their shared weights are fitted."""
+        """Set ``rank``, ``share``, ``share_bias`` or ``whiten`` of every tie, and with ``fit`` (or its earlier
+        name ``init``) how their shared weights are fitted."""
         fit = init if init is not None else fit
         for op in self.ties():
             for name, value in options.items():
@@ -190,7 +192,8 @@ class FoldPlan:
             shares = {t.share for t in ties}
             ranks = {json.dumps(t.rank, sort_keys=True) for t in ties}
             if len(shares) == 1 and len(ranks) == 1:
-                parts.append(f"share={ties[0].share}, fit={self._fit_name()}, rank={ties[0].rank}")
+                whitened = ", whitened relaxations" if all(t.whiten for t in ties) and ties[0].rank != 0 else ""
+                parts.append(f"share={ties[0].share}, fit={self._fit_name()}, rank={ties[0].rank}{whitened}")
             else:
                 parts.append(f"{len(ties)} tie groups")
         if self.merges():
@@ -210,7 +213,7 @@ class FoldPlan:
     def _fit_name(self) -> str:
         ties = self.ties()
         groups, sources = [t.layers for t in ties], [t.sources for t in ties]
-        settings = [{"fit": t.fit, "whiten": t.whiten} for t in ties]
+        settings = [{"fit": t.fit} for t in ties]
         for fit in FIT_CHOICES:
             if init_sources(groups, fit) == sources and all(s == _tie_fit(fit) for s in settings):
                 return fit
@@ -374,7 +377,7 @@ def _check_fit(fit: Any) -> None:
 
 def _tie_fit(fit: str) -> dict[str, Any]:
     """The Tie fields a ``fit`` choice sets (besides the sources)."""
-    return {"fit": "lstsq", "whiten": True} if fit == "lstsq" else {"fit": "mean", "whiten": False}
+    return {"fit": "lstsq" if fit == "lstsq" else "mean"}
 
 
 def _check_unique(num_layers: int, unique: int, minimum: int) -> None:

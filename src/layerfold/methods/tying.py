@@ -16,24 +16,35 @@ class TieOptions:
 
     rank: each tied layer's LoRA relaxation: 0 (none), N, full, or attention=N,mlp=M.
     fit: how the shared weights are fitted: average of the group, one layer each (lower, stepwise), or least
-        squares on the calibration inputs with whitened relaxations (lstsq; the default with calibration data).
+        squares on the calibration inputs (lstsq).
+    whiten: truncate the relaxations in the space whitened by each layer's calibration inputs (the default
+        with calibration data), so that they correct outputs rather than weights.
     share: what a tie group shares: all, attention or mlp.
     share_bias: tie the biases too (by default each layer keeps its own).
     """
 
     rank: Union[int, str, dict] = 0
-    fit: Optional[str] = None
+    fit: str = "average"
     share: str = "all"
     share_bias: bool = False
+    whiten: Optional[bool] = None
 
     def tie_options(self, calibration=None) -> dict[str, Any]:
-        """The keywords of ``FoldPlan.from_groups`` (and its patterns) these options set; with no ``fit``, a
-        least-squares fit when there is calibration data, else the average."""
-        fit = self.fit or ("lstsq" if calibration is not None else "average")
-        return {"rank": self.rank, "fit": fit, "share": self.share, "share_bias": self.share_bias}
+        """The keywords of ``FoldPlan.from_groups`` (and its patterns) these options set; relaxations are whitened
+        unless asked otherwise when there is calibration data."""
+        whiten = self.whiten if self.whiten is not None else calibration is not None and has_relaxation(self.rank)
+        return {"rank": self.rank, "fit": self.fit, "share": self.share, "share_bias": self.share_bias,
+                "whiten": whiten}  # fmt: skip
+
+
+def has_relaxation(rank) -> bool:
+    """Whether a tie's ``rank`` gives any projection a relaxation."""
+    return any(r != 0 for r in rank.values()) if isinstance(rank, dict) else rank != 0
 
 
 def tie_variants(quick: bool) -> list[dict[str, Any]]:
-    if quick:  # the data-aware fit (the default with calibration data); the full sweep has the others beside it
-        return [{"fit": "lstsq", "rank": 0}, {"fit": "lstsq", "rank": 8}]
-    return [{"fit": fit, "rank": rank} for fit in ("average", "stepwise", "lower", "lstsq") for rank in _RANKS]
+    if quick:
+        return [{"fit": "average", "rank": 0}, {"fit": "average", "rank": 8}]
+    fits = [{"fit": fit, "rank": rank} for fit in ("average", "stepwise", "lower", "lstsq") for rank in _RANKS]
+    # Relaxations as Relaxed Recursive Transformers initialise them (the plain SVD), beside the whitened default.
+    return fits + [{"fit": "average", "rank": rank, "whiten": False} for rank in _RANKS if rank]
