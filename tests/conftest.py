@@ -160,6 +160,7 @@ def in_memory_fold(source, plan, out, statistics_batches=None):
     statistics = None
     if statistics_batches is not None:
         statistics = Calibration(model, statistics_batches(model)).statistics(progress=False)
-    fold(model, FoldPlan.from_dict(plan.to_dict()), calibration=statistics, progress=False)
+    # The streamed path fits to the original's inputs: compared with it, the in-memory fold is not sequential.
+    fold(model, FoldPlan.from_dict(plan.to_dict()), calibration=statistics, progress=False, sequential=False)
     save(model, out, source=source)
     return out

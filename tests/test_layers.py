@@ -25,7 +25,7 @@ LAYERS = {
     "engine and calibration": [
         "layerfold.engine", "layerfold.calibrate", "layerfold.evaluate", "layerfold.outputs", "layerfold.folding",
         "layerfold.io", "layerfold.hub", "layerfold.progress", "layerfold.adapters", "layerfold.sources",
-        "layerfold.analysis",
+        "layerfold.analysis", "layerfold.sequential",
     ],
     "methods": ["layerfold.methods", "layerfold.methods.*"],
     "heal, analysis, planning": ["layerfold.planner", "layerfold.heal", "layerfold.heal.*",

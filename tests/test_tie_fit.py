@@ -46,7 +46,7 @@ def test_lstsq_with_one_source_reproduces_that_layer(family):
     model = build_tiny(family)
     stats = statistics_of(model)
     plan = FoldPlan(4, [Tie(layers=[0, 2], sources=[2], fit="lstsq")])
-    folded = fold(copy.deepcopy(model), plan, calibration=stats, progress=False)
+    folded = fold(copy.deepcopy(model), plan, calibration=stats, progress=False, sequential=False)
     layers = family_of(model).layer_list(model)
     for path, weight in shared_weights(folded).items():
         torch.testing.assert_close(weight, linear_weight(layers[2].get_submodule(path)), rtol=1e-5, atol=1e-6)
@@ -60,7 +60,7 @@ def test_lstsq_of_identical_layers_reproduces_them(family):
     stats = statistics_of(model)
     inputs = sample_inputs()
     expected = outputs(model, inputs)
-    folded = fold(copy.deepcopy(model), FoldPlan(4, [Tie(layers=[1, 3], fit="lstsq")]), calibration=stats, progress=False)
+    folded = fold(copy.deepcopy(model), FoldPlan(4, [Tie(layers=[1, 3], fit="lstsq")]), calibration=stats, progress=False, sequential=False)
     torch.testing.assert_close(outputs(folded, inputs), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -70,7 +70,7 @@ def test_lstsq_output_error_is_never_above_the_average(family):
     stats = statistics_of(model)
     group = [0, 1, 3]
     fits = {
-        fit: shared_weights(fold(copy.deepcopy(model), FoldPlan(4, [Tie(layers=group, fit=fit)]), calibration=stats, progress=False))
+        fit: shared_weights(fold(copy.deepcopy(model), FoldPlan(4, [Tie(layers=group, fit=fit)]), calibration=stats, progress=False, sequential=False))
         for fit in ("mean", "lstsq")
     }  # fmt: skip
     layers = family_of(model).layer_list(model)
@@ -105,7 +105,7 @@ def test_full_rank_whitened_relaxation_reproduces_the_original(family):
     inputs = sample_inputs()
     expected = outputs(model, inputs)
     plan = FoldPlan.cycle(4, 2, fit="lstsq", rank="full", whiten=True)
-    folded = fold(copy.deepcopy(model), plan, calibration=stats, progress=False)
+    folded = fold(copy.deepcopy(model), plan, calibration=stats, progress=False, sequential=False)
     torch.testing.assert_close(outputs(folded, inputs), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -115,7 +115,7 @@ def test_whitened_relaxation_fits_the_outputs_better_than_the_plain_svd(family):
     stats = statistics_of(model)
     folds = {
         whiten: fold(copy.deepcopy(model), FoldPlan(4, [Tie(layers=[0, 1, 2, 3], rank=2, whiten=whiten)]),
-                     calibration=stats, progress=False)
+                     calibration=stats, progress=False, sequential=False)
         for whiten in (False, True)
     }  # fmt: skip
     originals = family_of(model).layer_list(model)

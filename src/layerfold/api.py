@@ -123,6 +123,7 @@ def fold_model_dir(
     calib: str | Path | None = None,
     calib_tokens: int = 65536,
     calib_window: int | None = None,
+    sequential: bool | None = None,
 ) -> FoldReport:
     """Load an original model, fold it with a plan (or a function of the layer count), save it (in ``dtype``:
     fp32, fp16 or bf16, if given), report sizes. A plan that fits to calibration data (whitened
@@ -147,7 +148,7 @@ def fold_model_dir(
     statistics = None
     if calib is not None:
         statistics = _calibration(model, model_dir, calib, calib_tokens, calib_window, progress).statistics()
-    fold(model, plan, calibration=statistics, progress=progress)
+    fold(model, plan, calibration=statistics, progress=progress, sequential=sequential)
     if chosen_dtype is not None:
         model.to(chosen_dtype)
     save(model, out, source=model_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
@@ -197,9 +198,10 @@ def fold_with_method(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
     dtype: str | None = None,
+    sequential: bool | None = None,
 ) -> FoldReport:
     """Fold an original model with a registered method at a parameter budget, save it (in ``dtype`` if given),
-    report both fractions."""
+    report both fractions. ``sequential``: see ``layerfold.fold`` (the default where the plan fits to data)."""
 
     start = time.perf_counter()
     chosen_dtype = dtype_of(dtype)
@@ -217,7 +219,7 @@ def fold_with_method(
     calibration = None
     if calib is not None:
         calibration = _calibration(model, model_dir, calib, calib_tokens, calib_window, progress)
-    folded = registry.build(chosen, model, budget, calibration, **(options or {}))
+    folded = registry.build(chosen, model, budget, calibration, sequential=sequential, **(options or {}))
     state = fold_state(folded)
     if state is None:
         raise LayerfoldError(f"method {method} leaves the model as it is; nothing to save")

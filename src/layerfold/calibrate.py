@@ -19,7 +19,7 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,8 @@ class Statistics:
     settings: dict = field(default_factory=dict)
     # Decompositions computed from these statistics, so that several budgets share one SVD per matrix.
     cache: dict = field(default_factory=dict, repr=False)
+    # The calibration batches measured, for a sequential fit (``layerfold.sequential``) to walk again.
+    batches: list | None = field(default=None, repr=False)
 
     def gram(self, layer: int, projection: str) -> torch.Tensor:
         try:
@@ -174,7 +176,7 @@ def collect_statistics(
     layers = family.layer_list(model)
     projections = tuple(projections or family.projections)
     model.eval()
-    stats = Statistics(tokens=batch_tokens(batches))
+    stats = Statistics(tokens=batch_tokens(batches), batches=list(batches))
     walk = BlockWalk(model, batches)
     for i in tqdm(range(len(layers)), desc="calibrating", unit="block", disable=not progress):
         influence, angular, accumulators = walk.measure(i, projections if grams else ())
@@ -199,7 +201,17 @@ class BlockWalk:
         self.hidden: list[torch.Tensor | None] = [None] * len(self.batches)
 
     @torch.no_grad()
-    def measure(self, i: int, projections: Sequence[str] = ()) -> tuple[float, float, dict[str, torch.Tensor]]:
+    def measure(
+        self,
+        i: int,
+        projections: Sequence[str] = (),
+        *,
+        on_input: Callable[[str, int, torch.Tensor], None] | None = None,
+        advance: bool = True,
+    ) -> tuple[float, float, dict[str, torch.Tensor]]:
+        """``on_input(projection, batch, rows)``, if given, sees each projection's input rows (float32, padding
+        excluded; projections that read the same tensor get the same rows). ``advance=False`` leaves the
+        hidden states at block i's input (to run it again, e.g. after its weights change)."""
         model, hidden, masks = self.model, self.hidden, self.masks
         block = family_of(model).layer_list(model)[i]
         state: dict = {}
@@ -227,7 +239,11 @@ class BlockWalk:
                 if key not in state["grams"] or state["grams"][key][0] is not x:
                     rows = x.reshape(-1, x.shape[-1])[state["mask"].reshape(-1)].float()  # OPT flattens tokens
                     state["grams"][key] = (x, rows.T @ rows, name)
+                    if on_input is not None:
+                        state["rows"][name] = rows
                 _, product, slot = state["grams"][key]
+                if on_input is not None:
+                    on_input(name, state["batch"], state["rows"][slot])
                 slot_of.setdefault(name, slot)
                 if name != slot_of[name]:
                     return
@@ -245,7 +261,7 @@ class BlockWalk:
         try:
             with restricted_stack(model, [i]):
                 for b, batch in enumerate(self.batches):
-                    state.update(batch=b, mask=masks[b], grams={})
+                    state.update(batch=b, mask=masks[b], grams={}, rows={})
                     try:
                         model(**batch, use_cache=False) if is_causal_lm(model) else model(**batch)
                     except _Stop:
@@ -256,7 +272,8 @@ class BlockWalk:
                     cosine = F.cosine_similarity(x_in[masks[b]].float(), x_out[masks[b]].float(), dim=-1)
                     cosine_sum += float(cosine.sum())
                     angle_sum += float(torch.arccos(cosine.clamp(-1.0, 1.0)).sum()) / math.pi
-                    hidden[b] = x_out.detach()
+                    if advance:
+                        hidden[b] = x_out.detach()
         finally:
             for handle in handles:
                 handle.remove()

@@ -185,6 +185,12 @@ def _fold(
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help="Save the folded weights as fp32, fp16 or bf16 [default: as the original loads]."
     ),
+    sequential: Optional[bool] = typer.Option(
+        None,
+        "--sequential/--no-sequential",
+        help="Refit what the plan fits to calibration data on the inputs the folded layers before it produce "
+        "[default: off; a streamed fold fits to the original's inputs].",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     method_flags: Optional[dict] = None,
@@ -197,6 +203,8 @@ def _fold(
     dtype_of(dtype)  # a bad value fails before anything loads
     if dtype is not None and stream:
         raise LayerfoldError("--dtype does not go with --stream (a streamed fold keeps the checkpoint's dtype)")
+    if sequential and stream:
+        raise LayerfoldError("--sequential does not go with --stream (a streamed fold fits to the original's inputs)")
 
     check_output(out, {"original model": model_dir, "plan": plan, "calibration text": calib}, overwrite=overwrite)
     max_shard_bytes = parse_size(max_shard_size)
@@ -253,6 +261,7 @@ def _fold(
                 overwrite=overwrite,
                 max_shard_bytes=max_shard_bytes,
                 dtype=dtype,
+                sequential=sequential,
             )
     else:
         if method_options or keep is not None or keep_blocks is not None:
@@ -267,6 +276,7 @@ def _fold(
             calib=calib,
             calib_tokens=calib_tokens,
             calib_window=calib_window,
+            sequential=sequential,
         )
     _emit(as_json, report)
 

@@ -211,9 +211,11 @@ def fold_in_memory(
     base_architecture: str,
     statistics=None,
     progress: bool = False,
+    then: Callable[[list, Originals, dict], None] | None = None,
 ) -> FoldState:
     """Fold ``model`` in place: build the structure, then run every unit over the model's own tensors. The
-    original tensors stay readable (by their original names) until the last unit is done."""
+    original tensors stay readable (by their original names) until the last unit is done, and ``then(units,
+    originals, targets)`` may compute units again (the sequential fit, ``layerfold.sequential``)."""
     if plan.whitens() and statistics is None:
         raise LayerfoldError(f"the plan's {plan.calibrated_steps()} need calibration text (--calib PATH)")
     family = family_of(model)
@@ -239,6 +241,8 @@ def fold_in_memory(
                     f"{target.dtype}"
                 )
             target.data = value  # a new tensor: the original's stays readable for later units
+    if then is not None:
+        then(units, originals, targets)
     return state
 
 

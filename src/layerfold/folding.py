@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
 from .calibrate import Statistics
@@ -9,22 +11,38 @@ from .engine import fold_in_memory
 from .errors import LayerfoldError
 from .io import install_save_hook
 from .plan import FoldPlan
+from .sequential import refit
 from .store import fold_state
 
 
 def fold(
-    model: nn.Module, plan: FoldPlan, *, calibration: Statistics | None = None, progress: bool = True
+    model: nn.Module,
+    plan: FoldPlan,
+    *,
+    calibration: Statistics | None = None,
+    progress: bool = True,
+    sequential: bool | None = None,
 ) -> nn.Module:
     """Fold a Hugging Face model in place and return it.
 
     A tie's shared weights start as the mean of its ``sources``; each tied layer's LoRA relaxation starts from
     the truncated SVD of its difference to the shared weight (``rank="full"`` reproduces the original exactly).
     Factorisations are computed from the (whitened) SVD of the original weights; whitening needs
-    ``calibration`` (see ``layerfold.calibrate``).
+    ``calibration`` (see ``layerfold.calibrate``). ``sequential``: then refit those steps on the inputs the folded layers before them produce (``layerfold.sequential``);
+    the plan's provenance records it.
     """
     if fold_state(model) is not None:
         raise LayerfoldError("the model is already folded; fold the original model instead")
     plan.validate(model)
+    # Off by default: on development data it lowered every row tried (see README, "Fitting to data").
+    sequential = bool(sequential)
+    if sequential and plan.whitens() and calibration is not None and calibration.batches is None:
+        raise LayerfoldError("--sequential walks the calibration batches again: give statistics that hold them")
+    # A plan that fits nothing to data has nothing to refit (and without calibration the engine says so).
+    sequential = bool(sequential) and plan.whitens() and calibration is not None
+    if plan.whitens():
+        plan.provenance = {**plan.provenance, "sequential": bool(sequential)}
+    original = copy.deepcopy(model) if sequential else None  # the walk needs the original's hidden states
     fold_in_memory(
         model,
         plan,
@@ -32,6 +50,8 @@ def fold(
         base_architecture=type(model).__name__,
         statistics=calibration,
         progress=progress,
-    )
+        then=(lambda units, originals, targets: refit(original, model, plan, units, originals, calibration, targets,
+                                                      progress=progress)) if sequential else None,
+    )  # fmt: skip
     install_save_hook(model)
     return model

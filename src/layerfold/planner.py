@@ -289,7 +289,7 @@ def search(
                 fitted = statistics if plan.whitens() else None
                 if kind == "lora":
                     tied = sum(len(op.layers) for op in plan.ties())
-                    size = fold(copy.deepcopy(model), plan, calibration=fitted, progress=False)
+                    size = fold(copy.deepcopy(model), plan, calibration=fitted, progress=False, sequential=False)
                     base = parameter_breakdown(size)[counted_key]
                     del size
                     rank = (allowed - base) // max(_relaxation_cost(model, tied), 1)
@@ -297,7 +297,9 @@ def search(
                         raise LayerfoldError("no room for a relaxation of rank 1")
                     for op in plan.ties():
                         op.rank = int(rank)
-                trial = fold(copy.deepcopy(model), plan, calibration=fitted, progress=False)
+                # Candidates are scored as fitted to the original's inputs (sharing one SVD per matrix across
+                # candidates); the chosen plan is refitted on all the data below.
+                trial = fold(copy.deepcopy(model), plan, calibration=fitted, progress=False, sequential=False)
                 if parameter_breakdown(trial)[counted_key] <= allowed:
                     folded = trial
                 elif in_blocks and blocks > 1:

@@ -156,6 +156,8 @@ def stream_fold(
     units = units_of(recipes, plan.num_layers)
 
     whitened = plan.whitens()
+    if whitened:
+        plan.provenance = {**plan.provenance, "sequential": False}  # fitted to the original's inputs
     if whitened and calibration is None:
         raise LayerfoldError(f"the plan's {plan.calibrated_steps()} need calibration text (--calib PATH)")
     needs = gram_needs(plan, family)

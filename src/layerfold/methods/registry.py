@@ -144,14 +144,20 @@ def streamable() -> list[str]:
 
 
 def build(
-    method: Method, model: nn.Module, budget: Budget, calibration: Calibration | None = None, **options: Any
+    method: Method,
+    model: nn.Module,
+    budget: Budget,
+    calibration: Calibration | None = None,
+    *,
+    sequential: bool | None = None,
+    **options: Any,
 ) -> nn.Module:
-    """Plan with ``method`` and fold ``model`` (in place) with the plan."""
+    """Plan with ``method`` and fold ``model`` (in place) with the plan (``sequential``: see ``fold``)."""
     plan = method.plan(model, budget, calibration, **options)
     if plan is None:
         return model
     statistics = calibration.statistics() if plan.whitens() else None
-    return fold(model, plan, calibration=statistics, progress=False)
+    return fold(model, plan, calibration=statistics, progress=False, sequential=sequential if plan.whitens() else False)
 
 
 def check_options(method: Method, options: dict[str, Any]) -> None:
