@@ -88,17 +88,6 @@ def test_sequential_fit_of_an_identity_plan_changes_nothing():
     assert torch.equal(outputs(folded, inputs), expected)
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_a_full_rank_sequential_fold_still_reproduces_the_original(family):
-    model = build_tiny(family)
-    stats = calibration_of(model)
-    inputs = sample_inputs()
-    expected = outputs(model, inputs)
-    plan = FoldPlan.cycle(4, 2, fit="lstsq", rank="full", whiten=True)
-    folded = fold(copy.deepcopy(model), plan, calibration=stats, progress=False, sequential=True)
-    torch.testing.assert_close(outputs(folded, inputs), expected, rtol=1e-4, atol=1e-4)
-
-
 def test_sequential_ties_refit_and_stay_shared():
     model = build_tiny("llama")
     stats = calibration_of(model)
