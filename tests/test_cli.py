@@ -124,6 +124,10 @@ def test_fold_with_a_plan_file_then_export(capsys, tiny_dir, tmp_path):
         ),
         (["{model}", "--strategy", "cycle", "--unique", "2", "--fit", "median"], "'median' is not one of"),
         (
+            ["{model}", "--strategy", "cycle", "--unique", "2", "--sequential", "--stream"],
+            "--sequential does not go with --stream",
+        ),
+        (
             ["{model}", "--plan", "{plain_plan}", "--calib", "{plain_plan}"],
             "the plan fits nothing to calibration data: leave out --calib",
         ),

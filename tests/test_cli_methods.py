@@ -127,5 +127,11 @@ def test_tie_relaxations_are_whitened_by_default_with_calibration_text(capsys, s
     code, out, err = run(capsys, "fold", saved / "llama", "--out", tmp_path / "g", *how, "--rank", "2", *calib,
                          "--fit", "lstsq", "--no-whiten", "--json")  # fmt: skip
     assert code == 0, err
-    ties = [op for op in json.loads(out)["plan"]["operations"] if op["op"] == "tie"]
+    report = json.loads(out)
+    ties = [op for op in report["plan"]["operations"] if op["op"] == "tie"]
     assert ties and all(op["fit"] == "lstsq" and not op["whiten"] for op in ties)
+    assert report["plan"]["provenance"]["sequential"] is False  # off unless asked for
+    code, out, err = run(capsys, "fold", saved / "llama", "--out", tmp_path / "h", *how, "--rank", "2", *calib,
+                         "--sequential", "--json")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["plan"]["provenance"]["sequential"] is True

@@ -123,7 +123,7 @@ def fold_model_dir(
     calib: str | Path | None = None,
     calib_tokens: int = 65536,
     calib_window: int | None = None,
-    sequential: bool | None = None,
+    sequential: bool = False,
 ) -> FoldReport:
     """Load an original model, fold it with a plan (or a function of the layer count), save it (in ``dtype``:
     fp32, fp16 or bf16, if given), report sizes. A plan that fits to calibration data (whitened
@@ -198,10 +198,10 @@ def fold_with_method(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
     dtype: str | None = None,
-    sequential: bool | None = None,
+    sequential: bool = False,
 ) -> FoldReport:
     """Fold an original model with a registered method at a parameter budget, save it (in ``dtype`` if given),
-    report both fractions. ``sequential``: see ``layerfold.fold`` (the default where the plan fits to data)."""
+    report both fractions. ``sequential``: see ``layerfold.fold``."""
 
     start = time.perf_counter()
     chosen_dtype = dtype_of(dtype)

@@ -185,8 +185,8 @@ def _fold(
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help="Save the folded weights as fp32, fp16 or bf16 [default: as the original loads]."
     ),
-    sequential: Optional[bool] = typer.Option(
-        None,
+    sequential: bool = typer.Option(
+        False,
         "--sequential/--no-sequential",
         help="Refit what the plan fits to calibration data on the inputs the folded layers before it produce "
         "[default: off; a streamed fold fits to the original's inputs].",
@@ -230,9 +230,9 @@ def _fold(
     )
 
     if strategy is not None and calib is not None and "whiten" not in plan_options:
-        from .methods.tying import has_relaxation
+        from .methods.tying import whitens_by_default
 
-        plan_options["whiten"] = has_relaxation(plan_options.get("rank", 0))  # with calibration data, by default
+        plan_options["whiten"] = whitens_by_default(plan_options.get("rank", 0), calibrated=True)
 
     def plan_for(num_layers: int):
         return _build_plan(num_layers, plan, strategy, unique, plan_options)

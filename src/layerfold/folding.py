@@ -21,27 +21,27 @@ def fold(
     *,
     calibration: Statistics | None = None,
     progress: bool = True,
-    sequential: bool | None = None,
+    sequential: bool = False,
 ) -> nn.Module:
     """Fold a Hugging Face model in place and return it.
 
-    A tie's shared weights start as the mean of its ``sources``; each tied layer's LoRA relaxation starts from
-    the truncated SVD of its difference to the shared weight (``rank="full"`` reproduces the original exactly).
-    Factorisations are computed from the (whitened) SVD of the original weights; whitening needs
-    ``calibration`` (see ``layerfold.calibrate``). ``sequential``: then refit those steps on the inputs the folded layers before them produce (``layerfold.sequential``);
-    the plan's provenance records it.
+    A tie's shared weights are fitted to its ``sources`` (their mean, or least squares on their calibration
+    inputs); each tied layer's LoRA relaxation starts from the truncated (optionally whitened) SVD of its
+    difference to the shared weight (``rank="full"`` reproduces the original exactly). Factorisations are
+    computed from the (whitened) SVD of the original weights. What fits to data needs ``calibration`` (see
+    ``layerfold.calibrate``). ``sequential`` (off by default: on development data it lowered every row tried,
+    see the README's "Fitting to data"): then refit those steps on the inputs the folded layers before them
+    produce (``layerfold.sequential``); the plan's provenance records it.
     """
     if fold_state(model) is not None:
         raise LayerfoldError("the model is already folded; fold the original model instead")
     plan.validate(model)
-    # Off by default: on development data it lowered every row tried (see README, "Fitting to data").
-    sequential = bool(sequential)
-    if sequential and plan.whitens() and calibration is not None and calibration.batches is None:
-        raise LayerfoldError("--sequential walks the calibration batches again: give statistics that hold them")
     # A plan that fits nothing to data has nothing to refit (and without calibration the engine says so).
-    sequential = bool(sequential) and plan.whitens() and calibration is not None
+    sequential = bool(sequential and plan.whitens() and calibration is not None)
+    if sequential and calibration.batches is None:
+        raise LayerfoldError("--sequential walks the calibration batches again: give statistics that hold them")
     if plan.whitens():
-        plan.provenance = {**plan.provenance, "sequential": bool(sequential)}
+        plan.provenance = {**plan.provenance, "sequential": sequential}
     original = copy.deepcopy(model) if sequential else None  # the walk needs the original's hidden states
     fold_in_memory(
         model,

@@ -76,14 +76,14 @@ def refit(
     targets: dict[str, torch.Tensor],
     *,
     progress: bool = False,
-) -> int:
-    """Recompute the calibrated units of a folded model on its own inputs (see the module docstring); returns
-    how many units were refitted. ``original`` is an unfolded copy; ``targets`` the folded model's tensors."""
+) -> None:
+    """Recompute the calibrated units of a folded model on its own inputs (see the module docstring).
+    ``original`` is an unfolded copy; ``targets`` the folded model's tensors."""
     family = family_of(original)
     needs = gram_needs(plan, family)
-    calibrated = [u for u in units if u[0].op is not None and _reads_grams(u, needs)]
+    calibrated = [u for u in units if u[0].op is not None and any(p in needs.get(i, ()) for i, p in _reads(u))]
     if not calibrated:
-        return 0
+        return
     by_layer: dict[int, list[list[Recipe]]] = defaultdict(list)
     for unit in calibrated:  # in the engine's order
         by_layer[min(last_layer(unit, plan.num_layers), plan.num_layers - 1)].append(unit)
@@ -113,8 +113,8 @@ def refit(
         pending = list(by_layer.get(i, ()))
         # Stage by stage, so that a projection is measured after the ones before it in the block are refitted
         # (o_proj after q, k, v; down after gate and up): it must not correct an error they no longer make.
-        last_stage = list(stages.values())[-1] if stages else None
-        for stage in stages.values():
+        done: set[str] = set()  # the projections of block i measured so far
+        for n, stage in enumerate(stages.values()):
             for name in stage:
                 measured[i, name] = _Measured()
 
@@ -122,34 +122,22 @@ def refit(
                 measured[i, name].add(rows[name, b], x)
 
             folded_walk.measure(position[i], stage, on_input=collect, advance=False)
-            done = set(measured_at(measured, i))
-            ready = [u for u in pending if _projections_at(u, i) <= done] if stage is not last_stage else pending[:]
+            done |= set(stage)
+            last_stage = n == len(stages) - 1
+            ready = [u for u in pending if last_stage or {p for j, p in _reads(u) if j == i} <= done]
             for unit in ready:
                 pending.remove(unit)
-                if all(entry.same for entry in _entries(unit, measured)):
+                if all(measured[k].same for k in _reads(unit) if k in measured):
                     continue  # nothing before its inputs changed: the first fit is the sequential one
                 for name, value in compute(unit, sources, plan, context):
                     targets[name].data = value
         del rows
         folded_walk.measure(position[i])  # through the refitted block, for the layers after it
-    return len(calibrated)
 
 
-def _projections_at(unit: list[Recipe], layer: int) -> set[str]:
-    return {name.rsplit(".", 1)[0] for r in unit for i, name in r.inputs if i == layer}
-
-
-def measured_at(measured: dict, layer: int) -> list[str]:
-    return [name for i, name in measured if i == layer]
-
-
-def _entries(unit: list[Recipe], measured: dict) -> list[_Measured]:
-    keys = {(i, name.rsplit(".", 1)[0]) for r in unit for i, name in r.inputs if i is not None}
-    return [measured[k] for k in keys if k in measured]
-
-
-def _reads_grams(unit: list[Recipe], needs: dict[int, set[str]]) -> bool:
-    return any(i is not None and name.rsplit(".", 1)[0] in needs.get(i, ()) for r in unit for i, name in r.inputs)
+def _reads(unit: list[Recipe]) -> set[tuple[int, str]]:
+    """The (layer, projection) pairs whose tensors a unit reads."""
+    return {(i, name.rsplit(".", 1)[0]) for r in unit for i, name in r.inputs if i is not None}
 
 
 def _gram(measured: dict, statistics, layer: int, name: str) -> torch.Tensor:

@@ -149,7 +149,7 @@ def build(
     budget: Budget,
     calibration: Calibration | None = None,
     *,
-    sequential: bool | None = None,
+    sequential: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Plan with ``method`` and fold ``model`` (in place) with the plan (``sequential``: see ``fold``)."""
@@ -157,7 +157,7 @@ def build(
     if plan is None:
         return model
     statistics = calibration.statistics() if plan.whitens() else None
-    return fold(model, plan, calibration=statistics, progress=False, sequential=sequential if plan.whitens() else False)
+    return fold(model, plan, calibration=statistics, progress=False, sequential=sequential)
 
 
 def check_options(method: Method, options: dict[str, Any]) -> None:

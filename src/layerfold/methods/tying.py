@@ -32,14 +32,16 @@ class TieOptions:
     def tie_options(self, calibration=None) -> dict[str, Any]:
         """The keywords of ``FoldPlan.from_groups`` (and its patterns) these options set; relaxations are whitened
         unless asked otherwise when there is calibration data."""
-        whiten = self.whiten if self.whiten is not None else calibration is not None and has_relaxation(self.rank)
+        whiten = self.whiten if self.whiten is not None else whitens_by_default(self.rank, calibration is not None)
         return {"rank": self.rank, "fit": self.fit, "share": self.share, "share_bias": self.share_bias,
                 "whiten": whiten}  # fmt: skip
 
 
-def has_relaxation(rank) -> bool:
-    """Whether a tie's ``rank`` gives any projection a relaxation."""
-    return any(r != 0 for r in rank.values()) if isinstance(rank, dict) else rank != 0
+def whitens_by_default(rank, calibrated: bool) -> bool:
+    """Tie relaxations are whitened by default when there is calibration data and a ``rank`` gives any
+    projection a relaxation (the choice made on development data: see the README's "Fitting to data")."""
+    relaxed = any(r != 0 for r in rank.values()) if isinstance(rank, dict) else rank != 0
+    return calibrated and relaxed
 
 
 def tie_variants(quick: bool) -> list[dict[str, Any]]:

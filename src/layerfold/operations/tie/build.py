@@ -37,11 +37,11 @@ LSTSQ_DAMPING = 1e-3
 
 def least_squares(weights: list[torch.Tensor], grams: list[torch.Tensor]) -> torch.Tensor:
     """The shared weight W (nn.Linear layout, out×in) minimising Σᵢ ‖(Wᵢ − W) Xᵢᵀ‖² + λ Σᵢ ‖Wᵢ − W‖², with
-    Gᵢ = XᵢᵀXᵢ the Gram matrix of member i's inputs: W = (Σ Wᵢ (Gᵢ + λI)) (Σ Gᵢ + nλI)⁻¹, in float64."""
+    Gᵢ = XᵢᵀXᵢ the Gram matrix of member i's inputs: W = (Σ Wᵢ Gᵢ + λ Σ Wᵢ) (Σ Gᵢ + nλI)⁻¹, in float64."""
     total = sum(g.double() for g in grams)
     damping = LSTSQ_DAMPING * float(total.diagonal().mean().clamp(min=1e-12)) / len(grams)
-    right = sum(w.detach().double() @ (g.double() + damping * torch.eye(g.shape[0], dtype=torch.float64))
-                for w, g in zip(weights, grams))  # fmt: skip
+    members = [w.detach().double() for w in weights]
+    right = sum(w @ g.double() for w, g in zip(members, grams)) + damping * sum(members)
     total.diagonal().add_(damping * len(grams))
     # W · total = right; total is symmetric positive definite.
     solved = torch.linalg.solve(total, right.T).T
