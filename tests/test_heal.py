@@ -253,7 +253,7 @@ def test_data_formats(saved, tmp_path):
 @pytest.mark.parametrize("model", ["llama", "bert"])
 def test_heal_lowers_the_loss_and_writes_a_loadable_model(capsys, saved, tmp_path, model):
     out = tmp_path / "healed"
-    code, stdout, err = run(capsys, *heal_args(saved, model, out, "--lr", "3e-3", "--json"))
+    code, stdout, err = run(capsys, *heal_args(saved, model, out, "--lr", "3e-3", "--stage", "e2e", "--json"))
     assert code == 0, err
     report = json.loads(stdout)
     losses = [entry["loss"] for entry in json.loads((out / "heal.json").read_text())["log_history"] if "loss" in entry]

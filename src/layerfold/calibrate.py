@@ -280,6 +280,37 @@ class BlockWalk:
         grams = {name: accumulators[slot] for name, slot in slot_of.items()}
         return 1.0 - cosine_sum / self.tokens, angle_sum / self.tokens, grams
 
+    @torch.no_grad()
+    def calls(self, i: int) -> list[tuple[tuple, dict]]:
+        """Block i's arguments for each batch, as the model calls it (attention mask, position embeddings), its
+        hidden states those the walk has reached: what block-wise healing calls the block with, outside the
+        model. Only the embeddings need real weights (the pass stops before block i runs)."""
+        model, hidden = self.model, self.hidden
+        block = family_of(model).layer_list(model)[i]
+        captured: list[tuple[tuple, dict]] = []
+        state: dict = {}
+
+        def capture(module, args, kwargs):
+            if hidden[state["batch"]] is not None:
+                args, kwargs = _replace_hidden(args, kwargs, hidden[state["batch"]])
+            captured.append((args, kwargs))
+            raise _Stop
+
+        handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            with restricted_stack(model, [i]):
+                for b, batch in enumerate(self.batches):
+                    state["batch"] = b
+                    try:
+                        model(**batch, use_cache=False) if is_causal_lm(model) else model(**batch)
+                    except _Stop:
+                        pass
+                    else:
+                        raise LayerfoldError(f"block-wise heal: block {i} did not run in the forward pass")
+        finally:
+            handle.remove()
+        return captured
+
 
 def collect_sensitivity(
     model: nn.Module,

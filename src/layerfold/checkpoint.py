@@ -30,8 +30,8 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default "5GB"
 
 
-def parse_size(text: str) -> int:
-    """'1GB', '500MB', '2GiB' or a number of bytes."""
+def parse_size(text: str, flag: str = "--max-shard-size") -> int:
+    """'1GB', '500MB', '2GiB' or a number of bytes (``flag`` names the option in errors)."""
     units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
     lowered = text.strip().lower()
     for unit, scale in units.items():
@@ -43,9 +43,9 @@ def parse_size(text: str) -> int:
     try:
         value = int(float(number) * scale)
     except (ValueError, OverflowError):
-        raise LayerfoldError(f"--max-shard-size: not a size: {text!r} (e.g. 1GB, 500MB)") from None
+        raise LayerfoldError(f"{flag}: not a size: {text!r} (e.g. 1GB, 500MB)") from None
     if value < 1:
-        raise LayerfoldError(f"--max-shard-size must be positive, got {text!r}")
+        raise LayerfoldError(f"{flag} must be positive, got {text!r}")
     return value
 
 

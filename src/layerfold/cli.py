@@ -421,6 +421,12 @@ class Train(str, Enum):
     all = "all"
 
 
+class Stage(str, Enum):
+    blockwise = "blockwise"
+    e2e = "e2e"
+    both = "both"
+
+
 @app.command("heal")
 def heal_command(
     folded_dir: Path = typer.Argument(..., help="A folded model (layerfold checkpoint)."),
@@ -455,13 +461,35 @@ def heal_command(
         None, "--teacher-cache", help="Folder for the teacher's top-k logits, reused by later runs (kl loss only)."
     ),
     top_k: int = typer.Option(64, "--top-k", help="Logits per token kept in --teacher-cache."),
+    stage: Stage = typer.Option(
+        Stage.both,
+        "--stage",
+        help="blockwise: train each folded unit to reproduce the original's outputs on cached inputs; e2e: "
+        "distillation through the whole model; both: block-wise first.",
+    ),
+    block_steps: int = typer.Option(100, "--block-steps", help="Block-wise steps per unit."),
+    block_lr: float = typer.Option(1e-4, "--block-lr", help="Block-wise peak learning rate."),
+    block_tokens: int = typer.Option(32768, "--block-tokens", help="Training tokens the block-wise stage uses."),
+    block_batch: Optional[int] = typer.Option(
+        None, "--block-batch", help="Block-wise examples per step [default: 4 windows; 32 sentences]."
+    ),
+    unit_memory: str = typer.Option(
+        "2GB", "--unit-memory", help="Memory bound of one block-wise unit (weights, gradients, optimizer state)."
+    ),
+    shared_lr: Optional[float] = typer.Option(
+        None, "--shared-lr", help="End-to-end learning rate of the shared tensors [default: --lr]."
+    ),
+    stream: bool = typer.Option(
+        False, "--stream", help="Block-wise heal from the checkpoints' shards, one unit in memory (--stage blockwise)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT.checkpoints."),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep OUT.checkpoints at the end."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out and earlier checkpoints."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Heal a folded model by distillation from its original (HF Trainer; runs under accelerate launch)."""
-    from .heal import HealConfig, LossWeights, heal
+    from .checkpoint import parse_size
+    from .heal import HealConfig, LossWeights, heal, heal_streamed
 
     config = HealConfig(
         steps=steps,
@@ -481,10 +509,17 @@ def heal_command(
         seed=seed,
         teacher_cache=str(teacher_cache) if teacher_cache else None,
         top_k=top_k,
+        stage=stage.value,
+        block_steps=block_steps,
+        block_lr=block_lr,
+        block_tokens=block_tokens,
+        block_batch=block_batch,
+        unit_memory=parse_size(unit_memory, "--unit-memory"),
+        shared_lr=shared_lr,
     )
     # Trainer prints its progress and logs on stdout; keep stdout for the report (e.g. --json).
     with contextlib.redirect_stdout(sys.stderr):
-        report = heal(
+        report = (heal_streamed if stream else heal)(
             folded_dir,
             teacher,
             data,

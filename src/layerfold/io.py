@@ -429,9 +429,9 @@ def check_checkpoint(path: str | Path) -> CheckedCheckpoint:
     return CheckedCheckpoint(config, family, base, model_class, plan, shapes, aliases, renamed)
 
 
-def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a folded model from a layerfold checkpoint, without the original model. The checkpoint is
-    validated first (``check_checkpoint``); nothing is unpickled and no code from the folder runs."""
+def skeleton(path: str | Path) -> tuple[nn.Module, CheckedCheckpoint]:
+    """A folded checkpoint's model on the meta device (its structure, no tensors), checked against the weights'
+    headers: what ``load`` fills, and what a streamed heal fills one block at a time."""
     path = Path(path)
     checked = check_checkpoint(path)
     config, plan = checked.config, checked.plan
@@ -453,6 +453,14 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
     for name, shape in stored.items():
         if name in expected and expected[name] != shape:
             raise LayerfoldError(f"{path}: {name} is {list(shape)} in the weights but {list(expected[name])} in the config")
+    return model, checked
+
+
+def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a folded model from a layerfold checkpoint, without the original model. The checkpoint is
+    validated first (``check_checkpoint``); nothing is unpickled and no code from the folder runs."""
+    path = Path(path)
+    model, checked = skeleton(path)
     tensors = read_weights(path, checked.aliases, checked.renamed)
     try:
         model.load_state_dict(tensors, strict=True, assign=True)

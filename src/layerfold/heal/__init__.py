@@ -20,6 +20,7 @@ from __future__ import annotations
 from ..data import read_documents
 from .data import HealData, prepare_data
 from .job import HealReport, check_teacher, heal
+from .streamed import StreamedHealReport, heal_streamed
 from .losses import distillation_losses, logits_from_hidden, teacher_layer_map, token_losses
 from .settings import LOSS_NAMES, REPORT_JSON, REPORT_MD, SETTINGS_NAME, TRAIN_CHOICES, HealConfig, LossWeights
 from .trainable import select_trainable
@@ -36,6 +37,8 @@ __all__ = [
     "check_teacher",
     "distillation_losses",
     "heal",
+    "heal_streamed",
+    "StreamedHealReport",
     "HealReport",
     "logits_from_hidden",
     "prepare_data",

@@ -19,6 +19,7 @@ from ..outputs import check_inputs, check_output
 from ..progress import is_timing, loss_table, show_progress
 from ..report import Report, markdown_table
 from ..store import fold_state
+from .blockwise import BlockwiseSettings, block_batches, blockwise_results, heal_blocks, plan_units, summary
 from .checkpoints import check_checkpoint_folder, check_resumable, checkpoint_dir_for, prepare_checkpoints
 from .data import Collator, Examples, prepare_data
 from .losses import hidden_layer_pairs, teacher_layer_map
@@ -85,6 +86,7 @@ def heal(
     saved_dtype = next(student.parameters()).dtype
     student.to(torch.float32)  # train in fp32; the healed model is saved in the folded model's dtype
     counts = select_trainable(student, config.train, config.norms)
+    units = plan_units(student, config.unit_memory) if config.stage != "e2e" else []  # a unit too large: refused now
 
     heal_data = prepare_data(
         tokenizer,
@@ -125,8 +127,15 @@ def heal(
     )
     show_progress(trainer, "heal")
     before = trainer.evaluate(metric_key_prefix="before")
+    blockwise = None
+    if config.stage != "e2e":
+        # A run resumed inside the end-to-end stage takes its weights from that checkpoint: the units are done.
+        results = blockwise_results(checkpoints) if start else _blockwise_stage(student, teacher, heal_data, config, units, checkpoints)
+        blockwise = {**summary(results), "fidelity_after": trainer.evaluate(metric_key_prefix="blockwise")}
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(start) if start else None)
+    result = None
+    if config.stage != "blockwise":
+        result = trainer.train(resume_from_checkpoint=str(start) if start else None)
     seconds = time.perf_counter() - started
     after = trainer.evaluate(metric_key_prefix="after")
 
@@ -140,7 +149,7 @@ def heal(
         resumed_from=str(start) if start else None,
         steps=trainer.state.global_step,
         final_train_loss=_last_train_loss(trainer.state.log_history),
-        train_loss_mean=result.training_loss,
+        train_loss_mean=result.training_loss if result is not None else None,
         tokens_this_run=tokens,
         seconds_this_run=seconds,
         tokens_per_second=tokens / seconds if seconds > 0 else None,
@@ -148,6 +157,8 @@ def heal(
         fidelity_before=before,
         fidelity_after=after,
         teacher_cache=cache_info,
+        stage=config.stage,
+        blockwise=blockwise,
         log_history=trainer.state.log_history,
         out=str(out),
     )
@@ -172,6 +183,26 @@ def heal(
             shutil.rmtree(checkpoints, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return report
+
+
+def _blockwise_stage(student, teacher, heal_data, config: HealConfig, units: list, checkpoints: Path) -> list:
+    """The block-wise stage on the first ``block_tokens`` of the training examples, checked on the held-out ones."""
+    settings = BlockwiseSettings(config.block_steps, config.block_lr, config.warmup, config.seed, config.unit_memory)
+    train, total = [], 0
+    for example in heal_data.train:
+        if total >= config.block_tokens:
+            break
+        train.append(example)
+        total += example.numel()
+    return heal_blocks(
+        student,
+        teacher,
+        block_batches(train, config.block_batch),
+        block_batches(heal_data.held_out, config.block_batch),
+        settings,
+        units=units,
+        checkpoints=checkpoints,
+    )
 
 
 def _teacher_cache(config: HealConfig, teacher: nn.Module, teacher_path: Path, heal_data) -> tuple:
@@ -233,7 +264,7 @@ class HealReport(Report):
     resumed_from: str | None
     steps: int
     final_train_loss: float | None
-    train_loss_mean: float
+    train_loss_mean: float | None
     tokens_this_run: int
     seconds_this_run: float
     tokens_per_second: float | None
@@ -241,6 +272,8 @@ class HealReport(Report):
     fidelity_before: dict
     fidelity_after: dict
     teacher_cache: dict | None
+    stage: str
+    blockwise: dict | None
     log_history: list
     out: str
 
@@ -266,6 +299,7 @@ class HealReport(Report):
                 f"{settings['train']} ({report['parameters']['trainable']:,} of "
                 f"{report['parameters']['total']:,} parameters)",
             ],
+            ["stage", report["stage"]],
             ["final training loss", fmt(report["final_train_loss"])],
             ["throughput", f"{fmt(report['tokens_per_second'])} tokens/s over {report['seconds_this_run']:.0f} s"],
         ]
@@ -278,11 +312,31 @@ class HealReport(Report):
                         f"{fmt(report['fidelity_before'][key])} → {fmt(report['fidelity_after'].get('after_' + name))}",
                     ]
                 )
+        if report["stage"] == "blockwise":  # no end-to-end steps: their rows would say nothing
+            rows = [row for row in rows if row[0] not in ("steps", "final training loss", "throughput")]
         if report["resumed_from"]:
             rows.append(["resumed from", report["resumed_from"]])
         text = markdown_table(["", "value"], rows)
+        blockwise = report["blockwise"]
+        if blockwise:
+            text += (
+                f"\n\nBlock-wise stage: {blockwise['units']} units, {blockwise['tokens']:,} tokens, "
+                f"{blockwise['seconds']:.0f} s; held-out relative error of each unit's output before → after "
+                "(a unit whose held-out error did not drop keeps its weights):\n\n"
+            )
+            unit_rows = [
+                [
+                    "–".join(str(p) for p in sorted({r["positions"][0], r["positions"][-1]})),
+                    f"{r['trainable']:,}",
+                    r["shared"],
+                    f"{r['held_out_before']:.4g} → {r['held_out_after']:.4g}",
+                    r["kept"] + (" (resumed)" if r["resumed"] else ""),
+                ]
+                for r in blockwise["per_unit"]
+            ]
+            text += markdown_table(["layers", "trained parameters", "shared tensors", "held-out error", "kept"], unit_rows)
         losses = loss_table(report["log_history"])
-        if len(losses) > 1:
+        if len(losses) > 1 and report["stage"] != "blockwise":
             text += "\n\nLosses over time (every logged step, at most 20 rows; held-out fidelity where evaluated):\n\n"
             text += markdown_table(losses[0], losses[1:])
         return text

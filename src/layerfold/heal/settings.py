@@ -10,6 +10,7 @@ from ..errors import LayerfoldError
 from ..outputs import HEAL_SETTINGS_NAME
 
 TRAIN_CHOICES = ("relax", "relax+shared", "all")
+STAGES = ("blockwise", "e2e", "both")
 LOSS_NAMES = ("kl", "lm", "hidden", "cosine")
 CHECKPOINT_PREFIX = "checkpoint-"
 SETTINGS_NAME = HEAL_SETTINGS_NAME
@@ -87,6 +88,15 @@ class HealConfig:
     teacher_cache: str | None = None
     top_k: int = 64
     max_examples: int | None = None  # use at most this many training windows/sentences
+    # Block-wise stage (``blockwise.py``): steps per unit, its own learning rate, the training tokens it uses
+    # (the first of the training examples), examples per step, and the memory bound of one unit.
+    stage: str = "both"
+    block_steps: int = 100
+    block_lr: float = 1e-4
+    block_tokens: int = 32768
+    block_batch: int | None = None  # decoders: 4 windows; encoders: 32 sentences
+    unit_memory: int = 2 * 10**9
+    shared_lr: float | None = None  # learning rate of the shared tensors end to end [default: --lr]
 
     def resolved(self, causal: bool) -> "HealConfig":
         """A copy with every default filled in for this model kind, after checking the values."""
@@ -97,6 +107,17 @@ class HealConfig:
             raise LayerfoldError(f"--lr must be a positive number, got {self.lr}")
         if self.temperature <= 0:
             raise LayerfoldError(f"--temperature must be positive, got {self.temperature}")
+        if self.stage not in STAGES:
+            raise LayerfoldError(f"--stage must be one of {', '.join(STAGES)}, got '{self.stage}'")
+        for name in ("block_steps", "block_tokens", "unit_memory"):
+            if getattr(self, name) < 1:
+                raise LayerfoldError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.block_batch is not None and self.block_batch < 1:
+            raise LayerfoldError(f"--block-batch must be at least 1, got {self.block_batch}")
+        for name in ("block_lr", "shared_lr"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise LayerfoldError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
         if self.train not in TRAIN_CHOICES:
             raise LayerfoldError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, got '{self.train}'")
         loss = self.loss or LossWeights.default(causal)
@@ -119,6 +140,7 @@ class HealConfig:
                 "eval_examples": self.eval_examples or (8 if causal else 256),
                 "save_every": self.save_every or max(1, self.steps // 4),
                 "log_every": self.log_every or max(1, self.steps // 20),
+                "block_batch": self.block_batch or (4 if causal else 32),
             }
         )
 

@@ -10,6 +10,7 @@ import torch
 
 from ..evaluate import embedding_fidelity, is_causal_lm, next_token_fidelity, sentence_embeddings
 from ..io import read_weights, write_folded
+from ..store import fold_state
 from .losses import distillation_losses, logits_from_hidden
 from .settings import HealConfig
 
@@ -111,6 +112,24 @@ def make_trainer_class():
                 for name, value in parts.items():
                     self._parts.setdefault(name, []).append(float(value.detach()))
             return (loss, student_out) if return_outputs else loss
+
+        def create_optimizer(self, *args, **kwargs):
+            """With ``shared_lr``, the shared tensors (the store) train at their own rate: one update of a
+            shared weight moves every layer that reads it."""
+            if self.optimizer is not None or self.heal.shared_lr is None:
+                return super().create_optimizer(*args, **kwargs)
+            model = self.accelerator.unwrap_model(self.model)
+            shared = {id(p) for p in fold_state(model).parameters()}
+            trained = [p for p in model.parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for p in trained if id(p) not in shared], "lr": self.args.learning_rate},
+                {"params": [p for p in trained if id(p) in shared], "lr": self.heal.shared_lr},
+            ]
+            optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_kwargs.pop("lr", None)
+            groups = [dict(g, weight_decay=self.args.weight_decay) for g in groups if g["params"]]
+            self.optimizer = optimizer_class(groups, **optimizer_kwargs)
+            return self.optimizer
 
         def log(self, logs: dict[str, float], *args, **kwargs) -> None:
             if "loss" in logs:  # a training log: add the mean of each loss since the last one

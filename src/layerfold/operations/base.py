@@ -127,6 +127,11 @@ class FoldedProjection(nn.Module):
         """This layer's own trainable part (not the weights it shares)."""
         raise NotImplementedError
 
+    def shared_modules(self) -> list[nn.Module]:
+        """The store modules (tensors shared across layers) this projection reads; block-wise healing trains the
+        layers that read one module together."""
+        return []
+
     def add_low_rank(self, lora_b: torch.Tensor, lora_a: torch.Tensor) -> None:
         """Add ``lora_b @ lora_a`` (out×r, r×in) to this layer's effective weight, exactly and for this layer only
         (how a PEFT LoRA merges into a fold). Operations whose layers have no low-rank slot refuse."""

@@ -77,5 +77,8 @@ class BasisLinear(FoldedProjection):
     def relaxation_parameters(self) -> list[nn.Parameter]:
         return [self.coefficients]
 
+    def shared_modules(self) -> list[nn.Module]:
+        return [self.basis]
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

@@ -78,6 +78,9 @@ class TiedLinear(FoldedProjection):
     def relaxation_parameters(self) -> list[nn.Parameter]:
         return [p for p in (self.lora_A, self.lora_B) if p is not None]
 
+    def shared_modules(self) -> list[nn.Module]:
+        return [self.shared]
+
     def add_low_rank(self, lora_b: torch.Tensor, lora_a: torch.Tensor) -> None:
         """Append the update to this layer's relaxation (its rank grows by the update's); exact."""
         lora_a = lora_a.detach().to(self.weight.dtype)
