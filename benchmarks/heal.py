@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,15 +25,33 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from common import DATA, RESULTS, machine, runtime_cells, runtime_columns, runtime_ratios, smollm2_dir, write_results
+from common import (
+    DATA,
+    RESULTS,
+    machine,
+    onnx_sts_spearman,
+    paraphrase_minilm_onnx,
+    runtime_cells,
+    runtime_columns,
+    runtime_ratios,
+    smollm2_dir,
+    write_results,
+)
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
 from layerfold.budget import Budget, kept_fractions
 from layerfold.calibrate import Calibration, calibration_batches
-from layerfold.data import read_sts, wikitext_half
+from layerfold.data import read_sts, text_lines, wikitext_half
 from layerfold.demo import default_model_path
-from layerfold.evaluate import perplexity, runtime_cost, sts_spearman, tokenize_text
+from layerfold.evaluate import (
+    embedding_fidelity,
+    perplexity,
+    runtime_cost,
+    sentence_embeddings,
+    sts_spearman,
+    tokenize_text,
+)
 from layerfold.heal import HealConfig, heal
 from layerfold.io import load, load_source, load_tokenizer, save
 from layerfold.report import markdown_table, parameter_breakdown
@@ -65,6 +85,10 @@ class HealTask:
     methods: list[tuple[str, dict]] = field(default_factory=list)
     runtime_inputs: dict = field(default_factory=dict)  # texts (encoders) or token_ids (decoders), only timed
     quick: bool = False
+    # Text unlike the calibration and heal data: (what it is, a function of the model and the original).
+    off_domain: tuple[str, Callable] | None = None
+    stages: tuple[str, ...] = ("e2e", "both")  # each method is healed once per stage, from the same fold
+    peers: list[dict] = field(default_factory=list)  # models of the folded size one could use instead
 
 
 def minilm(quick: bool, work: Path) -> HealTask:
@@ -72,7 +96,18 @@ def minilm(quick: bool, work: Path) -> HealTask:
     tokenizer = load_tokenizer(path)
     pairs = read_sts(DATA / "stsbenchmark" / "sts-test.csv", limit=300 if quick else None)
     train_file = DATA / "stsbenchmark" / "sts-train.csv"
-    return HealTask(
+    paragraphs = [line for line in text_lines(wikitext_half(DATA / "wikitext-2-raw" / "wiki.test.raw", "second"))
+                  if len(line.split()) >= 8][: 128 if quick else 512]  # fmt: skip
+    reference = {}
+
+    def wikitext_fidelity(model, original) -> float:
+        if "embeddings" not in reference:
+            reference["embeddings"] = sentence_embeddings(original, tokenizer, paragraphs)
+        return embedding_fidelity(reference["embeddings"], sentence_embeddings(model, tokenizer, paragraphs))["mean"]
+
+    peer = paraphrase_minilm_onnx()
+    peer_score = onnx_sts_spearman(peer, tokenizer, pairs)
+    task = HealTask(
         "all-MiniLM-L6-v2",
         path,
         "spearman",
@@ -86,13 +121,20 @@ def minilm(quick: bool, work: Path) -> HealTask:
         QUICK_METHODS if quick else METHODS,
         {"texts": [s for p in pairs for s in (p.first, p.second)]},
         quick,
+        (f"cosine to the original on {len(paragraphs)} WikiText-2 test paragraphs (second half)", wikitext_fidelity),
     )
+    task.peers = [{"model": task.model, "method": "peer: paraphrase-MiniLM-L3-v2 (ONNX, onnxruntime)", "options": {},
+                   "parameters": peer_score["parameters"], "training_free": peer_score["value"], "healed": None}]  # fmt: skip
+    return task
 
 
 def smollm2(quick: bool, work: Path) -> HealTask:
     path = smollm2_dir()
     wikitext = DATA / "wikitext-2-raw" / "wiki.test.raw"
-    ids = tokenize_text(load_tokenizer(path), wikitext_half(wikitext, "second"), 4096)
+    tokenizer = load_tokenizer(path)
+    ids = tokenize_text(tokenizer, wikitext_half(wikitext, "second"), 4096)
+    shakespeare = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    shakespeare_ids = tokenize_text(tokenizer, shakespeare[len(shakespeare) // 2 :], 4096)
     first_half = work / "wikitext-test-first-half.txt"
     first_half.write_text(wikitext_half(wikitext, "first"))
     return HealTask(
@@ -109,6 +151,10 @@ def smollm2(quick: bool, work: Path) -> HealTask:
         METHODS,
         {"token_ids": ids.flatten()[:1024].tolist()},
         quick,
+        (
+            f"perplexity on Tiny Shakespeare's second half, first {shakespeare_ids.numel()} tokens",
+            lambda model, original: perplexity(model, shakespeare_ids, max_length=1024, stride=1024)["value"],
+        ),
     )
 
 
@@ -144,6 +190,7 @@ def plain_finetune_throughput(task: HealTask, steps: int, work: Path) -> dict:
 def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
     original = load_source(task.path, dtype=torch.float32)
     base = parameter_breakdown(original)
+    off = task.off_domain[1] if task.off_domain else None
     rows = [
         {
             "model": task.model,
@@ -153,9 +200,12 @@ def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
             "keep": 1.0,
             "training_free": task.measure(original),
             "healed": None,
+            "off_domain": off(original, original) if off else None,
             "runtime": runtime_cost(task.path, quick=task.quick, **task.runtime_inputs),
         }
     ]
+    for peer in task.peers:
+        rows.append({**peer, "keep": peer["parameters"] / base["total"]})
     calibration = None
     if any(registry.get(name).calibrated for name, _ in task.methods):
         batches = calibration_batches(
@@ -166,29 +216,41 @@ def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
         method = registry.get(name)
         folded = registry.build(method, copy.deepcopy(original), Budget(0.5, blocks_only=True), calibration, **options)
         fractions = kept_fractions(base, parameter_breakdown(folded))
-        folded_dir, healed_dir = work / f"{task.model}-{name}", work / f"{task.model}-{name}-healed"
+        folded_dir = work / f"{task.model}-{name}"
         save(folded, folded_dir, source=task.path, overwrite=True)
         before = task.measure(folded)
+        off_before = off(folded, original) if off else None
         del folded
-        report = heal(folded_dir, task.path, task.heal_data, healed_dir, task.config, overwrite=True)
-        after = task.measure(load(healed_dir))
-        rows.append(
-            {
-                "model": task.model,
-                "method": name,
-                "options": options,
-                **fractions,
-                "training_free": before,
-                "healed": after,
-                "heal_seconds": round(report["seconds_this_run"], 1),
-                "heal_tokens": report["tokens_this_run"],
-                "heal_tokens_per_second": report["tokens_per_second"],
-                "held_out_before": report["fidelity_before"],
-                "held_out_after": report["fidelity_after"],
-                "runtime": runtime_cost(healed_dir, quick=task.quick, **task.runtime_inputs),
-            }
-        )
-        tqdm.write(json.dumps(rows[-1], default=str))
+        for stage in task.stages:  # the same fold, healed end to end only, and block-wise first
+            healed_dir = work / f"{task.model}-{name}-{stage}-healed"
+            config = dataclasses.replace(task.config, stage=stage)
+            report = heal(folded_dir, task.path, task.heal_data, healed_dir, config, overwrite=True)
+            healed = load(healed_dir)
+            blockwise = report["blockwise"] or {}
+            rows.append(
+                {
+                    "model": task.model,
+                    "method": name,
+                    "stage": stage,
+                    "options": options,
+                    **fractions,
+                    "training_free": before,
+                    "healed": task.measure(healed),
+                    "off_domain_training_free": off_before,
+                    "off_domain": off(healed, original) if off else None,
+                    "heal_seconds": round(report["seconds_this_run"] + blockwise.get("seconds", 0), 1),
+                    "heal_tokens": report["tokens_this_run"],
+                    "blockwise_tokens": blockwise.get("tokens", 0),
+                    "blockwise_seconds": blockwise.get("seconds", 0),
+                    "heal_tokens_per_second": report["tokens_per_second"],
+                    "held_out_before": report["fidelity_before"],
+                    "held_out_after": report["fidelity_after"],
+                    "runtime": runtime_cost(healed_dir, quick=task.quick, **task.runtime_inputs),
+                }
+            )
+            del healed
+            shutil.rmtree(healed_dir, ignore_errors=True)
+            tqdm.write(json.dumps(rows[-1], default=str))
     runtime_ratios(rows)
     config = task.config.resolved(task.metric == "perplexity")
     budget = {
@@ -198,6 +260,10 @@ def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
         "lr": config.lr,
         "loss": {k: v for k, v in config.to_dict()["loss"].items() if v},
         "train": config.train,
+        "block_steps": config.block_steps,
+        "block_lr": config.block_lr,
+        "block_tokens": config.block_tokens,
+        "block_batch": config.block_batch,
         # The SmolLM2 heal text is written to a temporary file; name what it holds instead.
         "data": str(task.heal_data)
         if task.heal_data.parent == DATA / "stsbenchmark"
@@ -212,8 +278,8 @@ def merged(old: dict, new: dict) -> dict:
     models = dict(old.get("models", {}))
     for model, info in new["models"].items():
         before = models.get(model, {"rows": []})
-        methods = {row["method"] for row in info["rows"]}
-        rows = info["rows"][:1] + [r for r in before["rows"] if r["method"] not in methods]
+        keys = {(row["method"], row.get("stage")) for row in info["rows"]}
+        rows = info["rows"][:1] + [r for r in before["rows"] if (r["method"], r.get("stage")) not in keys]
         rows += [r for r in info["rows"][1:]]
         order = ["original"] + [m for m, _ in METHODS]
         rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
@@ -237,20 +303,29 @@ def render(payload: dict) -> str:
             "",
             f"Heal budget, the same for every row: {budget['steps']} steps × batch {budget['batch']}"
             + (f" × {budget['seq_len']} tokens" if budget.get("seq_len") and info["metric"] == "perplexity" else "")
-            + f", lr {budget['lr']}, losses {budget['loss']}, trains {budget['train']}; data {budget['data']}.",
+            + f", lr {budget['lr']}, losses {budget['loss']}, trains {budget['train']}; data {budget['data']}."
+            + (f" Stage both first heals block-wise: {budget['block_steps']} steps per unit × batch "
+               f"{budget['block_batch']}, lr {budget['block_lr']}, on the first {budget['block_tokens']:,} heal tokens."
+               if "block_steps" in budget else ""),
             "",
-        ]
+            f"Off-domain: {info['off_domain']}." if info.get("off_domain") else "",
+            "",
+        ]  # fmt: skip
         rows = []
         columns = runtime_columns(info["rows"])  # the healed model's, in a fresh process (see the sweep's notes)
         for row in info["rows"]:
-            keep = f"{row['keep_blocks']:.1%} / {row['keep']:.1%}" if row.get("keep") is not None else ""
+            keep = f"{row['keep_blocks']:.1%} / {row['keep']:.1%}" if row.get("keep_blocks") is not None else ""
+            keep = keep or (f"all: {row['keep']:.1%}" if row.get("keep") is not None else "")
             rows.append(
                 [
                     row["method"],
+                    row.get("stage", ""),
                     ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "",
                     keep,
                     f"{row['training_free']:.2f}",
                     f"{row['healed']:.2f}" if row["healed"] is not None else "",
+                    _off(row.get("off_domain_training_free")) + " → " + _off(row.get("off_domain"))
+                    if row.get("off_domain_training_free") is not None else _off(row.get("off_domain")),
                     f"{row['heal_seconds']:.0f}" if "heal_seconds" in row else "",
                     f"{row['heal_tokens_per_second']:.0f}" if "heal_tokens_per_second" in row else "",
                     *runtime_cells(row, columns),
@@ -258,7 +333,8 @@ def render(payload: dict) -> str:
             )
         parts.append(
             markdown_table(
-                ["method", "options", "kept (blocks / all)", "training-free", "healed", "heal s", "tokens/s",
+                ["method", "stage", "options", "kept (blocks / all)", "training-free", "healed",
+                 "off-domain (free → healed)", "heal s", "e2e tokens/s",
                  *(label for _, label in columns)],
                 rows,
             )  # fmt: skip
@@ -273,6 +349,10 @@ def render(payload: dict) -> str:
             ]
         parts.append("")
     return "\n".join(parts)
+
+
+def _off(value) -> str:
+    return "" if value is None else f"{value:.4g}"
 
 
 def main() -> None:
@@ -301,7 +381,8 @@ def main() -> None:
             if chosen is not None:
                 task.methods = [(m, o) for m, o in task.methods if m in chosen]
             rows, budget = run(task, work)
-            info = {"metric": task.metric, "cap": task.cap, "budget": budget, "rows": rows}
+            info = {"metric": task.metric, "cap": task.cap, "budget": budget, "rows": rows,
+                    "off_domain": task.off_domain[0] if task.off_domain else None}  # fmt: skip
             if task.metric == "perplexity" and (chosen is None or "plain" in chosen):
                 info["plain_finetune"] = plain_finetune_throughput(task, task.config.steps, work)
             payload["models"][task.model] = info

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DATA, write_results
+from common import DATA, RESULTS, write_results
 from make_checkpoint import SHAPES, make_checkpoint
 
 from layerfold.data import wikitext_half
@@ -41,14 +41,20 @@ CALIB_TOKENS = 4096
 CALIB_WINDOW = 1024
 
 
-def timed_fold(args: list[str]) -> dict:
-    """Run ``layerfold fold ... --json`` under /usr/bin/time -v; its report plus wall seconds and peak RSS."""
-    command = ["/usr/bin/time", "-v", sys.executable, "-m", "layerfold", "fold", *args, "--json"]
+# The streamed block-wise heal of the 1B-shaped tie fold: few steps (the weights are random; what is measured is
+# memory and time per unit), short windows, one window per step.
+HEAL_ARGS = ["--stage", "blockwise", "--stream", "--block-steps", "10", "--block-tokens", "4096", "--block-batch", "1",
+             "--seq-len", "256", "--eval-examples", "2", "--train", "relax"]  # fmt: skip
+
+
+def timed_fold(args: list[str], command_name: str = "fold") -> dict:
+    """Run ``layerfold <command> ... --json`` under /usr/bin/time -v; its report plus wall seconds and peak RSS."""
+    command = ["/usr/bin/time", "-v", sys.executable, "-m", "layerfold", command_name, *args, "--json"]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        raise SystemExit(f"fold failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{command_name} failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-3000:]}")
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
     report = json.loads(done.stdout)
     return {**report, "wall_seconds": round(seconds, 1), "peak_rss_bytes": int(peak.group(1)) * 1024}
@@ -102,10 +108,36 @@ def run_shape(shape: str, work: Path, keep: bool, calib_text: Path) -> list[dict
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
+        if shape == "1b" and method.startswith("tie-cycle"):
+            rows.append(streamed_heal(shape, method, checkpoint, out, work, calib_text))
         shutil.rmtree(out)
     if not keep:
         shutil.rmtree(checkpoint)
     return rows
+
+
+def streamed_heal(shape: str, method: str, checkpoint: Path, folded: Path, work: Path, text: Path) -> dict:
+    """``layerfold heal --stage blockwise --stream`` of the fold against its original, in its own process."""
+    out = work / f"{shape}-healed"
+    report = timed_fold([str(folded), "--teacher", str(checkpoint), "--data", str(text), "--out", str(out), *HEAL_ARGS],
+                        "heal")  # fmt: skip
+    blockwise = report["blockwise"]
+    row = {
+        "shape": shape,
+        "method": f"block-wise heal, streamed, of the {method.split(',')[0]} fold ({blockwise['units']} units, "
+        f"{blockwise['tokens']:,} tokens; held-out error {blockwise['held_out_before']:.3g} → "
+        f"{blockwise['held_out_after']:.3g})",
+        "seconds": report["wall_seconds"],
+        "peak_rss_bytes": report["peak_rss_bytes"],
+        "source_bytes": sum(f.stat().st_size for f in folded.glob("*.safetensors")),
+        "output_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+        "parameters": None,
+        "blockwise": {k: v for k, v in blockwise.items() if k != "per_unit"},
+        "heal_arguments": HEAL_ARGS,
+    }
+    print(json.dumps(row), flush=True)
+    shutil.rmtree(out)
+    return row
 
 
 def render(payload: dict) -> str:
@@ -114,12 +146,13 @@ def render(payload: dict) -> str:
         [
             r["shape"],
             r["method"],
-            f"{r['parameters'] / 1e9:.2f}B",
+            f"{r['parameters'] / 1e9:.2f}B" if r.get("parameters") else "",
             f"{r['source_bytes'] / 1e9:.1f}",
             f"{r['output_bytes'] / 1e9:.1f}",
             f"{r['seconds']:.0f}",
             f"{r['seconds'] / (r['source_bytes'] / 1e9):.1f}",
             f"{r['peak_rss_bytes'] / 1e9:.2f}",
+            r.get("date", ""),
         ]
         for r in rows
     ]
@@ -141,6 +174,7 @@ def render(payload: dict) -> str:
                     "seconds",
                     "s per source GB",
                     "peak RSS GB",
+                    "measured",
                 ],
                 body,
             ),
@@ -163,6 +197,13 @@ def main() -> None:
         calib_text.write_text(wikitext_half(DATA / "wikitext-2-raw" / "wiki.test.raw", "first"))
         for shape in args.shapes.split(","):
             rows += run_shape(shape, Path(tmp), args.keep, calib_text)
+    for row in rows:
+        row["date"] = time.strftime("%Y-%m-%d")
+    earlier = RESULTS / "scaling.json"
+    if earlier.is_file():  # rows of shapes not run this time stay, with the date they were measured
+        measured = {r["shape"] for r in rows}
+        old = json.loads(earlier.read_text())
+        rows += [{"date": old.get("date", "")[:10], **r} for r in old["rows"] if r["shape"] not in measured]
     payload = {"rows": rows, "seconds": round(time.perf_counter() - start), "date": time.strftime("%Y-%m-%d")}
     markdown = render(payload)
     write_results("scaling", payload, markdown)

@@ -468,7 +468,7 @@ def heal_command(
         "distillation through the whole model; both: block-wise first.",
     ),
     block_steps: int = typer.Option(100, "--block-steps", help="Block-wise steps per unit."),
-    block_lr: float = typer.Option(1e-4, "--block-lr", help="Block-wise peak learning rate."),
+    block_lr: float = typer.Option(1e-3, "--block-lr", help="Block-wise peak learning rate."),
     block_tokens: int = typer.Option(32768, "--block-tokens", help="Training tokens the block-wise stage uses."),
     block_batch: Optional[int] = typer.Option(
         None, "--block-batch", help="Block-wise examples per step [default: 4 windows; 32 sentences]."

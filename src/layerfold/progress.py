@@ -22,7 +22,7 @@ class TrainingProgress(TrainerCallback):
         self.desc = desc
         self.bar = None
         self.figures: dict[str, str] = {}
-        self.evaluated = False
+        self.evaluated, self.evaluated_at = False, None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -40,11 +40,11 @@ class TrainingProgress(TrainerCallback):
                 self.figures[label] = f"{logs[key]:.3g}"
         self.bar.set_postfix(self.figures, refresh=True)
         shown = {label: logs[key] for key, label in _SHOWN.items() if key.startswith("eval_") and key in logs}
-        if shown:  # a row of a short table at each evaluation, above the bar
+        if shown and state.global_step != self.evaluated_at:  # a row of a short table per evaluation, above the bar
             if not self.evaluated:
                 self.bar.write(" | ".join(["step".rjust(6), *(label.rjust(12) for label in shown)]))
             self.bar.write(" | ".join([str(state.global_step).rjust(6), *(f"{v:12.4g}" for v in shown.values())]))
-            self.evaluated = True
+            self.evaluated, self.evaluated_at = True, state.global_step
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:

@@ -92,7 +92,7 @@ class HealConfig:
     # (the first of the training examples), examples per step, and the memory bound of one unit.
     stage: str = "both"
     block_steps: int = 100
-    block_lr: float = 1e-4
+    block_lr: float = 1e-3
     block_tokens: int = 32768
     block_batch: int | None = None  # decoders: 4 windows; encoders: 32 sentences
     unit_memory: int = 2 * 10**9
