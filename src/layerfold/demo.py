@@ -55,7 +55,8 @@ def run_demo(
             tokens=16384,
             gate_steps=20,
             heal_steps=heal_steps,
-            heal_config=HealConfig(steps=heal_steps, batch=16, lr=2e-4, eval_examples=128),
+            # End to end only: the demo is a minute; block-wise healing (heal --stage both) costs several more here.
+            heal_config=HealConfig(steps=heal_steps, batch=16, lr=2e-4, eval_examples=128, stage="e2e"),
             overwrite=overwrite,
             progress=True,
         )
