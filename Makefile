@@ -56,7 +56,7 @@ bench: bench-setup
 	$(BIN)/python benchmarks/auto.py
 	$(BIN)/python benchmarks/scaling.py
 
-# A few rows with small caps (about 40 minutes here with the run-time, lm-eval and Gemma rows); CI runs it as a smoke test.
+# A few rows with small caps (about 35 minutes here with the run-time, lm-eval and Gemma rows); CI runs it as a smoke test.
 bench-quick: bench-setup
 	$(BIN)/python benchmarks/sweep.py --quick
 	$(BIN)/python benchmarks/heal.py --quick
