@@ -37,6 +37,16 @@ class HealData:
             "held_out_examples": len(self.held_out),
         }
 
+    def first_train(self, tokens: int) -> list[torch.Tensor]:
+        """The training examples from the start until ``tokens`` are reached (the block-wise stage's share)."""
+        taken, total = [], 0
+        for example in self.train:
+            if total >= tokens:
+                break
+            taken.append(example)
+            total += example.numel()
+        return taken
+
 
 def prepare_data(
     tokenizer, path: str | Path, *, causal: bool, seq_len: int, held_out: int, limit: int | None

@@ -188,12 +188,7 @@ def heal(
 def _blockwise_stage(student, teacher, heal_data, config: HealConfig, units: list, checkpoints: Path) -> list:
     """The block-wise stage on the first ``block_tokens`` of the training examples, checked on the held-out ones."""
     settings = BlockwiseSettings(config.block_steps, config.block_lr, config.warmup, config.seed, config.unit_memory)
-    train, total = [], 0
-    for example in heal_data.train:
-        if total >= config.block_tokens:
-            break
-        train.append(example)
-        total += example.numel()
+    train = heal_data.first_train(config.block_tokens)
     return heal_blocks(
         student,
         teacher,

@@ -153,12 +153,7 @@ def heal_streamed(
     settings = {"student": str(student_dir.resolve()), "teacher": str(teacher_path.resolve()),
                 "data": str(Path(data).resolve()), "stream": True, **config.to_dict()}  # fmt: skip
     prepare_checkpoints(checkpoints, settings, resume=resume, overwrite=overwrite, is_main=True)
-    train, total = [], 0
-    for example in heal_data.train:
-        if total >= config.block_tokens:
-            break
-        train.append(example)
-        total += example.numel()
+    train = heal_data.first_train(config.block_tokens)
 
     inputs = {"folded model": student_dir, "teacher": teacher_path, "data": data}
     metadata = read_metadata(student_dir)
