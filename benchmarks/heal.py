@@ -252,6 +252,8 @@ def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
             shutil.rmtree(healed_dir, ignore_errors=True)
             tqdm.write(json.dumps(rows[-1], default=str))
     runtime_ratios(rows)
+    for row in rows:
+        row["date"] = time.strftime("%Y-%m-%d")
     config = task.config.resolved(task.metric == "perplexity")
     budget = {
         "steps": config.steps,
@@ -278,8 +280,9 @@ def merged(old: dict, new: dict) -> dict:
     models = dict(old.get("models", {}))
     for model, info in new["models"].items():
         before = models.get(model, {"rows": []})
-        keys = {(row["method"], row.get("stage")) for row in info["rows"]}
-        rows = info["rows"][:1] + [r for r in before["rows"] if (r["method"], r.get("stage")) not in keys]
+        # A method's rows (every stage) come from one run: older rows of that method go, whatever their stage.
+        keys = {row["method"] for row in info["rows"]}
+        rows = info["rows"][:1] + [r for r in before["rows"] if r["method"] not in keys]
         rows += [r for r in info["rows"][1:]]
         order = ["original"] + [m for m, _ in METHODS]
         rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
@@ -320,6 +323,7 @@ def render(payload: dict) -> str:
                 [
                     row["method"],
                     row.get("stage", ""),
+                    row.get("date", ""),
                     ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "",
                     keep,
                     f"{row['training_free']:.2f}",
@@ -333,12 +337,15 @@ def render(payload: dict) -> str:
             )
         parts.append(
             markdown_table(
-                ["method", "stage", "options", "kept (blocks / all)", "training-free", "healed",
+                ["method", "stage", "measured", "options", "kept (blocks / all)", "training-free", "healed",
                  "off-domain (free → healed)", "heal s", "e2e tokens/s",
                  *(label for _, label in columns)],
                 rows,
             )  # fmt: skip
         )
+        if any(not row.get("date") for row in info["rows"][1:]):
+            parts += ["", "Rows with no date in `measured` are from earlier runs (heal.json's `runs`), healed end to "
+                      "end only, before the block-wise stage existed."]  # fmt: skip
         if info.get("plain_finetune"):
             plain = info["plain_finetune"]
             parts += [
