@@ -8,6 +8,7 @@ import json
 import os
 import platform
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -228,3 +229,36 @@ def runtime_cells(row: dict, columns: list[tuple[str, str]]) -> list[str]:
         ratio = runtime.get("ratios", {}).get(key)
         cells.append(f"{value:.0f}" + (f" ({ratio:.2f})" if ratio is not None else ""))
     return cells
+
+
+# Text unlike the calibration and heal data (issue 18): encoders are scored by how close their embeddings of
+# WikiText-2 paragraphs stay to the original's, decoders by perplexity on Tiny Shakespeare. Only second halves:
+# the first halves may be calibration or heal text.
+def off_domain_fidelity(tokenizer, limit: int) -> tuple[str, Callable]:
+    """(what it is, f(model, original) → mean cosine to the original's embeddings of WikiText-2 paragraphs)."""
+    from layerfold.data import text_lines, wikitext_half
+    from layerfold.evaluate import embedding_fidelity, sentence_embeddings
+
+    wikitext = wikitext_half(DATA / "wikitext-2-raw" / "wiki.test.raw", "second")
+    paragraphs = [line for line in text_lines(wikitext) if len(line.split()) >= 8][:limit]
+    reference: dict[str, torch.Tensor] = {}  # the original's embeddings: a task has one original
+
+    def measure(model, original) -> float:
+        if "embeddings" not in reference:
+            reference["embeddings"] = sentence_embeddings(original, tokenizer, paragraphs)
+        return embedding_fidelity(reference["embeddings"], sentence_embeddings(model, tokenizer, paragraphs))["mean"]
+
+    return f"cosine to the original on {len(paragraphs)} WikiText-2 test paragraphs (second half)", measure
+
+
+def off_domain_perplexity(tokenizer, tokens: int) -> tuple[str, Callable]:
+    """(what it is, f(model, original) → perplexity on the second half of Tiny Shakespeare)."""
+    from layerfold.evaluate import perplexity, tokenize_text
+
+    shakespeare = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    ids = tokenize_text(tokenizer, shakespeare[len(shakespeare) // 2 :], tokens)
+
+    def measure(model, original) -> float:
+        return perplexity(model, ids, max_length=1024, stride=1024)["value"]
+
+    return f"perplexity on Tiny Shakespeare's second half, first {ids.numel()} tokens", measure

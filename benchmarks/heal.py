@@ -29,6 +29,8 @@ from common import (
     DATA,
     RESULTS,
     machine,
+    off_domain_fidelity,
+    off_domain_perplexity,
     onnx_sts_spearman,
     paraphrase_minilm_onnx,
     runtime_cells,
@@ -42,13 +44,11 @@ from tqdm.auto import tqdm
 import layerfold.methods.registry as registry
 from layerfold.budget import Budget, kept_fractions
 from layerfold.calibrate import Calibration, calibration_batches
-from layerfold.data import read_sts, text_lines, wikitext_half
+from layerfold.data import read_sts, wikitext_half
 from layerfold.demo import default_model_path
 from layerfold.evaluate import (
-    embedding_fidelity,
     perplexity,
     runtime_cost,
-    sentence_embeddings,
     sts_spearman,
     tokenize_text,
 )
@@ -96,15 +96,6 @@ def minilm(quick: bool, work: Path) -> HealTask:
     tokenizer = load_tokenizer(path)
     pairs = read_sts(DATA / "stsbenchmark" / "sts-test.csv", limit=300 if quick else None)
     train_file = DATA / "stsbenchmark" / "sts-train.csv"
-    paragraphs = [line for line in text_lines(wikitext_half(DATA / "wikitext-2-raw" / "wiki.test.raw", "second"))
-                  if len(line.split()) >= 8][: 128 if quick else 512]  # fmt: skip
-    reference = {}
-
-    def wikitext_fidelity(model, original) -> float:
-        if "embeddings" not in reference:
-            reference["embeddings"] = sentence_embeddings(original, tokenizer, paragraphs)
-        return embedding_fidelity(reference["embeddings"], sentence_embeddings(model, tokenizer, paragraphs))["mean"]
-
     peer = paraphrase_minilm_onnx()
     peer_score = onnx_sts_spearman(peer, tokenizer, pairs)
     task = HealTask(
@@ -121,7 +112,7 @@ def minilm(quick: bool, work: Path) -> HealTask:
         QUICK_METHODS if quick else METHODS,
         {"texts": [s for p in pairs for s in (p.first, p.second)]},
         quick,
-        (f"cosine to the original on {len(paragraphs)} WikiText-2 test paragraphs (second half)", wikitext_fidelity),
+        off_domain_fidelity(tokenizer, 128 if quick else 512),
     )
     task.peers = [{"model": task.model, "method": "peer: paraphrase-MiniLM-L3-v2 (ONNX, onnxruntime)", "options": {},
                    "parameters": peer_score["parameters"], "training_free": peer_score["value"], "healed": None}]  # fmt: skip
@@ -133,8 +124,6 @@ def smollm2(quick: bool, work: Path) -> HealTask:
     wikitext = DATA / "wikitext-2-raw" / "wiki.test.raw"
     tokenizer = load_tokenizer(path)
     ids = tokenize_text(tokenizer, wikitext_half(wikitext, "second"), 4096)
-    shakespeare = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
-    shakespeare_ids = tokenize_text(tokenizer, shakespeare[len(shakespeare) // 2 :], 4096)
     first_half = work / "wikitext-test-first-half.txt"
     first_half.write_text(wikitext_half(wikitext, "first"))
     return HealTask(
@@ -151,10 +140,7 @@ def smollm2(quick: bool, work: Path) -> HealTask:
         METHODS,
         {"token_ids": ids.flatten()[:1024].tolist()},
         quick,
-        (
-            f"perplexity on Tiny Shakespeare's second half, first {shakespeare_ids.numel()} tokens",
-            lambda model, original: perplexity(model, shakespeare_ids, max_length=1024, stride=1024)["value"],
-        ),
+        off_domain_perplexity(tokenizer, 4096),
     )
 
 

@@ -9,7 +9,9 @@ SmolLM2-135M, perplexity on the second half of the WikiText-2 test file, calibra
 calibration and healing; the two never meet). Budgets: "N% of blocks" keeps that fraction of the
 transformer-block parameters (whole-block methods get round(N × layers) unique blocks; tying adds its
 relaxations on top); "N% of all" keeps that fraction of all unique parameters, embeddings included. The real
-fractions are in every row. Calibration runs once per model and is shared by every row. Writes
+fractions are in every row. Calibration runs once per model and is shared by every row. Every row also has an
+off-domain figure, on text unlike the calibration data: encoders the cosine to the original's embeddings of
+WikiText-2 test paragraphs (second half), decoders perplexity on the second half of Tiny Shakespeare. Writes
 benchmarks/results/latest.{json,md}, pareto.png and dated copies (--quick: benchmarks/results/quick/).
 """
 
@@ -31,6 +33,8 @@ from common import (
     gemma3_dir,
     machine,
     mpnet_dir,
+    off_domain_fidelity,
+    off_domain_perplexity,
     runtime_cells,
     runtime_columns,
     runtime_of,
@@ -72,6 +76,8 @@ class Task:
     block_methods: tuple[str, ...] | None = None  # methods run at the block budgets (None: all)
     runtime_inputs: dict | None = None  # texts (encoders) or token_ids (decoders) for the run-time cost
     accuracies: Callable[[torch.nn.Module], dict] | None = None  # lm-eval's zero-shot accuracies (decoders)
+    # Text unlike the calibration data: (what it is, f(model, original) → value), common.off_domain_*.
+    off_domain: tuple[str, Callable] | None = None
 
 
 def sts_task(model: str, path: Path, quick: bool, block_methods: tuple[str, ...] | None = None) -> Task:
@@ -91,6 +97,7 @@ def sts_task(model: str, path: Path, quick: bool, block_methods: tuple[str, ...]
         (),
         block_methods=block_methods,
         runtime_inputs={"texts": [s for p in pairs for s in (p.first, p.second)]},
+        off_domain=off_domain_fidelity(tokenizer, 128 if quick else 512),
     )
 
 
@@ -131,6 +138,7 @@ def causal_task(model: str, path: Path, quick: bool, total_budgets, block_method
         block_methods,
         runtime_inputs={"token_ids": runtime_ids.flatten().tolist()},
         accuracies=lambda m: lm_eval_accuracies(m, tokenizer, quick),
+        off_domain=off_domain_perplexity(tokenizer, tokens),
     )
 
 
@@ -183,7 +191,7 @@ def jobs_for(task: Task, quick: bool) -> list[tuple[registry.Method, Budget, dic
     return jobs
 
 
-def sweep(task_name: str, quick: bool) -> tuple[list[dict], str, dict]:
+def sweep(task_name: str, quick: bool) -> tuple[list[dict], Task, dict]:
     task = TASKS[task_name](quick)
     original = load_source(task.path)
     base = parameter_breakdown(original)
@@ -224,6 +232,7 @@ def sweep(task_name: str, quick: bool) -> tuple[list[dict], str, dict]:
         params = parameter_breakdown(model)
         with torch.no_grad():
             value = task.measure(model)
+            off_domain = task.off_domain[1](model, original) if task.off_domain else None
         lm_eval = task.accuracies(model) if task.accuracies is not None else None
         seconds = round(time.perf_counter() - start, 1)
         runtime = runtime_of(model, task.path, quick=quick, **task.runtime_inputs)
@@ -233,6 +242,7 @@ def sweep(task_name: str, quick: bool) -> tuple[list[dict], str, dict]:
                 **kept_fractions(base, params),
                 "unique_params": params["total"],
                 "value": value,
+                "off_domain": off_domain,
                 "seconds": seconds,
                 "runtime": runtime,
                 **({"lm_eval": lm_eval} if lm_eval is not None else {}),
@@ -243,7 +253,7 @@ def sweep(task_name: str, quick: bool) -> tuple[list[dict], str, dict]:
         tqdm.write(json.dumps(rows[-1]))
         del model
     runtime_ratios(rows)
-    return rows, task.cap, calibration_info
+    return rows, task, calibration_info
 
 
 def budget_label(row: dict) -> str:
@@ -272,6 +282,7 @@ def table(rows: list[dict]) -> str:
                     "-",
                     "-",
                     f"failed: {r['error']}",
+                    "-",
                     *["-"] * len(accuracy_columns(rows)),
                     f"{r['seconds']:.0f}",
                     *["-"] * len(runtime_columns(rows)),
@@ -288,6 +299,7 @@ def table(rows: list[dict]) -> str:
                 f"{r['keep']:.1%}",
                 f"{r['unique_params'] / 1e6:.2f}M",
                 f"{r['value']:.2f}",
+                f"{r['off_domain']:.4g}" if r.get("off_domain") is not None else "-",
                 *[f"{r['lm_eval']['accuracies'][t]:.3f}" if r.get("lm_eval") else "-" for t in accuracy_columns(rows)],
                 f"{r['seconds']:.0f}",
                 *runtime_cells(r, runtime_columns(rows)),
@@ -304,6 +316,7 @@ def table(rows: list[dict]) -> str:
             "params kept",
             "unique params",
             metric,
+            "off-domain",
             *(f"{t.removeprefix('glue_').removesuffix('_dev').upper()} acc" for t in accuracy_columns(rows)),
             "seconds",
             *(label for _, label in runtime_columns(rows)),
@@ -435,7 +448,9 @@ def render(payload: dict, out: Path) -> str:
         sections.append(
             f"## {model}: {mine[0]['metric']} ({payload['caps'][model]})\n\n"
             f"Calibration: {calibration['data']}, {calibration['tokens']:,} tokens in {calibration['batches']} "
-            f"batches, {calibration['seconds']:.0f} s (once, shared by every row).\n\n{table(mine)}"
+            f"batches, {calibration['seconds']:.0f} s (once, shared by every row)."
+            + (f" Off-domain: {payload['off_domain'][model]}." if payload.get("off_domain", {}).get(model) else "")
+            + f"\n\n{table(mine)}"
         )
     markdown = "\n\n".join(
         [
@@ -472,12 +487,13 @@ def main() -> None:
         return
     torch.manual_seed(0)
     start = time.perf_counter()
-    all_rows, caps, calibrations = [], {}, {}
+    all_rows, caps, calibrations, off_domain = [], {}, {}, {}
     for name in args.models.split(","):
-        rows, cap, calibration = sweep(name, args.quick)
+        rows, task, calibration = sweep(name, args.quick)
         all_rows.extend(rows)
-        caps[rows[0]["model"]] = cap
-        calibrations[rows[0]["model"]] = calibration
+        caps[task.model] = task.cap
+        calibrations[task.model] = calibration
+        off_domain[task.model] = task.off_domain[0] if task.off_domain else None
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc)
     payload = {
@@ -489,6 +505,7 @@ def main() -> None:
         "included",
         "caps": caps,
         "calibration": calibrations,
+        "off_domain": off_domain,
         "seconds": round(time.perf_counter() - start),
         "rows": all_rows,
     }

@@ -133,6 +133,43 @@ def test_streamed_blockwise_heal_equals_the_in_memory_one(capsys, saved, tmp_pat
     assert healed.config.model_type == model and (tmp_path / "streamed" / "heal.md").is_file()
 
 
+def test_logits_from_the_last_blocks_output_match_the_model_on_every_decoder():
+    from conftest import DECODERS, build_tiny
+
+    from layerfold.families import family_of
+    from layerfold.heal.losses import head_kl, logits_from_block_output
+
+    for name in DECODERS:
+        model = build_tiny(name).eval()
+        captured = {}
+        last = family_of(model).layer_list(model)[-1]
+        handle = last.register_forward_hook(lambda m, a, out: captured.update(h=out[0] if isinstance(out, tuple) else out))
+        ids = torch.randint(3, 100, (2, 7))
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+            handle.remove()
+            assert torch.allclose(logits_from_block_output(model, captured["h"]), logits, atol=1e-5), name
+            mask = torch.ones(2, 7, dtype=torch.long)
+            assert head_kl(model, captured["h"], captured["h"], mask).abs() < 1e-6, name
+            assert head_kl(model, captured["h"] + torch.randn_like(captured["h"]), captured["h"], mask) > 0, name
+
+
+def test_block_kl_adds_the_heads_divergence_to_the_last_unit_and_streams(capsys, saved, tmp_path):
+    reports = {}
+    for label, extra in (("mse", ()), ("kl", ("--block-kl", "1")), ("kl-streamed", ("--block-kl", "1", "--stream"))):
+        args = heal_args(saved, "llama-dropped", tmp_path / label, "--stage", "blockwise", *extra, "--json")
+        code, stdout, err = run(capsys, *args)
+        assert code == 0, err
+        reports[label] = json.loads(stdout)
+    mse, kl = (reports[k]["blockwise"]["per_unit"] for k in ("mse", "kl"))
+    # The first unit's loss is the same; the last unit's has the KL term on top.
+    assert mse[0]["held_out_before"] == pytest.approx(kl[0]["held_out_before"])
+    assert kl[-1]["held_out_before"] > mse[-1]["held_out_before"] and kl[-1]["held_out_after"] < kl[-1]["held_out_before"]
+    assert reports["kl"]["fidelity_after"]["after_kl"] < reports["kl"]["fidelity_before"]["before_kl"]
+    memory, streamed = load_file(tmp_path / "kl" / "model.safetensors"), load_file(tmp_path / "kl-streamed" / "model.safetensors")
+    assert all(torch.equal(memory[name], streamed[name]) for name in memory)
+
+
 _KILL_AFTER_FIRST_UNIT = """
 import os, signal, sys
 import layerfold.heal.blockwise as blockwise
@@ -194,6 +231,7 @@ def test_shared_tensors_train_at_their_own_learning_rate(saved, tmp_path):
         (("--stream",), "--stream heals block-wise only"),
         (("--stage", "blockwise", "--block-steps", "0"), "--block-steps must be at least 1"),
         (("--block-lr", "-1"), "--block-lr must be a positive number"),
+        (("--block-kl", "-1"), "--block-kl must be a number of at least 0"),
     ],
 )
 def test_bad_input_gives_one_line_and_no_output(capsys, saved, tmp_path, extra, message):
@@ -201,3 +239,9 @@ def test_bad_input_gives_one_line_and_no_output(capsys, saved, tmp_path, extra, 
         code, out, err = run(capsys, *heal_args(saved, "llama-tied", tmp_path / "h", *extra, *stream))
         assert code == 2 and message in err and "Traceback" not in err and out == ""
         assert not (tmp_path / "h").exists() and not (tmp_path / "h.checkpoints").exists()
+
+
+def test_block_kl_on_an_encoder_is_refused_in_one_line(capsys, saved, tmp_path):
+    code, out, err = run(capsys, *heal_args(saved, "bert-tied", tmp_path / "h", "--block-kl", "1"))
+    assert code == 2 and "--block-kl reads the next-token distribution" in err and "Traceback" not in err
+    assert out == "" and not (tmp_path / "h").exists()

@@ -120,7 +120,7 @@ def fold_model_dir(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
     dtype: str | None = None,
-    calib: str | Path | None = None,
+    calib: datasets.DataSource | None = None,
     calib_tokens: int = 65536,
     calib_window: int | None = None,
     sequential: bool = False,
@@ -139,7 +139,7 @@ def fold_model_dir(
         _check_calibration_need(planned, calib)
         del skeleton
     if calib is not None:
-        datasets.read_documents(calib)  # missing, empty or unreadable: fail before the model loads
+        datasets.check_source(calib)  # missing, empty or unreadable: fail before the model loads
     model = load_source(model_dir)
     num_layers = len(family_of(model).layer_list(model))
     plan = plan_for if isinstance(plan_for, FoldPlan) else plan_for(num_layers)
@@ -180,7 +180,8 @@ def _calibration(model, model_dir, calib, tokens: int, window: int | None, progr
     """The calibration batches of ``calib`` for ``model`` (tokenised with the original's tokenizer)."""
     tokenizer = load_tokenizer(model_dir)
     batches = calibration_batches(model, tokenizer, calib, tokens=tokens, window=window)
-    return Calibration(model, batches, {"data": str(calib)}, mask_token_id=tokenizer.mask_token_id, progress=progress)
+    settings = {"data": datasets.describe_source(calib)}
+    return Calibration(model, batches, settings, mask_token_id=tokenizer.mask_token_id, progress=progress)
 
 
 def fold_with_method(
@@ -190,7 +191,7 @@ def fold_with_method(
     method: str,
     keep: float | None = None,
     keep_blocks: float | None = None,
-    calib: str | Path | None = None,
+    calib: datasets.DataSource | None = None,
     calib_tokens: int = 65536,
     calib_window: int | None = None,
     options: dict | None = None,
@@ -212,7 +213,7 @@ def fold_with_method(
         raise LayerfoldError(f"method {method} needs calibration text: --calib PATH")
     check_output(out, {"original model": model_dir, "calibration text": calib}, overwrite=overwrite)
     if calib is not None:
-        datasets.read_documents(calib)  # missing, empty or unreadable: fail before the model loads
+        datasets.check_source(calib)  # missing, empty or unreadable: fail before the model loads
     model = load_source(model_dir)
     family_of(model)  # an unsupported architecture fails here, before calibration
     before = size_report(model, model_dir)
@@ -253,7 +254,7 @@ def fold_streamed(
     method: str | None = None,
     keep: float | None = None,
     keep_blocks: float | None = None,
-    calib: str | Path | None = None,
+    calib: datasets.DataSource | None = None,
     calib_tokens: int = 65536,
     calib_window: int | None = None,
     options: dict | None = None,
@@ -280,7 +281,7 @@ def fold_streamed(
 
     calibration = None
     if calib is not None:
-        datasets.read_documents(calib)  # missing, empty or unreadable: fail before any work
+        datasets.check_source(calib)  # missing, empty or unreadable: fail before any work
         tokenizer = load_tokenizer(model_dir)
 
         def calibration(model):

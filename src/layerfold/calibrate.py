@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import read_documents, text_lines
+from .data import DataSource, interleave, is_mix, read_documents, text_lines
 from .errors import LayerfoldError
 from .evaluate import is_causal_lm
 from .families import family_of, projection_shape
@@ -63,19 +63,32 @@ class Statistics:
 def calibration_batches(
     model: nn.Module,
     tokenizer,
-    source: str | Path | Sequence[str],
+    source: DataSource | Sequence[str],
     *,
     tokens: int,
     window: int | None = None,
     batch_size: int = 32,
 ) -> list[dict[str, torch.Tensor]]:
-    """Token batches with about ``tokens`` tokens from a text file, an STS-B file or a list of texts.
+    """Token batches with about ``tokens`` tokens from a text file, an STS-B file, a list of texts, or a mix of
+    data files (a list of Paths: an equal share of the tokens from each, their batches interleaved).
 
     Decoders get the text as one token stream cut into fixed windows (``window`` tokens, one per batch).
     Encoders get sentences or paragraphs, each truncated to ``window`` tokens, padded in batches.
     """
     if tokens < MIN_CALIBRATION_TOKENS:
         raise LayerfoldError(f"--calib-tokens must be at least {MIN_CALIBRATION_TOKENS}, got {tokens}")
+    if is_mix(source) and len(source) > 1:
+        share = tokens // len(source)
+        if share < MIN_CALIBRATION_TOKENS:
+            raise LayerfoldError(
+                f"--calib-tokens {tokens} over {len(source)} data files is {share} tokens each; each needs at least "
+                f"{MIN_CALIBRATION_TOKENS} (give --calib-tokens {MIN_CALIBRATION_TOKENS * len(source)} or more)"
+            )
+        parts = [calibration_batches(model, tokenizer, path, tokens=share, window=window, batch_size=batch_size)
+                 for path in source]  # fmt: skip
+        return interleave(parts)
+    if is_mix(source):
+        source = source[0]
     where = str(source) if isinstance(source, (str, Path)) else "the calibration texts"
     # A path is read by the one loader every command uses (text, WikiText, STS-B, .jsonl, a datasets folder).
     documents, kind = read_documents(source) if isinstance(source, (str, Path)) else (list(source), "texts")

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import typer
 
+from .data import single_source
 from .errors import LayerfoldError
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+MIX_HELP = " Repeat to mix domains: each file gives an equal share of the tokens."
 
 
 def _print_version(value: bool) -> None:
@@ -168,7 +170,9 @@ def _fold(
     keep_blocks: Optional[float] = typer.Option(
         None, "--keep-blocks", help="Fraction of the transformer-block parameters to keep (embeddings not counted)."
     ),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text: plain, WikiText, STS-B, .jsonl or a datasets folder."),
+    calib: Optional[list[Path]] = typer.Option(
+        None, "--calib", help="Calibration text: plain, WikiText, STS-B, .jsonl or a datasets folder." + MIX_HELP
+    ),
     calib_tokens: int = typer.Option(65536, "--calib-tokens", help="Calibration tokens to use."),
     calib_window: Optional[int] = typer.Option(
         None, "--calib-window", help="Tokens per calibration window [default: 2048 decoders, 128 encoders]."
@@ -200,6 +204,7 @@ def _fold(
     from .checkpoint import parse_size
     from .outputs import check_output
 
+    calib = single_source(calib)
     dtype_of(dtype)  # a bad value fails before anything loads
     if dtype is not None and stream:
         raise LayerfoldError("--dtype does not go with --stream (a streamed fold keeps the checkpoint's dtype)")
@@ -431,7 +436,9 @@ class Stage(str, Enum):
 def heal_command(
     folded_dir: Path = typer.Argument(..., help="A folded model (layerfold checkpoint)."),
     teacher: Path = typer.Option(..., "--teacher", help="The original model: a Hugging Face folder or .gguf file."),
-    data: Path = typer.Option(..., "--data", help="Text, .jsonl, STS-B file, or a datasets folder (save_to_disk)."),
+    data: list[Path] = typer.Option(
+        ..., "--data", help="Text, .jsonl, STS-B file, or a datasets folder (save_to_disk)." + MIX_HELP
+    ),
     out: Path = typer.Option(..., "--out", help="Folder to write the healed model to."),
     steps: int = typer.Option(200, "--steps", help="Optimizer steps."),
     lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (cosine schedule, 5% warm-up)."),
@@ -470,6 +477,9 @@ def heal_command(
     block_steps: int = typer.Option(100, "--block-steps", help="Block-wise steps per unit."),
     block_lr: float = typer.Option(1e-3, "--block-lr", help="Block-wise peak learning rate."),
     block_tokens: int = typer.Option(32768, "--block-tokens", help="Training tokens the block-wise stage uses."),
+    block_kl: float = typer.Option(
+        0.0, "--block-kl", help="Decoders: weight of a KL term through the head for the unit with the last layer."
+    ),
     block_batch: Optional[int] = typer.Option(
         None, "--block-batch", help="Block-wise examples per step [default: 4 windows; 32 sentences]."
     ),
@@ -491,6 +501,7 @@ def heal_command(
     from .checkpoint import parse_size
     from .heal import HealConfig, LossWeights, heal, heal_streamed
 
+    data = single_source(data)
     config = HealConfig(
         steps=steps,
         lr=lr,
@@ -514,6 +525,7 @@ def heal_command(
         block_lr=block_lr,
         block_tokens=block_tokens,
         block_batch=block_batch,
+        block_kl=block_kl,
         unit_memory=parse_size(unit_memory, "--unit-memory"),
         shared_lr=shared_lr,
     )
@@ -536,8 +548,8 @@ def heal_command(
 @app.command("analyze")
 def analyze_command(
     model_dir: Path = typer.Argument(..., help="Original model: a local Hugging Face folder or a .gguf file."),
-    data: Path = typer.Option(
-        ..., "--data", help="Calibration text: plain, WikiText, STS-B, .jsonl or a datasets folder."
+    data: list[Path] = typer.Option(
+        ..., "--data", help="Calibration text: plain, WikiText, STS-B, .jsonl or a datasets folder." + MIX_HELP
     ),
     out: Path = typer.Option(..., "--out", help="Folder for analysis.json, analysis.md and the heat-maps."),
     calib_tokens: int = typer.Option(32768, "--calib-tokens", help="Calibration tokens to use."),
@@ -548,6 +560,7 @@ def analyze_command(
     """Measure where a model is redundant: Block Influence, layer similarity, weight similarity, gradients, gates."""
     from .compress import analyze_model_dir
 
+    data = single_source(data)
     with contextlib.redirect_stdout(sys.stderr):  # Trainer (the gates) prints on stdout
         report = analyze_model_dir(
             model_dir, data, out, tokens=calib_tokens, gate_steps=gate_steps, overwrite=overwrite
@@ -558,8 +571,8 @@ def analyze_command(
 @app.command("plan")
 def plan_command(
     model_dir: Path = typer.Argument(..., help="Original model: a local Hugging Face folder or a .gguf file."),
-    data: Path = typer.Option(
-        ..., "--data", help="Calibration text: plain, WikiText, STS-B, .jsonl or a datasets folder."
+    data: list[Path] = typer.Option(
+        ..., "--data", help="Calibration text: plain, WikiText, STS-B, .jsonl or a datasets folder." + MIX_HELP
     ),
     out: Path = typer.Option(
         ..., "--out", help="The plan file to write (.yaml or .json); the reasons go beside it (.md)."
@@ -577,6 +590,7 @@ def plan_command(
     """Search the fold plans within a budget and write the best one, with the proxy values of the best few."""
     from .compress import plan_model_dir
 
+    data = single_source(data)
     with contextlib.redirect_stdout(sys.stderr):
         report = plan_model_dir(
             model_dir,
@@ -595,7 +609,9 @@ def plan_command(
 @app.command("compress")
 def compress_command(
     model_dir: Path = typer.Argument(..., help="Original model: a local Hugging Face folder or a .gguf file."),
-    data: Path = typer.Option(..., "--data", help="Text for calibration and healing (plain, STS-B, .jsonl, datasets)."),
+    data: list[Path] = typer.Option(
+        ..., "--data", help="Text for calibration and healing (plain, STS-B, .jsonl, datasets)." + MIX_HELP
+    ),
     out: Path = typer.Option(..., "--out", help="Folder to write the compressed model and its reports to."),
     keep: Optional[float] = typer.Option(None, "--keep", help="Fraction of all unique parameters to keep."),
     keep_blocks: Optional[float] = typer.Option(
@@ -611,6 +627,7 @@ def compress_command(
     """Analyse, plan, fold, heal (optional) and evaluate in one command."""
     from .compress import compress_model_dir
 
+    data = single_source(data)
     with contextlib.redirect_stdout(sys.stderr):
         report = compress_model_dir(
             model_dir,

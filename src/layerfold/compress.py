@@ -15,7 +15,7 @@ from .analysis import Analysis, analyze, write_analysis
 from .api import size_report
 from .budget import Budget, kept_fractions
 from .calibrate import Calibration, calibration_batches
-from .data import read_documents
+from .data import DataSource, check_source, describe_source
 from .errors import LayerfoldError
 from .evaluate import is_causal_lm
 from .families import family_of
@@ -47,10 +47,10 @@ class Prepared:
 
 
 def prepare(
-    model_dir: str | Path, data: str | Path, *, tokens: int = DEFAULT_TOKENS, window: int | None = None
+    model_dir: str | Path, data: DataSource, *, tokens: int = DEFAULT_TOKENS, window: int | None = None
 ) -> Prepared:
     """Load the original and cut the data into calibration batches, the last few held out for the proxy."""
-    read_documents(data)  # missing or empty data fails here, before the model loads
+    check_source(data)  # missing or empty data fails here, before the model loads
     model = load_source(model_dir, dtype=torch.float32)
     family_of(model)
     tokenizer = load_tokenizer(model_dir)
@@ -65,12 +65,15 @@ def prepare(
     )
     if len(batches) < 2:
         raise LayerfoldError(
-            f"{data}: too little text: the proxy needs a held-out batch besides the calibration batches "
+            f"{describe_source(data)}: too little text: the proxy needs a held-out batch besides the calibration "
+            "batches "
             f"({len(batches)} batch of calibration data; give more text or a larger --calib-tokens)"
         )
     held = min(PROXY_BATCHES[causal], max(1, len(batches) // 4))
-    calibration = Calibration(model, batches[:-held], {"data": str(data)}, mask_token_id=tokenizer.mask_token_id)
-    return Prepared(model, tokenizer, calibration, batches[-held:], str(data))
+    calibration = Calibration(
+        model, batches[:-held], {"data": describe_source(data)}, mask_token_id=tokenizer.mask_token_id
+    )
+    return Prepared(model, tokenizer, calibration, batches[-held:], describe_source(data))
 
 
 def run_analysis(prepared: Prepared, *, progress: bool = True, **options) -> Analysis:
@@ -85,7 +88,7 @@ def run_analysis(prepared: Prepared, *, progress: bool = True, **options) -> Ana
 
 def analyze_model_dir(
     model_dir: str | Path,
-    data: str | Path,
+    data: DataSource,
     out: str | Path,
     *,
     tokens: int = DEFAULT_TOKENS,
@@ -162,7 +165,7 @@ def _plan_text(result: PlanSearch, path: Path) -> str:
 
 def plan_model_dir(
     model_dir: str | Path,
-    data: str | Path,
+    data: DataSource,
     out: str | Path,
     *,
     keep: float | None = None,
@@ -208,7 +211,7 @@ def plan_model_dir(
 
 def compress_model_dir(
     model_dir: str | Path,
-    data: str | Path,
+    data: DataSource,
     out: str | Path,
     *,
     keep: float | None = None,

@@ -4,12 +4,58 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain, zip_longest
 from pathlib import Path
+from typing import TypeVar, Union
 
 from .errors import LayerfoldError, first_line
 
 _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
+
+# What calibration and healing read: one data file (or folder), or a mix of several given as a list of Paths
+# (`--calib A --calib B`, `--data A --data B`). A list of str is something else: texts, not files.
+DataSource = Union[str, Path, Sequence[Path]]
+_Item = TypeVar("_Item")
+
+
+def is_mix(source) -> bool:
+    """Whether ``source`` names data files (a list of Paths) rather than being one file or a list of texts."""
+    return isinstance(source, (list, tuple)) and bool(source) and all(isinstance(p, Path) for p in source)
+
+
+def source_paths(source: DataSource) -> list[Path]:
+    """The files of a data source: one, or each of a mix."""
+    return [Path(p) for p in source] if is_mix(source) else [Path(source)]  # type: ignore[arg-type]
+
+
+def single_source(paths: Sequence[Path] | None) -> DataSource | None:
+    """A repeated command-line option as a data source: nothing, the one file, or the mix."""
+    if not paths:
+        return None
+    return Path(paths[0]) if len(paths) == 1 else [Path(p) for p in paths]
+
+
+def describe_source(source: DataSource | None, *, resolve: bool = False) -> str | None:
+    """The source as reports and provenance name it: a path, or the mix's paths joined by ' + '."""
+    if source is None:
+        return None
+    return " + ".join(str(p.resolve() if resolve else p) for p in source_paths(source))
+
+
+def check_source(source: DataSource) -> None:
+    """Read every file of the source once: missing, empty or unreadable data fails before any slow work."""
+    for path in source_paths(source):
+        read_documents(path)
+
+
+def interleave(parts: Sequence[Sequence[_Item]]) -> list[_Item]:
+    """Round-robin over the parts (a mix's sources), so that any prefix of the result holds every domain."""
+    return [item for item in chain.from_iterable(zip_longest(*parts, fillvalue=_GAP)) if item is not _GAP]
+
+
+_GAP = object()
 
 
 def read_text(path: str | Path) -> str:

@@ -22,7 +22,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 from . import __version__
 from .errors import LayerfoldError
@@ -81,10 +81,13 @@ def is_layerfold_file(path: Path) -> bool:
     return False
 
 
-def check_inputs(out: str | Path, inputs: Mapping[str, str | Path | None], *, flag: str = "--out") -> None:
-    """Refuse an output that equals, contains or lies inside an input."""
+def check_inputs(
+    out: str | Path, inputs: Mapping[str, str | Path | Sequence[str | Path] | None], *, flag: str = "--out"
+) -> None:
+    """Refuse an output that equals, contains or lies inside an input (each file of a list: a mix of data)."""
     target = resolved(out)
-    for role, path in inputs.items():
+    pairs = [(role, p) for role, path in inputs.items() for p in (path if isinstance(path, (list, tuple)) else [path])]
+    for role, path in pairs:
         if path is None:
             continue
         source = resolved(path)
@@ -126,7 +129,7 @@ def check_replaceable(out: str | Path, *, overwrite: bool, kind: str = "folder",
 
 def check_output(
     out: str | Path,
-    inputs: Mapping[str, str | Path | None],
+    inputs: Mapping[str, str | Path | Sequence[str | Path] | None],
     *,
     overwrite: bool,
     kind: str = "folder",

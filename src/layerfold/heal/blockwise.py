@@ -5,7 +5,9 @@ group's projection, a shared basis) when that tensor trains: its members train t
 moves the shared tensor. Each unit's inputs are the folded model's own hidden states (the units before it
 already healed), its targets the original's hidden states at the layers it stands in for (after a drop, the
 output of the last layer dropped before the next kept one). The loss is the relative squared error
-‖y − y*‖² / ‖y*‖² at each member's output, over the tokens (padding excluded), averaged over members.
+‖y − y*‖² / ‖y*‖² at each member's output, over the tokens (padding excluded), averaged over members; for a
+decoder, ``--block-kl W`` adds W × the KL divergence of the next-token distributions read through the final norm
+and head at the last layer's output (the head itself does not train here).
 
 Only one unit and one original block need to be in memory, with the calibration hidden states: so the stage
 streams from sharded checkpoints (``stream.py``: the ``Blocks`` hooks load a block before it runs and unload
@@ -36,6 +38,7 @@ from ..errors import LayerfoldError
 from ..families import family_of
 from ..operations.base import FoldedProjection
 from ..store import fold_state
+from .losses import head_kl
 
 BLOCKWISE_FOLDER = "blockwise"
 UNITS_FILE = "units.json"
@@ -178,6 +181,7 @@ class BlockwiseSettings:
     warmup: float
     seed: int
     unit_memory: int
+    head_kl: float = 0.0  # weight of KL through the head (``losses.head_kl``) at the last layer's output
 
 
 def heal_blocks(
@@ -207,6 +211,7 @@ def heal_blocks(
     held_ids = list(range(len(train_batches), len(batches)))
     student_walk, teacher_walk = BlockWalk(student, batches), BlockWalk(teacher, batches)
     targets_of = target_layers(plan)
+    last = len(layers) - 1
     done = _done_units(checkpoints)
     results: list[UnitResult] = []
     walked = -1
@@ -236,6 +241,8 @@ def heal_blocks(
                     args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
                     hidden = _first(layers[p](*args, **kwargs))
                     total_loss = total_loss + relative_error(hidden, targets[k][b], mask)
+                    if p == last and settings.head_kl:
+                        total_loss = total_loss + settings.head_kl * head_kl(student, hidden, targets[k][b], mask)
                 return total_loss / len(unit.positions)
 
             @torch.no_grad()

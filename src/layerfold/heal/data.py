@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .. import data as datafiles
-from ..data import read_documents
+from ..data import DataSource, interleave, read_documents, source_paths
 from ..errors import LayerfoldError
 
 
@@ -49,11 +49,36 @@ class HealData:
 
 
 def prepare_data(
-    tokenizer, path: str | Path, *, causal: bool, seq_len: int, held_out: int, limit: int | None
+    tokenizer, source: DataSource, *, causal: bool, seq_len: int, held_out: int, limit: int | None
 ) -> HealData:
     """Decoders: every document tokenised, an end-of-text token between documents, packed into windows of
     ``seq_len`` (the tail shorter than a window is dropped). Encoders: one example per sentence, cut at
-    ``seq_len``. The last ``held_out`` examples are kept out of training for the fidelity check."""
+    ``seq_len``. The last ``held_out`` examples are kept out of training for the fidelity check.
+
+    A mix of data files: each file is prepared so, with an equal share of the held-out examples; the training
+    examples are interleaved (every step, and the block-wise stage's first tokens, see every domain)."""
+    paths = source_paths(source)
+    if len(paths) == 1:
+        return _prepare_one(tokenizer, paths[0], causal=causal, seq_len=seq_len, held_out=held_out, limit=limit)
+    if held_out < len(paths):
+        raise LayerfoldError(f"--eval-examples {held_out} is fewer than the {len(paths)} data files of the mix")
+    shares = [held_out // len(paths) + (k < held_out % len(paths)) for k in range(len(paths))]
+    parts = [_prepare_one(tokenizer, path, causal=causal, seq_len=seq_len, held_out=share, limit=None)
+             for path, share in zip(paths, shares)]  # fmt: skip
+    train = interleave([part.train for part in parts])[:limit]
+    kinds = dict.fromkeys(part.kind for part in parts)
+    return HealData(
+        train,
+        [t for part in parts for t in part.held_out],
+        [t for part in parts for t in part.held_out_texts],
+        next(iter(kinds)) if len(kinds) == 1 else "mix of " + ", ".join(kinds),
+        int(sum(t.numel() for t in train)),
+    )
+
+
+def _prepare_one(
+    tokenizer, path: str | Path, *, causal: bool, seq_len: int, held_out: int, limit: int | None
+) -> HealData:
     texts, kind = read_documents(path)
     if causal:
         eos = tokenizer.eos_token_id

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import set_seed
 
+from ..data import DataSource, describe_source, source_paths
 from ..errors import LayerfoldError
 from ..evaluate import is_causal_lm, is_causal_lm_class
 from ..io import check_checkpoint, is_folded_checkpoint, load, load_source, load_tokenizer, save
@@ -60,7 +61,7 @@ def _optional_tokenizer(path: Path):
 def heal(
     student_dir: str | Path,
     teacher_path: str | Path,
-    data: str | Path,
+    data: DataSource,
     out: str | Path,
     config: HealConfig | None = None,
     *,
@@ -99,7 +100,7 @@ def heal(
     settings = {
         "student": str(student_dir.resolve()),
         "teacher": str(teacher_path.resolve()),
-        "data": str(Path(data).resolve()),
+        "data": describe_source(data, resolve=True),
         **config.to_dict(),
     }
     is_main = int(os.environ.get("RANK", "0")) == 0
@@ -143,7 +144,7 @@ def heal(
     report = HealReport(
         student=str(student_dir),
         teacher=str(teacher_path),
-        data={"path": str(data), **heal_data.summary()},
+        data={"path": describe_source(data), **heal_data.summary()},
         settings=config.to_dict(),
         parameters=counts,
         resumed_from=str(start) if start else None,
@@ -187,7 +188,9 @@ def heal(
 
 def _blockwise_stage(student, teacher, heal_data, config: HealConfig, units: list, checkpoints: Path) -> list:
     """The block-wise stage on the first ``block_tokens`` of the training examples, checked on the held-out ones."""
-    settings = BlockwiseSettings(config.block_steps, config.block_lr, config.warmup, config.seed, config.unit_memory)
+    settings = BlockwiseSettings(
+        config.block_steps, config.block_lr, config.warmup, config.seed, config.unit_memory, config.block_kl
+    )
     train = heal_data.first_train(config.block_tokens)
     return heal_blocks(
         student,
@@ -225,8 +228,9 @@ def _checked_arguments(
         raise LayerfoldError(f"teacher not found: {teacher_path}")
     if is_folded_checkpoint(teacher_path):
         raise LayerfoldError(f"the teacher {teacher_path} is a folded model; heal from the original model")
-    if not Path(data).exists():
-        raise LayerfoldError(f"data file not found: {data}")
+    for path in source_paths(data):
+        if not path.exists():
+            raise LayerfoldError(f"data file not found: {path}")
     config = config or HealConfig()
     inputs = {"folded model": student_dir, "teacher": teacher_path, "data": data, "teacher cache": config.teacher_cache}
     check_output(out, inputs, overwrite=overwrite)

@@ -41,6 +41,22 @@ def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+def logits_from_block_output(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A causal LM's logits from its last block's output: the final norm, then ``logits_from_hidden``."""
+    return logits_from_hidden(model, model.base_model.norm(hidden))
+
+
+def head_kl(model: nn.Module, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(original ‖ folded) of the next-token distributions that ``model``'s final norm and head read from the
+    last block's output (``output``) and the original's (``target``), averaged over the unpadded tokens: the
+    block-wise stage's optional term for the last unit (``--block-kl``)."""
+    keep = mask.bool()
+    student = F.log_softmax(logits_from_block_output(model, output[keep]).float(), dim=-1)
+    with torch.no_grad():
+        teacher = F.log_softmax(logits_from_block_output(model, target[keep].to(output.dtype)).float(), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="sum") / keep.sum().clamp(min=1)
+
+
 def _chunk_terms(hidden, p, indices, targets, head, temperature: float, kl: bool, lm: bool) -> torch.Tensor:
     """Summed cross-entropy against the teacher's p (full, or its top-k ``indices``) and summed LM loss of one
     chunk of tokens, from the student's hidden states."""

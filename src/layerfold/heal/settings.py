@@ -96,6 +96,7 @@ class HealConfig:
     block_tokens: int = 32768
     block_batch: int | None = None  # decoders: 4 windows; encoders: 32 sentences
     unit_memory: int = 2 * 10**9
+    block_kl: float = 0.0  # decoders: weight of a KL term through the head for the unit holding the last layer
     shared_lr: float | None = None  # learning rate of the shared tensors end to end [default: --lr]
 
     def resolved(self, causal: bool) -> "HealConfig":
@@ -118,6 +119,10 @@ class HealConfig:
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise LayerfoldError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+        if not (self.block_kl >= 0 and math.isfinite(self.block_kl)):
+            raise LayerfoldError(f"--block-kl must be a number of at least 0, got {self.block_kl}")
+        if self.block_kl and not causal:
+            raise LayerfoldError("--block-kl reads the next-token distribution: it needs a causal language model")
         if self.train not in TRAIN_CHOICES:
             raise LayerfoldError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, got '{self.train}'")
         loss = self.loss or LossWeights.default(causal)

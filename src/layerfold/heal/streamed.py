@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import TORCH_DTYPES, ShardWriter, SourceCheckpoint, read_metadata
+from ..data import DataSource, describe_source
 from ..engine import Originals, layer_prefixes
 from ..errors import LayerfoldError
 from ..families import family_of
@@ -100,7 +101,7 @@ class StreamedBlocks(Blocks):
 def heal_streamed(
     student_dir: str | Path,
     teacher_path: str | Path,
-    data: str | Path,
+    data: DataSource,
     out: str | Path,
     config: HealConfig | None = None,
     *,
@@ -151,7 +152,7 @@ def heal_streamed(
                              limit=config.max_examples)  # fmt: skip
     units = _units_from_meta(student, config)  # a unit too large for --unit-memory is refused before any output
     settings = {"student": str(student_dir.resolve()), "teacher": str(teacher_path.resolve()),
-                "data": str(Path(data).resolve()), "stream": True, **config.to_dict()}  # fmt: skip
+                "data": describe_source(data, resolve=True), "stream": True, **config.to_dict()}  # fmt: skip
     prepare_checkpoints(checkpoints, settings, resume=resume, overwrite=overwrite, is_main=True)
     train = heal_data.first_train(config.block_tokens)
 
@@ -168,7 +169,8 @@ def heal_streamed(
                 teacher,
                 block_batches(train, config.block_batch),
                 block_batches(heal_data.held_out, config.block_batch),
-                BlockwiseSettings(config.block_steps, config.block_lr, config.warmup, config.seed, config.unit_memory),
+                BlockwiseSettings(config.block_steps, config.block_lr, config.warmup, config.seed, config.unit_memory,
+                                  config.block_kl),
                 units=units,
                 blocks=blocks,
                 checkpoints=checkpoints,
@@ -186,7 +188,7 @@ def heal_streamed(
         report = StreamedHealReport(
             student=str(student_dir),
             teacher=str(teacher_path),
-            data={"path": str(data), **heal_data.summary()},
+            data={"path": describe_source(data), **heal_data.summary()},
             settings=config.to_dict(),
             blockwise=summary(results),
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
