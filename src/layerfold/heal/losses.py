@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import LayerfoldError
 from ..evaluate import mean_pool
 from .settings import LossWeights
 
@@ -43,7 +44,15 @@ def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 def logits_from_block_output(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """A causal LM's logits from its last block's output: the final norm, then ``logits_from_hidden``."""
-    return logits_from_hidden(model, model.base_model.norm(hidden))
+    base = model.base_model
+    base = getattr(base, "decoder", base)  # OPT keeps its stack and final norm one level down
+    for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):  # Llama-like, GPT-2, Phi, NeoX and OPT
+        if isinstance(getattr(base, name, None), nn.Module):
+            hidden = getattr(base, name)(hidden)
+            if getattr(base, "project_out", None) is not None:  # OPT with a narrower embedding
+                hidden = base.project_out(hidden)
+            return logits_from_hidden(model, hidden)
+    raise LayerfoldError(f"--block-kl: no final norm found in {type(base).__name__}")
 
 
 def head_kl(model: nn.Module, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
