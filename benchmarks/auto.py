@@ -22,7 +22,18 @@ import time
 from pathlib import Path
 
 import torch
-from common import DATA, RESULTS, machine, ratios_to, runtime_cells, runtime_columns, runtime_of, smollm2_dir, write_results
+from common import (
+    DATA,
+    RESULTS,
+    calibration_data,
+    machine,
+    ratios_to,
+    runtime_cells,
+    runtime_columns,
+    runtime_of,
+    smollm2_dir,
+    write_results,
+)
 from heal import minilm as minilm_heal_task
 from heal import smollm2 as smollm2_heal_task
 from sweep import TASKS as SWEEP_TASKS
@@ -47,6 +58,13 @@ def label(budget: Budget) -> str:
     return f"{budget.keep:.0%} of {'blocks' if budget.blocks_only else 'all'}"
 
 
+def mixed(own: Path, what: str, windows: str = "") -> dict:
+    """The planner's data: the sweep's mix of domains (common.calibration_data), so that auto and the fixed rows
+    see the same kinds of text."""
+    source, label = calibration_data(own, what, one_domain=False)
+    return {"data": source, "data_label": label + windows}
+
+
 def task(name: str, quick: bool, work: Path) -> dict:
     if name == "minilm":
         path = default_model_path()
@@ -59,8 +77,7 @@ def task(name: str, quick: bool, work: Path) -> dict:
             "metric": "spearman",
             "higher": True,
             "measure": lambda model: sts_spearman(model, tokenizer, pairs)["value"],
-            "data": DATA / "stsbenchmark" / "sts-train.csv",
-            "data_label": "STS-B train sentences",
+            **mixed(DATA / "stsbenchmark" / "sts-train.csv", "STS-B train sentences"),
             "tokens": 8192 if quick else 32768,
             "heal": minilm_heal_task,
         }
@@ -75,8 +92,7 @@ def task(name: str, quick: bool, work: Path) -> dict:
         "metric": "perplexity",
         "higher": False,
         "measure": lambda model: perplexity(model, ids, max_length=1024, stride=1024)["value"],
-        "data": first,
-        "data_label": "WikiText-2 test, first half, 1,024-token windows",
+        **mixed(first, "WikiText-2 test, first half", ", 1,024-token windows"),
         # The search fits on 8 windows and holds 2 out for the proxy (the 5-minute planner target); the chosen plan
         # is then fitted on the sweep's 65,536 tokens.
         "tokens": 10240,
@@ -114,7 +130,7 @@ def run_model(
     # The chosen plan is fitted again on the sweep's own calibration data, so that auto and the fixed rows differ
     # only in the plan: the same batches, the same tokens.
     started = time.perf_counter()
-    sweep_task = SWEEP_TASKS[name](quick)
+    sweep_task = SWEEP_TASKS[name](quick, False)
     sweep_batches = calibration_batches(
         prepared.model, prepared.tokenizer, sweep_task.calibration_source, tokens=sweep_task.calibration_tokens
     )

@@ -7,10 +7,13 @@ import importlib.util
 import json
 import os
 import platform
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from layerfold.data import DataSource
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -144,6 +147,30 @@ def onnx_sts_spearman(onnx_file: Path, tokenizer, pairs, *, batch_size: int = 64
 
     parameters = sum(int(np.prod(t.dims)) for t in onnx.load(str(onnx_file)).graph.initializer)
     return {"value": spearman_x100(cosine.tolist(), [p.score for p in pairs]), "parameters": parameters}
+
+
+# Files the benchmarks write for their calibration and heal data; removed when the process ends.
+_WORK = tempfile.TemporaryDirectory(prefix="layerfold-bench-data-")
+
+
+def written_text(name: str, text: str) -> Path:
+    """``text`` as a plain text file (calibration and heal read files; a mix is a list of them)."""
+    path = Path(_WORK.name) / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def calibration_data(own: Path, what: str, *, one_domain: bool) -> tuple[DataSource, str]:
+    """The calibration and heal data of a benchmark row and its description. By default an equal mix of the
+    model's own domain (``own``) and pydoc_data.topics paragraphs, a domain that no off-domain column reads:
+    on development data (results/calib_mix.md) a mix raised every figure on text that no calibration file
+    reads, on both models and both calibrated methods. ``one_domain``: ``own`` alone, the earlier protocol."""
+    if one_domain:
+        return own, what
+    from layerfold.data import pydoc_paragraphs
+
+    pydoc = written_text("pydoc-paragraphs.txt", "\n".join(pydoc_paragraphs(100_000, min_words=8)))
+    return [own, pydoc], f"{what} + pydoc_data.topics paragraphs (an equal share of the tokens each)"
 
 
 def wikitext_test() -> str:

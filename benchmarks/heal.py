@@ -6,9 +6,10 @@ healing budget, on the real models; and heal throughput next to a plain Trainer 
 
 MiniLM: heal data STS-B train sentences (never the test set), STS-B test Spearman × 100. SmolLM2: heal data
 the first half of the WikiText-2 test file, perplexity on the first 4,096 tokens of the second half (the
-sweep's protocol). Calibration (for the calibrated methods) uses the same heal data. Every method gets the
-same budget: steps × batch × tokens, stated in the table. Writes benchmarks/results/heal.{json,md} (--quick:
-benchmarks/results/quick/).
+sweep's protocol). Both heal (and calibrate) on an equal mix of that text and pydoc_data.topics paragraphs
+(common.calibration_data; --one-domain: that text alone). Calibration (for the calibrated methods) uses the
+same heal data. Every method gets the same budget: steps × batch × tokens, stated in the table. Writes
+benchmarks/results/heal.{json,md} (--quick: benchmarks/results/quick/).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from common import (
     DATA,
     RESULTS,
+    calibration_data,
     machine,
     off_domain_fidelity,
     off_domain_perplexity,
@@ -44,7 +46,7 @@ from tqdm.auto import tqdm
 import layerfold.methods.registry as registry
 from layerfold.budget import Budget, kept_fractions
 from layerfold.calibrate import Calibration, calibration_batches
-from layerfold.data import read_sts, wikitext_half
+from layerfold.data import DataSource, read_sts, wikitext_half
 from layerfold.demo import default_model_path
 from layerfold.evaluate import (
     perplexity,
@@ -78,8 +80,8 @@ class HealTask:
     higher_is_better: bool
     cap: str
     measure: Callable[[torch.nn.Module], float]
-    heal_data: Path
-    calibration_source: list[str]
+    heal_data: DataSource
+    heal_data_text: str  # what the heal data is, for the table
     calibration_tokens: int
     config: HealConfig
     methods: list[tuple[str, dict]] = field(default_factory=list)
@@ -91,11 +93,12 @@ class HealTask:
     peers: list[dict] = field(default_factory=list)  # models of the folded size one could use instead
 
 
-def minilm(quick: bool, work: Path) -> HealTask:
+def minilm(quick: bool, work: Path, one_domain: bool = False) -> HealTask:
     path = default_model_path()
     tokenizer = load_tokenizer(path)
     pairs = read_sts(DATA / "stsbenchmark" / "sts-test.csv", limit=300 if quick else None)
-    train_file = DATA / "stsbenchmark" / "sts-train.csv"
+    data, what = calibration_data(DATA / "stsbenchmark" / "sts-train.csv", "STS-B train sentences",
+                                  one_domain=one_domain)  # fmt: skip
     peer = paraphrase_minilm_onnx()
     peer_score = onnx_sts_spearman(peer, tokenizer, pairs)
     task = HealTask(
@@ -105,10 +108,12 @@ def minilm(quick: bool, work: Path) -> HealTask:
         True,
         f"STS-B test, {len(pairs)} pairs",
         lambda model: sts_spearman(model, tokenizer, pairs)["value"],
-        train_file,
-        [s for p in read_sts(train_file) for s in (p.first, p.second)],
+        data,
+        what,
         8192 if quick else 32768,
-        HealConfig(steps=20 if quick else 150, batch=64, lr=2e-4, eval_every=10 if quick else 50, seed=0),
+        # --quick (CI's smoke test) trains fewer block-wise steps and cuts the mix's pydoc paragraphs at 64 tokens.
+        HealConfig(steps=20 if quick else 150, batch=64, lr=2e-4, eval_every=10 if quick else 50, seed=0,
+                   **({"block_steps": 40, "seq_len": 64} if quick else {})),  # fmt: skip
         QUICK_METHODS if quick else METHODS,
         {"texts": [s for p in pairs for s in (p.first, p.second)]},
         quick,
@@ -119,13 +124,14 @@ def minilm(quick: bool, work: Path) -> HealTask:
     return task
 
 
-def smollm2(quick: bool, work: Path) -> HealTask:
+def smollm2(quick: bool, work: Path, one_domain: bool = False) -> HealTask:
     path = smollm2_dir()
     wikitext = DATA / "wikitext-2-raw" / "wiki.test.raw"
     tokenizer = load_tokenizer(path)
     ids = tokenize_text(tokenizer, wikitext_half(wikitext, "second"), 4096)
     first_half = work / "wikitext-test-first-half.txt"
     first_half.write_text(wikitext_half(wikitext, "first"))
+    data, what = calibration_data(first_half, "WikiText-2 test, first half", one_domain=one_domain)
     return HealTask(
         "SmolLM2-135M",
         path,
@@ -133,8 +139,8 @@ def smollm2(quick: bool, work: Path) -> HealTask:
         False,
         f"WikiText-2 test, second half, first {ids.numel()} tokens, non-overlapping 1,024-token windows",
         lambda model: perplexity(model, ids, max_length=1024, stride=1024)["value"],
-        first_half,
-        [wikitext_half(wikitext, "first")],
+        data,
+        what,
         32768,
         HealConfig(steps=24, batch=4, seq_len=512, lr=1e-4, eval_every=12, save_every=1000, seed=0),
         METHODS,
@@ -195,9 +201,9 @@ def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
     calibration = None
     if any(registry.get(name).calibrated for name, _ in task.methods):
         batches = calibration_batches(
-            original, load_tokenizer(task.path), task.calibration_source, tokens=task.calibration_tokens
+            original, load_tokenizer(task.path), task.heal_data, tokens=task.calibration_tokens
         )
-        calibration = Calibration(original, batches, {"data": str(task.heal_data)})
+        calibration = Calibration(original, batches, {"data": task.heal_data_text})
     for name, options in tqdm(task.methods, desc=f"{task.model} heal", unit="method"):
         method = registry.get(name)
         folded = registry.build(method, copy.deepcopy(original), Budget(0.5, blocks_only=True), calibration, **options)
@@ -219,6 +225,7 @@ def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
                     "method": name,
                     "stage": stage,
                     "options": options,
+                    "heal_data": task.heal_data_text,
                     **fractions,
                     "training_free": before,
                     "healed": task.measure(healed),
@@ -252,10 +259,7 @@ def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
         "block_lr": config.block_lr,
         "block_tokens": config.block_tokens,
         "block_batch": config.block_batch,
-        # The SmolLM2 heal text is written to a temporary file; name what it holds instead.
-        "data": str(task.heal_data)
-        if task.heal_data.parent == DATA / "stsbenchmark"
-        else "WikiText-2 test, first half",
+        "data": task.heal_data_text,
         "calibration_tokens": task.calibration_tokens,
     }
     return rows, budget
@@ -310,6 +314,7 @@ def render(payload: dict) -> str:
                     row["method"],
                     row.get("stage", ""),
                     row.get("date", ""),
+                    _data_kind(row),
                     ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "",
                     keep,
                     f"{row['training_free']:.2f}",
@@ -323,12 +328,15 @@ def render(payload: dict) -> str:
             )
         parts.append(
             markdown_table(
-                ["method", "stage", "measured", "options", "kept (blocks / all)", "training-free", "healed",
+                ["method", "stage", "measured", "data", "options", "kept (blocks / all)", "training-free", "healed",
                  "off-domain (free → healed)", "heal s", "e2e tokens/s",
                  *(label for _, label in columns)],
                 rows,
             )  # fmt: skip
         )
+        if {_data_kind(row) for row in info["rows"][1:]} - {""}:
+            parts += ["", "`data`: **mix** rows calibrate and heal on the budget's mix of domains (the default); "
+                      "**own** rows on the model's own domain only (older rows, or `--one-domain`)."]  # fmt: skip
         if any(not row.get("date") for row in info["rows"][1:]):
             parts += ["", "Rows with no date in `measured` are from earlier runs (heal.json's `runs`), healed end to "
                       "end only, before the block-wise stage existed."]  # fmt: skip
@@ -344,6 +352,13 @@ def render(payload: dict) -> str:
     return "\n".join(parts)
 
 
+def _data_kind(row: dict) -> str:
+    """'mix' or 'own' for a healed row (rows from before the mix have no heal_data: own domain); '' otherwise."""
+    if row["method"] == "original" or row.get("healed") is None:
+        return ""
+    return "mix" if " + " in row.get("heal_data", "") else "own"
+
+
 def _off(value) -> str:
     return "" if value is None else f"{value:.4g}"
 
@@ -356,6 +371,8 @@ def main() -> None:
         "--methods", default=None, help="comma-separated subset of the methods (and 'plain' for the plain fine-tune)"
     )
     parser.add_argument("--merge", action="store_true", help="replace these rows in results/heal.json, keep the rest")
+    parser.add_argument("--one-domain", action="store_true", help="calibrate and heal on each model's own domain "
+                        "only (the protocol before the mix; see common.calibration_data)")  # fmt: skip
     args = parser.parse_args()
     names = (args.models or ("minilm" if args.quick else "minilm,smollm2")).split(",")
     chosen = set(args.methods.split(",")) if args.methods else None
@@ -370,7 +387,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="layerfold-heal-") as tmp:
         work = Path(tmp)
         for name in names:
-            task = {"minilm": minilm, "smollm2": smollm2}[name](args.quick, work)
+            task = {"minilm": minilm, "smollm2": smollm2}[name](args.quick, work, args.one_domain)
             if chosen is not None:
                 task.methods = [(m, o) for m, o in task.methods if m in chosen]
             rows, budget = run(task, work)

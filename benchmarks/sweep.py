@@ -6,7 +6,8 @@
 Encoders: all-MiniLM-L6-v2 and all-mpnet-base-v2 (fewer methods), STS-B test Spearman × 100, calibrated on
 STS-B train sentences. Decoder:
 SmolLM2-135M, perplexity on the second half of the WikiText-2 test file, calibrated on the first half (kept for
-calibration and healing; the two never meet). Budgets: "N% of blocks" keeps that fraction of the
+calibration and healing; the two never meet). Each calibrates on an equal mix of that text and pydoc_data.topics
+paragraphs (common.calibration_data; --one-domain: that text alone). Budgets: "N% of blocks" keeps that fraction of the
 transformer-block parameters (whole-block methods get round(N × layers) unique blocks; tying adds its
 relaxations on top); "N% of all" keeps that fraction of all unique parameters, embeddings included. The real
 fractions are in every row. Calibration runs once per model and is shared by every row. Every row also has an
@@ -30,6 +31,7 @@ import torch
 from common import (
     DATA,
     RESULTS,
+    calibration_data,
     gemma3_dir,
     machine,
     mpnet_dir,
@@ -40,13 +42,14 @@ from common import (
     runtime_of,
     runtime_ratios,
     smollm2_dir,
+    written_text,
 )
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
 from layerfold.budget import Budget, kept_fractions
 from layerfold.calibrate import Calibration, calibration_batches
-from layerfold.data import read_sts, wikitext_half
+from layerfold.data import DataSource, read_sts, wikitext_half
 from layerfold.demo import default_model_path
 from layerfold.errors import LayerfoldError
 from layerfold.evaluate import perplexity, sts_spearman, tokenize_text
@@ -69,7 +72,7 @@ class Task:
     metric: str
     cap: str
     measure: Callable[[torch.nn.Module], float]
-    calibration_source: list[str]
+    calibration_source: DataSource
     calibration_tokens: int
     calibration_text: str
     total_budgets: tuple[float, ...]
@@ -80,20 +83,23 @@ class Task:
     off_domain: tuple[str, Callable] | None = None
 
 
-def sts_task(model: str, path: Path, quick: bool, block_methods: tuple[str, ...] | None = None) -> Task:
-    """An encoder on STS-B test (Spearman × 100), calibrated on STS-B train sentences."""
+def sts_task(
+    model: str, path: Path, quick: bool, one_domain: bool, block_methods: tuple[str, ...] | None = None
+) -> Task:
+    """An encoder on STS-B test (Spearman × 100), calibrated on STS-B train sentences (and pydoc paragraphs)."""
     pairs = read_sts(DATA / "stsbenchmark" / "sts-test.csv", limit=300 if quick else None)
     tokenizer = load_tokenizer(path)
-    train = [s for p in read_sts(DATA / "stsbenchmark" / "sts-train.csv") for s in (p.first, p.second)]
+    source, what = calibration_data(DATA / "stsbenchmark" / "sts-train.csv", "STS-B train sentences",
+                                    one_domain=one_domain)  # fmt: skip
     return Task(
         model,
         path,
         "spearman",
         f"STS-B test, {len(pairs)} pairs",
         lambda m: sts_spearman(m, tokenizer, pairs)["value"],
-        train,
+        source,
         8192 if quick else 32768,
-        "STS-B train sentences",
+        what,
         (),
         block_methods=block_methods,
         runtime_inputs={"texts": [s for p in pairs for s in (p.first, p.second)]},
@@ -101,29 +107,33 @@ def sts_task(model: str, path: Path, quick: bool, block_methods: tuple[str, ...]
     )
 
 
-def minilm_task(quick: bool) -> Task:
-    return sts_task("all-MiniLM-L6-v2", default_model_path(), quick)
+def minilm_task(quick: bool, one_domain: bool) -> Task:
+    return sts_task("all-MiniLM-L6-v2", default_model_path(), quick, one_domain)
 
 
 MPNET_METHODS = ("original", "drop-even", "shortgpt", "tie-cycle", "svd", "basis")
 
 
-def mpnet_task(quick: bool) -> Task:
+def mpnet_task(quick: bool, one_domain: bool) -> Task:
     """all-mpnet-base-v2 (MPNet, 12 layers, six times MiniLM's size): fewer methods, at the block budgets only
     (the time limit of make bench); --quick leaves out the two removal rows (CI's time limit)."""
     methods = ("original", "tie-cycle", "svd", "basis") if quick else MPNET_METHODS
-    return sts_task("all-mpnet-base-v2", mpnet_dir(), quick, block_methods=methods)
+    return sts_task("all-mpnet-base-v2", mpnet_dir(), quick, one_domain, block_methods=methods)
 
 
-def causal_task(model: str, path: Path, quick: bool, total_budgets, block_methods: tuple[str, ...]) -> Task:
+def causal_task(
+    model: str, path: Path, quick: bool, one_domain: bool, total_budgets, block_methods: tuple[str, ...]
+) -> Task:
     """A causal LM on WikiText-2 (second half) perplexity and lm-eval's GLUE accuracies, calibrated on the first
-    half."""
+    half (and pydoc paragraphs)."""
     tokens = 2048 if quick else 4096
     wikitext = DATA / "wikitext-2-raw" / "wiki.test.raw"
     tokenizer = load_tokenizer(path)
     ids = tokenize_text(tokenizer, wikitext_half(wikitext, "second"), tokens)
     # The run-time cost's prompt and prefill sequence: 1,024 tokens of the evaluation half (only timed).
     runtime_ids = tokenize_text(tokenizer, wikitext_half(wikitext, "second"), 1024)
+    first_half = written_text("wikitext-2-test-first-half.txt", wikitext_half(wikitext, "first"))
+    source, what = calibration_data(first_half, "WikiText-2 test, first half", one_domain=one_domain)
     return Task(
         model,
         path,
@@ -131,9 +141,9 @@ def causal_task(model: str, path: Path, quick: bool, total_budgets, block_method
         f"WikiText-2 test, second half (cut at the middle character), first {ids.numel()} tokens, "
         "non-overlapping 1,024-token windows",
         lambda m: perplexity(m, ids, max_length=1024, stride=1024)["value"],
-        [wikitext_half(wikitext, "first")],
+        source,
         8192 if quick else 65536,
-        "WikiText-2 test, first half, 2,048-token windows",
+        f"{what}, 2,048-token windows",
         total_budgets,
         block_methods,
         runtime_inputs={"token_ids": runtime_ids.flatten().tolist()},
@@ -142,21 +152,22 @@ def causal_task(model: str, path: Path, quick: bool, total_budgets, block_method
     )
 
 
-def smollm2_task(quick: bool) -> Task:
+def smollm2_task(quick: bool, one_domain: bool) -> Task:
     # The training-free methods of issue 5 run at the "of all" budgets here (the time limit of make bench).
     methods = ("original", "drop-first", "drop-even", "tie-cycle", "tie-sequence")
     if quick:  # CI's time limit: one removal and one tie at the block budget, every "of all" method
         methods = ("original", "drop-even", "tie-cycle")
     budgets = QUICK_TOTAL_BUDGETS if quick else TOTAL_BUDGETS
-    return causal_task("SmolLM2-135M", smollm2_dir(), quick, budgets, methods)
+    return causal_task("SmolLM2-135M", smollm2_dir(), quick, one_domain, budgets, methods)
 
 
-def gemma3_task(quick: bool) -> Task:
+def gemma3_task(quick: bool, one_domain: bool) -> Task:
     """gemma-3-270m (base model, 18 layers, a 262k vocabulary: 63 % of its parameters are the embedding): the
     methods of the MPNet rows at the block budgets (two of them in --quick: a row costs one to two minutes), and
     (not in --quick) 84 % of all for the methods that take it."""
     methods = ("original", "svd") if quick else MPNET_METHODS
-    return causal_task("gemma-3-270m", gemma3_dir(), quick, () if quick else GEMMA3_TOTAL_BUDGETS, methods)
+    budgets = () if quick else GEMMA3_TOTAL_BUDGETS
+    return causal_task("gemma-3-270m", gemma3_dir(), quick, one_domain, budgets, methods)
 
 
 LM_EVAL_TASKS = ["glue_sst2_dev", "glue_rte_dev"]
@@ -191,8 +202,8 @@ def jobs_for(task: Task, quick: bool) -> list[tuple[registry.Method, Budget, dic
     return jobs
 
 
-def sweep(task_name: str, quick: bool) -> tuple[list[dict], Task, dict]:
-    task = TASKS[task_name](quick)
+def sweep(task_name: str, quick: bool, one_domain: bool = False) -> tuple[list[dict], Task, dict]:
+    task = TASKS[task_name](quick, one_domain)
     original = load_source(task.path)
     base = parameter_breakdown(original)
     start = time.perf_counter()
@@ -480,6 +491,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few rows and small caps (a smoke test)")
     parser.add_argument("--models", default=",".join(TASKS), help=f"comma-separated, from: {', '.join(TASKS)}")
     parser.add_argument("--render", action="store_true", help="only redraw table and chart from latest.json")
+    parser.add_argument("--one-domain", action="store_true", help="calibrate on each model's own domain only "
+                        "(the protocol before the mix; see common.calibration_data)")  # fmt: skip
     args = parser.parse_args()
     out = RESULTS / "quick" if args.quick else RESULTS
     if args.render:
@@ -489,7 +502,7 @@ def main() -> None:
     start = time.perf_counter()
     all_rows, caps, calibrations, off_domain = [], {}, {}, {}
     for name in args.models.split(","):
-        rows, task, calibration = sweep(name, args.quick)
+        rows, task, calibration = sweep(name, args.quick, args.one_domain)
         all_rows.extend(rows)
         caps[task.model] = task.cap
         calibrations[task.model] = calibration
