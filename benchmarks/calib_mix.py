@@ -26,12 +26,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import DATA, RESULTS, smollm2_dir, write_results
+from common import DATA, RESULTS, model_tasks, smollm2_dir, write_results
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
@@ -176,13 +175,9 @@ def main() -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
     results = []
-    with tempfile.TemporaryDirectory(prefix="layerfold-mix-") as tmp:
-        for make in (encoder, decoder):
-            work = Path(tmp) / make.__name__
-            work.mkdir()
-            task = make(work)
-            results.append({"model": task["model"], "budget": task["budget"].option + f" {task['budget'].keep:g}",
-                            "tokens": task["tokens"], "rows": run(task, only)})  # fmt: skip
+    for _, task in model_tasks((encoder, decoder), "layerfold-mix-"):
+        results.append({"model": task["model"], "budget": task["budget"].option + f" {task['budget'].keep:g}",
+                        "tokens": task["tokens"], "rows": run(task, only)})  # fmt: skip
     payload = {"seconds": round(time.perf_counter() - start), "results": results}
     if only is not None and (RESULTS / "calib_mix.json").is_file():
         payload = merged(json.loads((RESULTS / "calib_mix.json").read_text()), payload)

@@ -156,8 +156,19 @@ _WORK = tempfile.TemporaryDirectory(prefix="layerfold-bench-data-")
 def written_text(name: str, text: str) -> Path:
     """``text`` as a plain text file (calibration and heal read files; a mix is a list of them)."""
     path = Path(_WORK.name) / name
-    path.write_text(text, encoding="utf-8")
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:  # callers ask for the same file often
+        path.write_text(text, encoding="utf-8")
     return path
+
+
+def model_tasks(makers, prefix: str):
+    """Yield ``(work folder, task)`` for each task maker (``maker(work) -> dict``), each with its own empty
+    folder under one temporary directory that is removed when the loop ends."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        for make in makers:
+            work = Path(tmp) / make.__name__
+            work.mkdir()
+            yield work, make(work)
 
 
 def calibration_data(own: Path, what: str, *, one_domain: bool) -> tuple[DataSource, str]:
