@@ -68,6 +68,7 @@ METHODS = [
     ("laco", {"merge": 3, "threshold": 0.0}),
     ("basis", ENDS_WHOLE),
     ("svd", ENDS_WHOLE),
+    ("delta", {}),  # adjacent runs share a least-squares weight, whitened deltas fill the budget
 ]
 QUICK_METHODS = [("tie-cycle", {"rank": 0}), ("drop-even", {})]
 

@@ -21,7 +21,7 @@ LAYERS = {
         "layerfold.operations.*", "layerfold.plan", "layerfold.report", "layerfold.budget",
         "layerfold.modelcard",
     ],
-    "operations": ["layerfold.operations.*.*"],
+    "operations": ["layerfold.operations.*.*", "layerfold.operations.*.*.*"],
     "engine and calibration": [
         "layerfold.engine", "layerfold.calibrate", "layerfold.evaluate", "layerfold.outputs", "layerfold.folding",
         "layerfold.io", "layerfold.hub", "layerfold.progress", "layerfold.adapters", "layerfold.sources",

@@ -163,6 +163,16 @@ def _fold(
         help="Truncate tie relaxations in the space whitened by each layer's calibration inputs [default: on with "
         "--calib and a rank].",
     ),
+    relax: Optional[str] = typer.Option(
+        None,
+        "--relax",
+        help="The tie relaxations' form: lora (private factors), vera (shared frozen random bases, two vectors per "
+        "layer), svfit (a fixed SVD whose singular values train) or mos (a pool of --rank vectors each group "
+        "shares) [default: lora].",
+    ),
+    private: Optional[int] = typer.Option(
+        None, "--private", help="With --relax mos: each layer's private LoRA rank beside the pool [default: 0]."
+    ),
     method: Optional[str] = typer.Option(
         None, "--method", help="Fold at a budget with a registered method (listed by layerfold fold --help)."
     ),
@@ -222,6 +232,8 @@ def _fold(
             ("share", share.value if share else None),
             ("fit", fit.value if fit else None),
             ("whiten", whiten),
+            ("relax", relax),
+            ("private", private),
         )
         if value is not None
     }
@@ -287,10 +299,10 @@ def _fold(
 
 
 # ---- fold's method flags, generated from the registered methods' options ------------------------------------
-# --rank, --share, --fit and --whiten are fold's own flags (they serve --strategy too) and reach the tie methods.
+# --rank, --share, --fit, --whiten, --relax and --private are fold's own flags (they serve --strategy too) and reach the tie methods.
 # The registry imports torch (seconds), so the flags are generated only when the fold command runs or shows its
 # help (``main`` asks for them); ``layerfold --help`` and the other commands start without them.
-_OWN_FLAGS = ("rank", "share", "fit", "whiten")
+_OWN_FLAGS = ("rank", "share", "fit", "whiten", "relax", "private")
 METHOD_FLAGS: dict[str, dict] = {}
 
 

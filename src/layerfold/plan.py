@@ -88,12 +88,16 @@ class FoldPlan:
         whiten: bool = False,
         provenance: dict[str, Any] | None = None,
         init: str | None = None,
+        relax: str | dict[str, str] = "lora",
+        private: int = 0,
+        seed: int = 0,
     ) -> "FoldPlan":
         """Tie each group of two or more layers (a one-layer group is just a unique layer) and drop ``drop``.
         ``fit``: the shared weights are the ``average`` of a group's layers, one layer each (``lower`` or
         ``stepwise``, see ``operations.tie.spec.init_sources``), or their least-squares fit on calibration
         data (``lstsq``). ``whiten``: relaxations truncated in the space whitened by each layer's inputs
-        (calibration data). ``init`` is fit's earlier name."""
+        (calibration data). ``relax``, ``private``, ``seed``: the relaxations' form (``Tie``). ``init`` is fit's
+        earlier name."""
         fit = init if init is not None else fit
         groups = [sorted(int(i) for i in g) for g in groups]
         drop = sorted(int(i) for i in drop)
@@ -105,7 +109,8 @@ class FoldPlan:
         _check_fit(fit)
         tied = [g for g in groups if len(g) >= 2]
         operations: list[Operation] = [
-            Tie(layers=g, share=share, sources=s, rank=rank, share_bias=share_bias, whiten=whiten, **_tie_fit(fit))
+            Tie(layers=g, share=share, sources=s, rank=rank, share_bias=share_bias, whiten=whiten, relax=relax,
+                private=private, seed=seed, **_tie_fit(fit))  # fmt: skip
             for g, s in zip(tied, init_sources(tied, fit))
         ]
         if drop:
@@ -196,6 +201,14 @@ class FoldPlan:
                 parts.append(f"share={ties[0].share}, fit={self._fit_name()}, rank={ties[0].rank}{whitened}")
             else:
                 parts.append(f"{len(ties)} tie groups")
+            forms = {json.dumps(t.relax, sort_keys=True) for t in ties} - {'"lora"'}
+            if forms:
+                private = {t.private for t in ties} - {0}
+                parts.append("relax=" + "; ".join(sorted(f.strip('"') for f in forms))
+                             + (f", private rank {min(private)}" if private else ""))  # fmt: skip
+            if any("vera" in json.dumps(t.relax) for t in ties):
+                seeds = sorted({t.seed for t in ties})
+                parts.append(f"VeRA bases made from seed {', '.join(map(str, seeds))} on load, not stored")
         if self.merges():
             parts.append(f"{len(self.merges())} LaCo merges")
         factors = self.factors()

@@ -21,6 +21,10 @@ class TieOptions:
         with calibration data), so that they correct outputs rather than weights.
     share: what a tie group shares: all, attention or mlp.
     share_bias: tie the biases too (by default each layer keeps its own).
+    relax: the relaxations' form: lora (private factors), vera (shared frozen random bases, two vectors per
+        layer; rank is the bases'), svfit (a fixed SVD whose singular values train) or mos (a pool of rank vectors
+        each group shares, plus a private LoRA of rank --private).
+    private: mos only: each layer's private LoRA rank beside the pool.
     """
 
     rank: Union[int, str, dict] = 0
@@ -28,13 +32,15 @@ class TieOptions:
     share: str = "all"
     share_bias: bool = False
     whiten: Optional[bool] = None
+    relax: str = "lora"
+    private: int = 0
 
     def tie_options(self, calibration=None) -> dict[str, Any]:
         """The keywords of ``FoldPlan.from_groups`` (and its patterns) these options set; relaxations are whitened
         unless asked otherwise when there is calibration data."""
         whiten = self.whiten if self.whiten is not None else whitens_by_default(self.rank, calibration is not None)
         return {"rank": self.rank, "fit": self.fit, "share": self.share, "share_bias": self.share_bias,
-                "whiten": whiten}  # fmt: skip
+                "whiten": whiten, "relax": self.relax, "private": self.private}  # fmt: skip
 
 
 def whitens_by_default(rank, calibrated: bool) -> bool:

@@ -15,7 +15,8 @@ from ...families import Family, is_transposed, linear_weight
 from ...store import FoldState, ensure_path
 from ..base import Recipe
 from ..factor.decompose import decompose
-from .modules import SharedProjection, TiedLinear
+from .forms import make_form
+from .modules import FormTiedLinear, SharedProjection, TiedLinear
 from .relax import lora_from_delta, resolve_rank
 from .spec import Tie
 
@@ -63,45 +64,55 @@ def relaxation(
 
 
 def build(model: nn.Module, family: Family, key: str, op: Tie, state: FoldState) -> None:
-    """Replace the shared projections of ``op``'s layers by TiedLinear modules over one SharedProjection each,
-    held in ``state[key]``."""
+    """Replace the shared projections of ``op``'s layers by TiedLinear modules (or, for another relaxation form,
+    FormTiedLinear) over one SharedProjection each, held in ``state[key]``."""
     layers = family.layer_list(model)
     entry = nn.Module()
     for path in family.shared_projections(op.share):
         template = layers[op.layers[0]].get_submodule(path)
+        kind = family.kind_of(path)
+        shape = tuple(linear_weight(template).shape)
+        form_name = op.relax_for(path, kind)
+        form = make_form(form_name, private=op.private) if form_name != "lora" else None
+        rank = op.form_rank(path, kind, shape) if form else resolve_rank(op.rank_for(path, kind), shape)
+        pool = form.pool_shapes(rank, *shape) if form else {}
         share_bias = op.share_bias and template.bias is not None
         shared = SharedProjection(
             torch.empty_like(template.weight),
             torch.empty_like(template.bias) if share_bias else None,
             transposed=is_transposed(template),
+            pool={name: template.weight.new_empty(size) for name, size in pool.items()},
         )
         ensure_path(entry, path).add_module(path.rsplit(".", 1)[-1], shared)
         for i in op.layers:
             original = layers[i].get_submodule(path)
-            tied = TiedLinear(
-                shared,
-                transposed=is_transposed(original),
-                bias=None if shared.bias is not None else original.bias,
-                rank=resolve_rank(op.rank_for(path, family.kind_of(path)), tuple(linear_weight(original).shape)),
-                dtype=original.weight.dtype,
-                device=original.weight.device,
-            )
+            common = dict(transposed=is_transposed(original), bias=None if shared.bias is not None else original.bias,
+                          rank=rank, dtype=original.weight.dtype, device=original.weight.device)  # fmt: skip
+            tied = FormTiedLinear(shared, form, seed=op.seed, **common) if form else TiedLinear(shared, **common)
             tied.op_key = key
             layers[i].set_submodule(path, tied)
     state[key] = entry
 
 
 def store_recipe(name: str, key: str, op: Tie, path: str, attr: str, module: nn.Module) -> Recipe:
-    """A shared weight (or bias): fitted to the sources' tensors (the mean, or for a weight least squares)."""
+    """A shared weight (or bias): fitted to the sources' tensors (the mean, or for a weight least squares); a
+    relaxation form's pool: fitted to every tied layer's residual."""
     detail = {"attr": attr, "transposed": module.transposed}
+    if attr not in ("weight", "bias"):
+        inputs = [(i, f"{path}.weight") for i in dict.fromkeys([*op.sources, *op.layers])]
+        return Recipe(name, "pool", inputs, key, (path,), detail)
     return Recipe(name, "shared", [(i, f"{path}.{attr}") for i in op.sources], key, (path,), detail)
 
 
 def layer_recipe(name: str, key: str, op: Tie, layer: int, path: str, attr: str, module: nn.Module) -> Recipe | None:
-    """A tied layer's relaxation factor; its bias (not shared) is copied (None)."""
+    """A tied layer's relaxation tensor (LoRA factor or its form's); its bias (not shared) is copied (None)."""
+    inputs = [(j, f"{path}.weight") for j in op.sources] + [(layer, f"{path}.weight")]
+    if isinstance(module, FormTiedLinear) and attr in module.form.layer_shapes(module.form_rank, 1, 1):
+        detail = {"layer": layer, "attr": attr, "transposed": module.transposed, "form": module.form.name,
+                  "rank": module.form_rank}  # fmt: skip
+        return Recipe(name, "form", inputs, key, (path,), detail)
     if attr not in ("lora_A", "lora_B"):
         return None
-    inputs = [(j, f"{path}.weight") for j in op.sources] + [(layer, f"{path}.weight")]
     detail = {"layer": layer, "rank": module.rank, "transposed": module.transposed}
     return Recipe(name, attr, inputs, key, (path,), detail)
 
@@ -136,6 +147,7 @@ def compute(op: Tie, unit: list[Recipe], values: dict, context) -> tuple:
         else:
             shared[recipe.detail["attr"]] = average(members)
         yield recipe.name, shared[recipe.detail["attr"]]
+    yield from _form_tensors(op, unit, values, shared["weight"], transposed, gram)
     factors: dict[int, tuple] = {}
     for recipe in unit:
         if recipe.role in ("lora_A", "lora_B"):
@@ -152,6 +164,28 @@ def compute(op: Tie, unit: list[Recipe], values: dict, context) -> tuple:
             yield recipe.name, factors[i][0 if recipe.role == "lora_A" else 1]
 
 
+def _form_tensors(op: Tie, unit: list[Recipe], values: dict, shared: torch.Tensor, transposed: bool, gram):
+    """A relaxation form's pool and per-layer tensors of one projection, fitted together to every tied layer's
+    residual (original − shared, nn.Linear layout, float64), whitened by each layer's inputs with ``whiten``."""
+    wanted = [r for r in unit if r.role in ("pool", "form")]
+    if not wanted:
+        return
+    path = unit[0].unit[0]
+    shared_weight = (shared.t() if transposed else shared).double()
+    residuals = {}
+    for i in op.layers:
+        weight = values[i, f"{path}.weight"]
+        residuals[i] = (weight.t() if transposed else weight).double() - shared_weight
+    detail = next(r.detail for r in wanted if r.role == "form")  # every form stores per-layer tensors
+    form = make_form(detail["form"], private=op.private)
+    grams = {i: gram(i) if op.whiten else None for i in op.layers}
+    pool, layers = form.fit(residuals, grams, detail["rank"], op.seed)
+    for recipe in wanted:
+        attr = recipe.detail["attr"]
+        tensor = pool[attr] if recipe.role == "pool" else layers[recipe.detail["layer"]][attr]
+        yield recipe.name, tensor.to(recipe.dtype).contiguous()
+
+
 def sync(model: nn.Module, family: Family, key: str, op: Tie, kept: list[int]) -> None:
     """Make ``op`` say the relaxation ranks its layers have, before a save: a PEFT LoRA merged into a tied layer
     (``TiedLinear.add_low_rank``) grows that layer's rank. Per projection, every layer of the group then gets
@@ -163,6 +197,7 @@ def sync(model: nn.Module, family: Family, key: str, op: Tie, kept: list[int]) -
     for path in family.shared_projections(op.share):
         modules = [layers[position[i]].get_submodule(path) for i in op.layers if i in position]
         if not modules or not all(isinstance(m, TiedLinear) for m in modules):
+            ranks[path] = op.rank_for(path, family.kind_of(path))  # a form relaxation: as planned
             continue
         limit = min(modules[0].out_features, modules[0].in_features)
         planned = resolve_rank(op.rank_for(path, family.kind_of(path)), (modules[0].out_features, limit))

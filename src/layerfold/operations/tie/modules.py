@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import FoldedProjection
+from .forms import Form
+from .forms.mos import pooled_side
 
 
 class SharedProjection(nn.Module):
@@ -20,40 +22,32 @@ class SharedProjection(nn.Module):
     The weight keeps the original module's layout: (out, in) for nn.Linear, (in, out) for GPT-2's Conv1D.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, transposed: bool = False) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        transposed: bool = False,
+        pool: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.transposed = transposed  # the weight is (in, out) (Conv1D)
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias) if bias is not None else None
+        for name, tensor in (pool or {}).items():  # a relaxation form's tensors shared by the group (MoS's pool)
+            self.register_parameter(name, nn.Parameter(tensor))
 
 
-class TiedLinear(FoldedProjection):
-    """A projection computed from its group's shared weight plus this layer's own LoRA relaxation:
-    ``y = x W_sharedᵀ + (x Aᵀ) Bᵀ + b``."""
+class TiedPosition(FoldedProjection):
+    """What every tied layer position is: its group's shared weight (held by the store: a tuple hides it from
+    nn.Module registration, so every shared tensor appears once in ``parameters()`` and ``state_dict()``) and its
+    own bias (or the group's shared one)."""
 
-    def __init__(
-        self,
-        shared: SharedProjection,
-        *,
-        transposed: bool,
-        bias: nn.Parameter | None,
-        rank: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
+    def __init__(self, shared: SharedProjection, *, transposed: bool, bias: nn.Parameter | None) -> None:
         super().__init__()
-        # A tuple hides the shared module from nn.Module registration: it is owned by the FoldState.
         self._shared = (shared,)
         self.transposed = transposed
         self.bias = bias
-        self.rank = rank
-        out_features, in_features = self.out_features, self.in_features
-        if rank > 0:
-            self.lora_A = nn.Parameter(torch.zeros(rank, in_features, dtype=dtype, device=device))
-            self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
-        else:
-            self.register_parameter("lora_A", None)
-            self.register_parameter("lora_B", None)
 
     @property
     def shared(self) -> SharedProjection:
@@ -72,14 +66,43 @@ class TiedLinear(FoldedProjection):
     def out_features(self) -> int:
         return self.shared.weight.shape[1 if self.transposed else 0]
 
+    def shared_weight(self) -> torch.Tensor:
+        """The shared weight in nn.Linear layout (out, in)."""
+        return self.shared.weight.t() if self.transposed else self.shared.weight
+
     def merged_bias(self) -> torch.Tensor | None:
         return self.bias if self.bias is not None else self.shared.bias
 
-    def relaxation_parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.lora_A, self.lora_B) if p is not None]
-
     def shared_modules(self) -> list[nn.Module]:
         return [self.shared]
+
+
+class TiedLinear(TiedPosition):
+    """A projection computed from its group's shared weight plus this layer's own LoRA relaxation:
+    ``y = x W_sharedᵀ + (x Aᵀ) Bᵀ + b``."""
+
+    def __init__(
+        self,
+        shared: SharedProjection,
+        *,
+        transposed: bool,
+        bias: nn.Parameter | None,
+        rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__(shared, transposed=transposed, bias=bias)
+        self.rank = rank
+        out_features, in_features = self.out_features, self.in_features
+        if rank > 0:
+            self.lora_A = nn.Parameter(torch.zeros(rank, in_features, dtype=dtype, device=device))
+            self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        else:
+            self.register_parameter("lora_A", None)
+            self.register_parameter("lora_B", None)
+
+    def relaxation_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.lora_A, self.lora_B) if p is not None]
 
     def add_low_rank(self, lora_b: torch.Tensor, lora_a: torch.Tensor) -> None:
         """Append the update to this layer's relaxation (its rank grows by the update's); exact."""
@@ -108,18 +131,60 @@ class TiedLinear(FoldedProjection):
         self.lora_B = nn.Parameter(lora_b.contiguous(), requires_grad=trainable)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.shared.weight.t() if self.transposed else self.shared.weight
-        y = F.linear(x, weight, self.merged_bias())
+        y = F.linear(x, self.shared_weight(), self.merged_bias())
         if self.lora_A is not None:
             y = y + F.linear(F.linear(x, self.lora_A), self.lora_B)
         return y
 
     def merged_weight(self) -> torch.Tensor:
         """This layer's effective weight, in nn.Linear layout (out, in)."""
-        weight = self.shared.weight.t() if self.transposed else self.shared.weight
+        weight = self.shared_weight()
         if self.lora_A is not None:
             weight = weight + self.lora_B @ self.lora_A
         return weight
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class FormTiedLinear(TiedPosition):
+    """A tied projection whose relaxation has another form than a private LoRA (``forms``: VeRA, SVFit, a MoS
+    pool): ``y = x W_sharedᵀ + form(x) + b``. The form's per-position tensors are this module's parameters; its
+    pooled ones live in the shared projection; regenerated ones (VeRA's bases) are made by the form."""
+
+    def __init__(
+        self,
+        shared: SharedProjection,
+        form: Form,
+        *,
+        transposed: bool,
+        bias: nn.Parameter | None,
+        rank: int,
+        seed: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__(shared, transposed=transposed, bias=bias)
+        self.form, self.form_rank, self.seed = form, rank, seed
+        self.pooled_side = pooled_side(self.out_features, self.in_features)
+        for name, shape in form.layer_shapes(rank, self.out_features, self.in_features).items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype, device=device)))
+
+    def relaxation_parameters(self) -> list[nn.Parameter]:
+        """The form's trainable per-position tensors and its pool (what ``--train relax`` trains)."""
+        own = [getattr(self, name) for name in self.form.trainable if hasattr(self, name)]
+        pool = [getattr(self.shared, name) for name in self.form.pool_shapes(self.form_rank, 1, 1)]
+        return own + pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.shared_weight(), self.merged_bias()) + self.form.output(self, x)
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.shared_weight() + self.form.weight(self)
+
+    def remove_low_rank(self, rank: int) -> None:
+        raise NotImplementedError("a form relaxation takes no merged low-rank update")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, relax={self.form.name}, "
+                f"rank={self.form_rank}")  # fmt: skip

@@ -11,6 +11,26 @@ from ..base import Operation, Rank, check_bool, check_layer_list, check_rank, so
 
 SHARE_CHOICES = ("all", ATTENTION, MLP)
 FIT_CHOICES = ("mean", "lstsq")
+# The relaxation forms (``forms``: one file each; ``lora`` is TiedLinear's own).
+FORM_CHOICES = ("lora", "vera", "svfit", "mos")
+
+
+def check_form(form: str, rank: int, private: int, shape: tuple[int, int], where: str) -> None:
+    """The sizes a relaxation form can take for an (out, in) projection; one line otherwise."""
+    out_features, in_features = shape
+    if form == "vera" and rank < 1:
+        raise LayerfoldError(f"{where}: a vera relaxation needs a rank of at least 1 (the bases' rank), got {rank}")
+    if form == "mos":
+        largest = max(shape)  # the pooled side: a pool that spans it reproduces the original
+        if not 1 <= rank <= largest:
+            raise LayerfoldError(f"{where}: a mos pool needs 1 to {largest} vectors for a {out_features}x"
+                                 f"{in_features} projection, got {rank}")  # fmt: skip
+        if private > min(shape):
+            raise LayerfoldError(f"{where}: private rank {private} is out of range for a {out_features}x"
+                                 f"{in_features} projection (at most {min(shape)})")  # fmt: skip
+    elif form in ("svfit", "lora") and rank > min(shape):
+        raise LayerfoldError(f"{where}: rank {rank} is larger than a {out_features}x{in_features} projection "
+                             f"allows (at most {min(shape)})")  # fmt: skip
 
 
 @dataclass
@@ -23,7 +43,11 @@ class Tie(Operation):
     relaxation of ``rank`` initialised from the truncated SVD of (original − shared) — with ``whiten``, in the
     space whitened by that layer's inputs, so that it corrects the layer's outputs rather than its weights.
     ``rank``: 0 for none, an int, ``"full"`` (exact), or a mapping from a projection kind
-    (``attention``/``mlp``), name (``q_proj``) or path (``self_attn.q_proj``) to a rank."""
+    (``attention``/``mlp``), name (``q_proj``) or path (``self_attn.q_proj``) to a rank.
+    ``relax``: the relaxation's form, for all projections or as such a mapping: ``lora`` (private factors),
+    ``vera`` (frozen random bases made again from ``seed``, two vectors per position; ``rank`` is the bases'),
+    ``svfit`` (a fixed SVD whose singular values train) or ``mos`` (a pool of ``rank`` vectors the group shares,
+    one factor per position, plus a private LoRA of rank ``private``); see ``forms``."""
 
     kind = "tie"
 
@@ -34,6 +58,9 @@ class Tie(Operation):
     share_bias: bool = False
     fit: str = "mean"
     whiten: bool = False
+    relax: str | dict[str, str] = "lora"
+    seed: int = 0
+    private: int = 0
 
     def __post_init__(self) -> None:
         self.layers = sorted_layers(self.layers)
@@ -52,6 +79,15 @@ class Tie(Operation):
         if self.fit not in FIT_CHOICES:
             raise LayerfoldError(f"{where}.fit: must be one of {', '.join(FIT_CHOICES)}, got {self.fit!r}")
         check_bool(self.whiten, f"{where}.whiten")
+        forms = self.relax.items() if isinstance(self.relax, dict) else [(None, self.relax)]
+        for key, value in forms:
+            if value not in FORM_CHOICES:
+                name = f"{where}.relax" if key is None else f"{where}.relax[{key!r}]"
+                raise LayerfoldError(f"{name}: must be one of {', '.join(FORM_CHOICES)}, got {value!r}")
+        for name in ("seed", "private"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LayerfoldError(f"{where}.{name}: must be a non-negative integer, got {value!r}")
 
     def needs_calibration(self) -> bool:
         """Whether computing this tie needs its layers' calibration Gram matrices."""
@@ -59,28 +95,39 @@ class Tie(Operation):
 
     def rank_for(self, projection: str, kind: str) -> Rank:
         """The relaxation rank of one projection (path relative to a block, e.g. ``self_attn.q_proj``)."""
-        if not isinstance(self.rank, dict):
-            return self.rank
-        leaf = projection.rsplit(".", 1)[-1]
-        for key in (projection, leaf, kind):
-            if key in self.rank:
-                return self.rank[key]
-        return 0
+        return _per_projection(self.rank, projection, kind, 0)
+
+    def relax_for(self, projection: str, kind: str) -> str:
+        """The relaxation form of one projection: ``lora`` or a name of ``forms.FORMS``."""
+        return _per_projection(self.relax, projection, kind, "lora")
+
+    def form_rank(self, projection: str, kind: str, shape: tuple[int, int]) -> int:
+        """A form relaxation's rank as an int (``full``: the largest its form can use)."""
+        rank = self.rank_for(projection, kind)
+        if rank != "full":
+            return int(rank)
+        return max(shape) if self.relax_for(projection, kind) == "mos" else min(shape)
 
     def validate(self, family, layers, where: str) -> None:
-        if isinstance(self.rank, dict):
-            allowed = {ATTENTION, MLP} | set(family.projections) | {p.rsplit(".", 1)[-1] for p in family.projections}
-            for key in self.rank:
+        allowed = {ATTENTION, MLP} | set(family.projections) | {p.rsplit(".", 1)[-1] for p in family.projections}
+        for field_name in ("rank", "relax"):
+            for key in getattr(self, field_name) if isinstance(getattr(self, field_name), dict) else ():
                 if key not in allowed:
                     raise LayerfoldError(
-                        f"{where}.rank[{key!r}]: unknown projection for {family.model_type} "
+                        f"{where}.{field_name}[{key!r}]: unknown projection for {family.model_type} "
                         f"(use one of: {', '.join(sorted(allowed))})"
                     )
         block = layers[self.layers[0]]
         for projection in family.shared_projections(self.share):
-            rank = self.rank_for(projection, family.kind_of(projection))
+            kind = family.kind_of(projection)
+            rank = self.rank_for(projection, kind)
             out_features, in_features = linear_weight(block.get_submodule(projection)).shape
-            if rank != "full" and rank > min(out_features, in_features):
+            form = self.relax_for(projection, kind)
+            if form != "lora":
+                shape = (out_features, in_features)
+                check_form(form, self.form_rank(projection, kind, shape), self.private, shape,
+                           f"{where}.rank ({projection}, {form})")  # fmt: skip
+            elif rank != "full" and rank > min(out_features, in_features):
                 raise LayerfoldError(
                     f"{where}.rank: rank {rank} is larger than {projection} allows "
                     f"({out_features}x{in_features}, at most {min(out_features, in_features)})"
@@ -89,7 +136,22 @@ class Tie(Operation):
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
         data["rank"] = dict(self.rank) if isinstance(self.rank, dict) else self.rank
+        data["relax"] = dict(self.relax) if isinstance(self.relax, dict) else self.relax
+        for name, default in (("relax", "lora"), ("seed", 0), ("private", 0)):
+            if data[name] == default:
+                del data[name]  # plans of private-LoRA ties read as before forms existed
         return data
+
+
+def _per_projection(value: Any, projection: str, kind: str, default: Any) -> Any:
+    """A tie setting for one projection: the value itself, or from a mapping by path, name or kind."""
+    if not isinstance(value, dict):
+        return value
+    leaf = projection.rsplit(".", 1)[-1]
+    for key in (projection, leaf, kind):
+        if key in value:
+            return value[key]
+    return default
 
 
 def init_sources(groups: list[list[int]], init: str) -> list[list[int]]:

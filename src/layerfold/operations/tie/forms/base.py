@@ -1,0 +1,63 @@
+"""What a relaxation form is: how a tied layer position buys back what sharing lost, other than a private LoRA.
+
+A form says which tensors each position stores (``layer_shapes``) and which its group stores once, in the
+shared projection of the store (``pool_shapes``); how they change the layer's output (``output``) and weight
+(``weight``); which of them ``heal --train relax`` trains (``trainable``, plus the pool); and how they are
+fitted to a layer's residual (original − shared weight), data-aware where its form allows: in the space
+whitened by each layer's calibration inputs (``fit``), so that they correct outputs rather than weights.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ...factor.decompose import whitening_factor
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+class Form:
+    name: ClassVar[str] = ""
+    trainable: ClassVar[tuple[str, ...]] = ()  # the per-position tensors heal's ``--train relax`` trains
+    # Tensors the checkpoint does not store and the form makes again (VeRA's random bases), per projection.
+    regenerated: ClassVar[str] = ""
+
+    def layer_shapes(self, rank: int, out_features: int, in_features: int) -> Shapes:
+        raise NotImplementedError
+
+    def pool_shapes(self, rank: int, out_features: int, in_features: int) -> Shapes:
+        return {}
+
+    def output(self, module, x: torch.Tensor) -> torch.Tensor:
+        """What the relaxation adds to the layer's output for inputs ``x`` (…, in)."""
+        raise NotImplementedError
+
+    def weight(self, module) -> torch.Tensor:
+        """What the relaxation adds to the layer's weight (out × in)."""
+        raise NotImplementedError
+
+    def fit(
+        self, residuals: dict[int, torch.Tensor], grams: dict[int, torch.Tensor | None], rank: int, seed: int
+    ) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+        """The pool and each position's tensors (float64) for the residuals Δᵢ = Wᵢ − W (out × in, float64) of
+        one projection over a group; ``grams[i]`` the inputs' XᵀX of position i (None: plain, unwhitened)."""
+        raise NotImplementedError
+
+
+def whitened_svd(delta: torch.Tensor, gram: torch.Tensor | None, rank: int, where: str = ""):
+    """(U, s, V) with U diag(s) V the best rank-``rank`` approximation of ``delta`` in the norm of its outputs on
+    the inputs whose Gram matrix is ``gram`` (the plain SVD without one): U orthonormal (out × r), V (r × in)."""
+    if gram is None:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank]
+    whitener = whitening_factor(gram, where)
+    u, s, vh = torch.linalg.svd(delta @ whitener, full_matrices=False)
+    v = torch.linalg.solve_triangular(whitener, vh[:rank], upper=False, left=False)  # Vᵀ S⁻¹
+    return u[:, :rank], s[:rank], v
+
+
+def inner(left: torch.Tensor, right: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
+    """Row-space products ``left · G · rightᵀ`` (plain ``left · rightᵀ`` without a Gram matrix)."""
+    return left @ right.T if gram is None else left @ gram @ right.T

@@ -1,0 +1,151 @@
+"""Relaxation forms of tied layers (VeRA, SVFit, a MoS pool) on tiny models of every family: save → load
+bit-identical, export equal, streamed == in-memory, full size reproduces the original where the form can,
+parameter counts are what the checkpoint stores, VeRA's bases are made again identically in another process,
+and bad sizes are one clear line."""
+
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import FAMILY_NAMES, assert_same_checkpoint, build_tiny, in_memory_fold, outputs, sample_inputs
+from safetensors import safe_open
+
+import layerfold
+from layerfold import FoldPlan, LayerfoldError
+from layerfold.calibrate import Calibration
+from layerfold.families import family_of
+from layerfold.folding import fold
+from layerfold.heal.trainable import select_trainable
+from layerfold.operations.tie.forms import FORMS
+from layerfold.operations.tie.modules import FormTiedLinear
+from layerfold.operations.tie.spec import FORM_CHOICES
+from layerfold.report import parameter_breakdown
+from layerfold.stream import stream_fold
+
+
+def batches(model=None) -> list[dict]:
+    return [sample_inputs(seed=s, batch=2, length=16) for s in range(3)]
+
+
+def form_plan(model, relax, rank, **options) -> FoldPlan:
+    """Every layer tied into groups of two (the last three if odd), least squares, whitened, in ``relax``."""
+    layers = len(family_of(model).layer_list(model))
+    groups = [list(range(i, min(i + 2, layers))) for i in range(0, layers, 2)]
+    if len(groups[-1]) == 1:
+        groups[-2:] = [groups[-2] + groups[-1]]
+    plan = FoldPlan.from_groups(groups, num_layers=layers, rank=rank, fit="lstsq", whiten=True)
+    for op in plan.ties():
+        op.relax = relax
+        for name, value in options.items():
+            setattr(op, name, value)
+    return plan
+
+
+def folded(model, plan):
+    statistics = Calibration(model, batches()).statistics(progress=False)
+    return fold(copy.deepcopy(model), plan, calibration=statistics, progress=False)
+
+
+SETTINGS = {"vera": (16, {"seed": 3}), "svfit": (4, {}), "mos": (4, {"private": 2})}
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("relax", sorted(FORMS))
+def test_a_form_saves_loads_exports_and_streams_the_same(relax, family, tmp_path):
+    model = build_tiny(family)
+    rank, options = SETTINGS[relax]
+    plan = form_plan(model, relax, rank, **options)
+    fold_ = folded(model, plan)
+    assert any(isinstance(m, FormTiedLinear) for m in fold_.modules())
+    inputs = sample_inputs()
+    layerfold.save(fold_, tmp_path / "folded")
+    loaded = layerfold.load(tmp_path / "folded")
+    assert torch.equal(outputs(loaded, inputs), outputs(fold_, inputs))
+    layerfold.export(tmp_path / "folded", tmp_path / "plain")
+    plain = layerfold.load_source(tmp_path / "plain")
+    torch.testing.assert_close(outputs(plain, inputs), outputs(fold_, inputs), rtol=1e-4, atol=1e-4)
+
+    # What the checkpoint stores is what is counted: every stored float once, VeRA's bases nowhere.
+    stored = 0
+    for path in (tmp_path / "folded").glob("*.safetensors"):
+        with safe_open(path, "pt") as weights:
+            stored += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    assert stored == parameter_breakdown(fold_)["total"]
+
+    source = tmp_path / "original"
+    model.save_pretrained(source)
+    stream_fold(source, tmp_path / "streamed", plan, calibration=batches, progress=False)
+    assert_same_checkpoint(tmp_path / "streamed", in_memory_fold(source, plan, tmp_path / "memory", batches))
+
+
+@pytest.mark.parametrize("relax", ["svfit", "mos"])
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
+def test_the_largest_setting_reproduces_the_original(relax, family):
+    model = build_tiny(family)
+    fold_ = folded(model, form_plan(model, relax, "full"))
+    inputs = sample_inputs()
+    assert (outputs(fold_, inputs) - outputs(model, inputs)).abs().max() <= 1e-4
+
+
+def test_a_mos_pool_is_one_tensor_per_group_and_projection():
+    model = build_tiny("llama")
+    fold_ = folded(model, form_plan(model, "mos", 4))
+    pools = {id(m.shared.mos_pool) for m in fold_.modules() if isinstance(m, FormTiedLinear)}
+    groups, projections = len(form_plan(model, "mos", 4).ties()), len(family_of(model).projections)
+    assert len(pools) == groups * projections
+
+
+def test_pooled_relaxations_fit_better_than_none_and_relax_trains_only_them():
+    model = build_tiny("llama")
+    inputs = sample_inputs()
+    reference = outputs(model, inputs)
+    bare = (outputs(folded(model, form_plan(model, "lora", 0)), inputs) - reference).pow(2).mean()
+    for relax in sorted(FORMS):
+        rank, options = SETTINGS[relax]
+        fold_ = folded(model, form_plan(model, relax, rank, **options))
+        assert (outputs(fold_, inputs) - reference).pow(2).mean() < bare, relax
+        counts = select_trainable(fold_, "relax", norms=False)
+        relaxations = {id(p): p for m in fold_.modules() if isinstance(m, FormTiedLinear)
+                       for p in m.relaxation_parameters()}  # fmt: skip
+        assert counts["trainable"] == sum(p.numel() for p in relaxations.values()) > 0, relax
+        assert not any(m.shared.weight.requires_grad for m in fold_.modules() if isinstance(m, FormTiedLinear))
+
+
+def test_every_registered_form_is_a_plan_choice():
+    assert FORM_CHOICES == ("lora", *FORMS)
+
+
+def test_vera_bases_are_the_same_in_another_process():
+    from layerfold.operations.tie.forms.vera import bases
+
+    here = bases(7, 16, 24, 32)
+    code = ("import torch; from layerfold.operations.tie.forms.vera import bases; a, b = bases(7, 16, 24, 32); "
+            "print(repr(float(a.double().sum())), repr(float(b.double().pow(2).sum())))")  # fmt: skip
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert [float(v) for v in there] == [float(here[0].sum()), float(here[1].pow(2).sum())]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"relax": "kron"}, r"relax: must be one of lora, vera, svfit, mos, got 'kron'"),
+        ({"relax": "vera", "rank": 0}, r"a vera relaxation needs a rank of at least 1"),
+        ({"relax": "mos", "rank": 10_000}, r"a mos pool needs 1 to \d+ vectors"),
+        ({"relax": "mos", "rank": 4, "private": 10_000}, r"private rank 10000 is out of range"),
+        ({"relax": "svfit", "seed": -1}, r"seed: must be a non-negative integer"),
+    ],
+)
+def test_bad_form_settings_are_one_clear_line(change, message):
+    model = build_tiny("llama")
+    plan = form_plan(model, "lora", 4)
+    data = plan.to_dict()
+    for op in data["operations"]:
+        if op["op"] == "tie":
+            op.update(change)
+    with pytest.raises(LayerfoldError, match=message):
+        FoldPlan.from_dict(data).validate(model)
