@@ -149,3 +149,18 @@ def test_bad_form_settings_are_one_clear_line(change, message):
             op.update(change)
     with pytest.raises(LayerfoldError, match=message):
         FoldPlan.from_dict(data).validate(model)
+
+
+@pytest.mark.parametrize("relax", ["lora", *sorted(FORMS)])
+def test_the_counted_relaxation_size_is_what_the_fold_stores(relax):
+    """The planner fills a budget with ``relaxation_params``: it must be what the fold really holds."""
+    from layerfold.operations.tie.build import relaxation_params
+
+    model = build_tiny("llama")
+    rank, options = SETTINGS.get(relax, (4, {}))
+    plan = form_plan(model, relax, rank, **options)
+    bare = form_plan(model, "lora", 0)
+    blocks = family_of(model).layer_list(model)
+    counted = sum(relaxation_params(op, family_of(model), blocks[op.layers[0]]) for op in plan.ties())
+    measured = parameter_breakdown(folded(model, plan))["blocks"] - parameter_breakdown(folded(model, bare))["blocks"]
+    assert counted == measured

@@ -36,9 +36,10 @@ from .budget import Budget, kept_fractions
 from .calibrate import Calibration
 from .errors import LayerfoldError
 from .evaluate import is_causal_lm, kl_sum_of, mean_pool
-from .families import family_of, projection_shape
+from .families import family_of
 from .folding import fold
 from .methods import registry
+from .operations.tie.build import max_relaxation_rank, relaxation_params
 from .plan import FoldPlan
 from .report import markdown_table, parameter_breakdown
 
@@ -129,11 +130,28 @@ def _key(plan: FoldPlan) -> str:
     return json.dumps(plan.to_dict()["operations"], sort_keys=True)
 
 
-def _relaxation_cost(model: nn.Module, tied_layers: int) -> int:
-    """Parameters one unit of LoRA rank costs over ``tied_layers`` layers (every projection: in + out)."""
+def _filling_rank(model: nn.Module, plan: FoldPlan, statistics, allowed: int, counted_key: str) -> int:
+    """The largest relaxation rank (every projection of every tie alike, in each tie's form) that keeps the
+    fold within ``allowed`` parameters: the fold without relaxations, plus what the forms store at that rank."""
     family = family_of(model)
-    block = family.layer_list(model)[0]
-    return tied_layers * sum(sum(projection_shape(block.get_submodule(p))) for p in family.projections)
+    blocks = family.layer_list(model)
+    forms = [(op.rank, op.relax) for op in plan.ties()]
+    for op in plan.ties():
+        op.rank, op.relax = 0, "lora"
+    size = fold(copy.deepcopy(model), plan, calibration=statistics, progress=False, sequential=False)
+    base = parameter_breakdown(size)[counted_key]
+    del size
+    for op, (rank, relax) in zip(plan.ties(), forms):
+        op.rank, op.relax = rank, relax
+
+    def cost(rank: int) -> int:
+        return sum(relaxation_params(op, family, blocks[op.layers[0]], rank) for op in plan.ties())
+
+    low, high = 0, min(max_relaxation_rank(op, family, blocks[op.layers[0]]) for op in plan.ties())
+    while low < high:  # the cost grows with the rank
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if base + cost(middle) <= allowed else (low, middle - 1)
+    return low
 
 
 @dataclass
@@ -288,11 +306,7 @@ def search(
                     statistics = calibration.statistics(progress=False)
                 fitted = statistics if plan.whitens() else None
                 if kind == "lora":
-                    tied = sum(len(op.layers) for op in plan.ties())
-                    size = fold(copy.deepcopy(model), plan, calibration=fitted, progress=False, sequential=False)
-                    base = parameter_breakdown(size)[counted_key]
-                    del size
-                    rank = (allowed - base) // max(_relaxation_cost(model, tied), 1)
+                    rank = _filling_rank(model, plan, fitted, allowed, counted_key)
                     if rank < 1:
                         raise LayerfoldError("no room for a relaxation of rank 1")
                     for op in plan.ties():

@@ -13,7 +13,10 @@ def plan(model, budget, calibration, options: TieOptions) -> FoldPlan:
 
 
 def candidates(analysis) -> list[Candidate]:
-    return [Candidate("tie: cycle", "tie"), Candidate("tie + LoRA: cycle", "lora")]
+    # The relaxation forms compete at the same budget: the planner fills each one's rank.
+    return [Candidate("tie: cycle", "tie"), Candidate("tie + LoRA: cycle", "lora"),
+            Candidate("tie + MoS pool: cycle", "lora", {"relax": "mos"}),
+            Candidate("tie + VeRA: cycle", "lora", {"relax": "vera"})]  # fmt: skip
 
 
 METHOD = register(

@@ -186,6 +186,33 @@ def _form_tensors(op: Tie, unit: list[Recipe], values: dict, shared: torch.Tenso
         yield recipe.name, tensor.to(recipe.dtype).contiguous()
 
 
+def relaxation_params(op: Tie, family: Family, block: nn.Module, rank: int | None = None) -> int:
+    """What ``op``'s relaxations store over its group (every projection, in its form), at ``rank`` for every
+    projection if given, else at the op's own ranks."""
+    total = 0
+    for path in family.shared_projections(op.share):
+        kind = family.kind_of(path)
+        shape = tuple(linear_weight(block.get_submodule(path)).shape)
+        form_name = op.relax_for(path, kind)
+        value = rank if rank is not None else (op.form_rank(path, kind, shape) if form_name != "lora"
+                                               else resolve_rank(op.rank_for(path, kind), shape))  # fmt: skip
+        if form_name == "lora":
+            total += len(op.layers) * value * sum(shape)
+        else:
+            total += make_form(form_name, private=op.private).params(value, *shape, len(op.layers))
+    return total
+
+
+def max_relaxation_rank(op: Tie, family: Family, block: nn.Module) -> int:
+    """The largest rank any projection of ``op`` can use in its form."""
+    ranks = []
+    for path in family.shared_projections(op.share):
+        shape = tuple(linear_weight(block.get_submodule(path)).shape)
+        form_name = op.relax_for(path, family.kind_of(path))
+        ranks.append(min(shape) if form_name == "lora" else make_form(form_name).max_rank(*shape))
+    return min(ranks)
+
+
 def sync(model: nn.Module, family: Family, key: str, op: Tie, kept: list[int]) -> None:
     """Make ``op`` say the relaxation ranks its layers have, before a save: a PEFT LoRA merged into a tied layer
     (``TiedLinear.add_low_rank``) grows that layer's rank. Per projection, every layer of the group then gets

@@ -9,6 +9,7 @@ whitened by each layer's calibration inputs (``fit``), so that they correct outp
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -26,6 +27,15 @@ class Form:
 
     def layer_shapes(self, rank: int, out_features: int, in_features: int) -> Shapes:
         raise NotImplementedError
+
+    def max_rank(self, out_features: int, in_features: int) -> int:
+        """The largest rank worth having (a search for the rank that fills a budget stops there)."""
+        return min(out_features, in_features)
+
+    def params(self, rank: int, out_features: int, in_features: int, positions: int) -> int:
+        """What the relaxations of one projection over a group of ``positions`` layers store."""
+        total = positions * sum(math.prod(s) for s in self.layer_shapes(rank, out_features, in_features).values())
+        return total + sum(math.prod(s) for s in self.pool_shapes(rank, out_features, in_features).values())
 
     def pool_shapes(self, rank: int, out_features: int, in_features: int) -> Shapes:
         return {}

@@ -73,6 +73,9 @@ class Mos(Form):
     def __init__(self, private: int = 0) -> None:
         self.private = private
 
+    def max_rank(self, out_features: int, in_features: int) -> int:
+        return max(out_features, in_features)
+
     def layer_shapes(self, rank: int, out_features: int, in_features: int):
         own = (out_features, rank) if pooled_side(out_features, in_features) == "in" else (rank, in_features)
         shapes = {"mos_own": own}

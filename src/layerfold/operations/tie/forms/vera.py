@@ -35,6 +35,9 @@ class Vera(Form):
     trainable = ("vera_d", "vera_b")
     regenerated = "VeRA's random bases A and B (from the plan's seed and each projection's shape)"
 
+    def max_rank(self, out_features: int, in_features: int) -> int:
+        return max(out_features, in_features)  # more random directions than the matrix has add little
+
     def layer_shapes(self, rank: int, out_features: int, in_features: int):
         return {"vera_d": (rank,), "vera_b": (out_features,)}
 
