@@ -55,6 +55,7 @@ bench: bench-setup
 	$(BIN)/python benchmarks/sweep.py
 	$(BIN)/python benchmarks/calib_mix.py
 	$(BIN)/python benchmarks/loss_mix.py
+	$(BIN)/python benchmarks/relax_forms.py --heal
 	$(BIN)/python benchmarks/heal.py
 	$(BIN)/python benchmarks/auto.py
 	$(BIN)/python benchmarks/scaling.py

@@ -130,7 +130,7 @@ def _key(plan: FoldPlan) -> str:
     return json.dumps(plan.to_dict()["operations"], sort_keys=True)
 
 
-def _filling_rank(model: nn.Module, plan: FoldPlan, statistics, allowed: int, counted_key: str) -> int:
+def filling_rank(model: nn.Module, plan: FoldPlan, statistics, allowed: int, counted_key: str) -> int:
     """The largest relaxation rank (every projection of every tie alike, in each tie's form) that keeps the
     fold within ``allowed`` parameters: the fold without relaxations, plus what the forms store at that rank."""
     family = family_of(model)
@@ -306,7 +306,7 @@ def search(
                     statistics = calibration.statistics(progress=False)
                 fitted = statistics if plan.whitens() else None
                 if kind == "lora":
-                    rank = _filling_rank(model, plan, fitted, allowed, counted_key)
+                    rank = filling_rank(model, plan, fitted, allowed, counted_key)
                     if rank < 1:
                         raise LayerfoldError("no room for a relaxation of rank 1")
                     for op in plan.ties():

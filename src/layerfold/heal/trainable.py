@@ -12,7 +12,8 @@ from ..store import fold_state
 def select_trainable(model: nn.Module, train: str, norms: bool) -> dict[str, int]:
     """Set ``requires_grad`` by the ``--train`` choice and return parameter counts by role.
 
-    relax: each layer's own relaxation (a tied projection's LoRA factors, a factorised projection's
+    relax: each layer's own relaxation, whatever its form (a tied projection's LoRA factors, or its form's trainable
+    tensors and pool: VeRA's vectors, SVFit's singular values, a MoS pool and factors; a factorised projection's
     coefficients); relax+shared: also the shared weights and bases; all: every parameter. ``norms`` adds the
     normalisation weights to the first two and, when false, keeps them frozen under ``all``."""
     relax, shared, norm = set(), set(), set()
