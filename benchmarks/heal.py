@@ -372,6 +372,8 @@ def main() -> None:
         "--methods", default=None, help="comma-separated subset of the methods (and 'plain' for the plain fine-tune)"
     )
     parser.add_argument("--merge", action="store_true", help="replace these rows in results/heal.json, keep the rest")
+    parser.add_argument("--stages", default=None, help="comma-separated subset of e2e,both (default: both stages, "
+                        "each from the same fold)")  # fmt: skip
     parser.add_argument("--one-domain", action="store_true", help="calibrate and heal on each model's own domain "
                         "only (the protocol before the mix; see common.calibration_data)")  # fmt: skip
     args = parser.parse_args()
@@ -391,6 +393,10 @@ def main() -> None:
             task = {"minilm": minilm, "smollm2": smollm2}[name](args.quick, work, args.one_domain)
             if chosen is not None:
                 task.methods = [(m, o) for m, o in task.methods if m in chosen]
+            if args.stages:
+                task.stages = tuple(s for s in task.stages if s in args.stages.split(","))
+                if not task.stages:
+                    parser.error(f"--stages: none of {args.stages!r} is e2e or both")
             rows, budget = run(task, work)
             info = {"metric": task.metric, "cap": task.cap, "budget": budget, "rows": rows,
                     "off_domain": task.off_domain[0] if task.off_domain else None}  # fmt: skip
