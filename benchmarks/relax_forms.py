@@ -11,7 +11,9 @@ within the budget (``planner.filling_rank``; VeRA stops at the matrices' larger 
 - ``lora``: a private LoRA per layer (the ``delta`` method's fold, DeltaLLM);
 - ``mos``: a pool of vectors each group shares on the larger side of every projection, one private factor;
 - ``vera``: frozen random bases made from a seed, two vectors per layer;
-- ``svfit``: a fixed SVD per layer whose singular values train.
+- ``svfit``: a fixed SVD per layer whose singular values train;
+- ``kronecker``: Compacter's sums of Kronecker products, four 4 × 4 slow matrices each group shares and each
+  layer's fast factors at that rank (the cost of a LoRA of the same rank), fitted unwhitened.
 
 Beside them, per-layer whitened svd and basis (sensitivity ranks, ends whole) at the same budget. Every fit is
 whitened by the calibration inputs (all-MiniLM-L6-v2: STS-B train sentences + pydoc paragraphs; SmolLM2: the
@@ -50,7 +52,7 @@ from layerfold.planner import filling_rank
 from layerfold.plan import FoldPlan
 from layerfold.report import markdown_table, parameter_breakdown
 
-FORMS = ("lora", "mos", "vera", "svfit")
+FORMS = ("lora", "mos", "vera", "svfit", "kronecker")
 PEERS = (("svd", {"allocation": "sensitivity", "whole": [0, -1]}), ("basis", {"allocation": "sensitivity",
          "whole": [0, -1]}))  # fmt: skip
 BUDGETS = (0.83, 0.67, 0.5)

@@ -128,6 +128,11 @@ def test_fold_with_a_plan_file_then_export(capsys, tiny_dir, tmp_path):
             "--sequential does not go with --stream",
         ),
         (
+            ["{model}", "--strategy", "cycle", "--unique", "2", "--rank", "2", "--relax", "kronecker", "--kron-factor",
+             "5"],
+            "5x5 Kronecker factors do not tile a",
+        ),
+        (
             ["{model}", "--plan", "{plain_plan}", "--calib", "{plain_plan}"],
             "the plan fits nothing to calibration data: leave out --calib",
         ),
@@ -251,3 +256,12 @@ def test_quiet_leaves_stdout_and_errors_only(capsys, tmp_path):
     code, out, err = run(capsys, "-q", "fold", tmp_path / "original", "--out", tmp_path / "folded",
                          "--strategy", "cycle", "--unique", "2")  # fmt: skip
     assert_one_line_error(code, err, "exists")
+
+
+def test_fold_with_kronecker_relaxations_records_them_in_the_plan(capsys, tiny_dir, tmp_path):
+    code, out, _ = run(capsys, "fold", tiny_dir, "--out", tmp_path / "f", "--strategy", "cycle", "--unique", "2",
+                       "--rank", "2", "--relax", "kronecker", "--kron-factor", "2", "--kron-terms", "3", "--json")  # fmt: skip
+    assert code == 0
+    code, out, _ = run(capsys, "info", tmp_path / "f", "--json")
+    tie = json.loads(out)["plan"]["operations"][0]
+    assert (tie["relax"], tie["kron_factor"], tie["kron_terms"], tie["rank"]) == ("kronecker", 2, 3, 2)

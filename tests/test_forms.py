@@ -1,4 +1,4 @@
-"""Relaxation forms of tied layers (VeRA, SVFit, a MoS pool) on tiny models of every family: save → load
+"""Relaxation forms of tied layers (VeRA, SVFit, a MoS pool, Kronecker factors) on tiny models of every family: save → load
 bit-identical, export equal, streamed == in-memory, full size reproduces the original where the form can,
 parameter counts are what the checkpoint stores, VeRA's bases are made again identically in another process,
 and bad sizes are one clear line."""
@@ -51,7 +51,10 @@ def folded(model, plan):
     return fold(copy.deepcopy(model), plan, calibration=statistics, progress=False)
 
 
-SETTINGS = {"vera": (16, {"seed": 3}), "svfit": (4, {}), "mos": (4, {"private": 2})}
+SETTINGS = {"vera": (16, {"seed": 3}), "svfit": (4, {}), "mos": (4, {"private": 2}), "kronecker": (2, {})}
+# The largest setting of the forms that can reproduce the original: a full rank (and for Kronecker all n² slow
+# matrices, which span every n × n matrix).
+LARGEST = {"svfit": {}, "mos": {}, "kronecker": {"kron_terms": 16}}
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -83,21 +86,46 @@ def test_a_form_saves_loads_exports_and_streams_the_same(relax, family, tmp_path
     assert_same_checkpoint(tmp_path / "streamed", in_memory_fold(source, plan, tmp_path / "memory", batches))
 
 
-@pytest.mark.parametrize("relax", ["svfit", "mos"])
-@pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
+@pytest.mark.parametrize("relax", sorted(LARGEST))
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2", "phi3"])
 def test_the_largest_setting_reproduces_the_original(relax, family):
     model = build_tiny(family)
-    fold_ = folded(model, form_plan(model, relax, "full"))
+    fold_ = folded(model, form_plan(model, relax, "full", **LARGEST[relax]))
     inputs = sample_inputs()
     assert (outputs(fold_, inputs) - outputs(model, inputs)).abs().max() <= 1e-4
 
 
-def test_a_mos_pool_is_one_tensor_per_group_and_projection():
+@pytest.mark.parametrize("relax, pool", [("mos", "mos_pool"), ("kronecker", "kron_slow")])
+def test_a_pool_is_one_tensor_per_group_and_projection(relax, pool):
     model = build_tiny("llama")
-    fold_ = folded(model, form_plan(model, "mos", 4))
-    pools = {id(m.shared.mos_pool) for m in fold_.modules() if isinstance(m, FormTiedLinear)}
-    groups, projections = len(form_plan(model, "mos", 4).ties()), len(family_of(model).projections)
+    fold_ = folded(model, form_plan(model, relax, 4))
+    pools = {id(getattr(m.shared, pool)) for m in fold_.modules() if isinstance(m, FormTiedLinear)}
+    groups, projections = len(form_plan(model, relax, 4).ties()), len(family_of(model).projections)
     assert len(pools) == groups * projections
+
+
+def test_kronecker_factors_rebuild_their_weight_and_fit_no_worse_with_more_terms():
+    """The form's output is x times the weight it says it adds (Σ Aₖ ⊗ sₖtₖ), and more shared slow matrices or a
+    larger fast rank never fit the residuals worse (the rearranged SVD is nested)."""
+    from layerfold.operations.tie.forms.kronecker import Kronecker
+
+    generator = torch.Generator().manual_seed(0)
+    residuals = {i: torch.randn(32, 48, generator=generator, dtype=torch.float64) for i in range(3)}
+    errors = []
+    for terms, rank in [(2, 2), (4, 2), (4, 6), (16, 8)]:
+        form = Kronecker(4, terms)
+        pool, layers = form.fit(residuals, {i: None for i in residuals}, rank, seed=0)
+        error = 0.0
+        for i, tensors in layers.items():
+            module = torch.nn.Module()
+            module.shared = torch.nn.Module()
+            module.shared.kron_slow = pool["kron_slow"]
+            module.kron_s, module.kron_t, module.out_features = tensors["kron_s"], tensors["kron_t"], 32
+            x = torch.randn(5, 48, generator=generator, dtype=torch.float64)
+            torch.testing.assert_close(form.output(module, x), x @ form.weight(module).T)
+            error += float((residuals[i] - form.weight(module)).pow(2).sum())
+        errors.append(error)
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-18 * 3 * 32 * 48 + 1e-12
 
 
 def test_pooled_relaxations_fit_better_than_none_and_relax_trains_only_them():
@@ -133,7 +161,11 @@ def test_vera_bases_are_the_same_in_another_process():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"relax": "kron"}, r"relax: must be one of lora, vera, svfit, mos, got 'kron'"),
+        ({"relax": "kron"}, r"relax: must be one of lora, vera, svfit, mos, kronecker, got 'kron'"),
+        ({"relax": "kronecker", "rank": 2, "kron_factor": 3}, r"3x3 Kronecker factors do not tile a \d+x\d+ projection"),
+        ({"relax": "kronecker", "rank": 2, "kron_terms": 17}, r"17 Kronecker slow matrices of 4x4 are more than the 16"),
+        ({"relax": "kronecker", "rank": 10_000}, r"fast factors need a rank of 1 to \d+"),
+        ({"relax": "kronecker", "rank": 2, "kron_terms": -1}, r"kron_terms: must be a non-negative integer"),
         ({"relax": "vera", "rank": 0}, r"a vera relaxation needs a rank of at least 1"),
         ({"relax": "mos", "rank": 10_000}, r"a mos pool needs 1 to \d+ vectors"),
         ({"relax": "mos", "rank": 4, "private": 10_000}, r"private rank 10000 is out of range"),

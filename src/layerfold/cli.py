@@ -167,11 +167,20 @@ def _fold(
         None,
         "--relax",
         help="The tie relaxations' form: lora (private factors), vera (shared frozen random bases, two vectors per "
-        "layer), svfit (a fixed SVD whose singular values train) or mos (a pool of --rank vectors each group "
-        "shares) [default: lora].",
+        "layer), svfit (a fixed SVD whose singular values train), mos (a pool of --rank vectors each group "
+        "shares) or kronecker (Compacter: shared slow matrices (x) each layer's fast factors of rank --rank) "
+        "[default: lora].",
     ),
     private: Optional[int] = typer.Option(
         None, "--private", help="With --relax mos: each layer's private LoRA rank beside the pool [default: 0]."
+    ),
+    kron_factor: Optional[int] = typer.Option(
+        None, "--kron-factor", help="With --relax kronecker: the shared slow matrices' size n (n x n; it must divide "
+        "both sides of every shared projection) [default: 4]."
+    ),
+    kron_terms: Optional[int] = typer.Option(
+        None, "--kron-terms", help="With --relax kronecker: how many slow matrices each tie group shares, 1 to n² "
+        "(with n² and --rank full the relaxation is exact) [default: n]."
     ),
     method: Optional[str] = typer.Option(
         None, "--method", help="Fold at a budget with a registered method (listed by layerfold fold --help)."
@@ -234,6 +243,8 @@ def _fold(
             ("whiten", whiten),
             ("relax", relax),
             ("private", private),
+            ("kron_factor", kron_factor),
+            ("kron_terms", kron_terms),
         )
         if value is not None
     }
@@ -299,10 +310,10 @@ def _fold(
 
 
 # ---- fold's method flags, generated from the registered methods' options ------------------------------------
-# --rank, --share, --fit, --whiten, --relax and --private are fold's own flags (they serve --strategy too) and reach the tie methods.
+# --rank, --share, --fit, --whiten, --relax, --private and --kron-* are fold's own flags (they serve --strategy too) and reach the tie methods.
 # The registry imports torch (seconds), so the flags are generated only when the fold command runs or shows its
 # help (``main`` asks for them); ``layerfold --help`` and the other commands start without them.
-_OWN_FLAGS = ("rank", "share", "fit", "whiten", "relax", "private")
+_OWN_FLAGS = ("rank", "share", "fit", "whiten", "relax", "private", "kron_factor", "kron_terms")
 METHOD_FLAGS: dict[str, dict] = {}
 
 

@@ -27,7 +27,7 @@ import yaml
 from .errors import LayerfoldError
 from .families import family_of
 from .operations import OPERATIONS, Drop, Factor, Merge, Operation, Rank, Tie
-from .operations.tie.spec import init_sources
+from .operations.tie.spec import init_sources, kron_sizes
 
 # How a tie group's shared weights are fitted: the mean of its layers, one layer each (Relaxed Recursive
 # Transformers' Lower and Stepwise), or least squares on their calibration inputs.
@@ -91,12 +91,15 @@ class FoldPlan:
         relax: str | dict[str, str] = "lora",
         private: int = 0,
         seed: int = 0,
+        kron_factor: int = 0,
+        kron_terms: int = 0,
     ) -> "FoldPlan":
         """Tie each group of two or more layers (a one-layer group is just a unique layer) and drop ``drop``.
         ``fit``: the shared weights are the ``average`` of a group's layers, one layer each (``lower`` or
         ``stepwise``, see ``operations.tie.spec.init_sources``), or their least-squares fit on calibration
         data (``lstsq``). ``whiten``: relaxations truncated in the space whitened by each layer's inputs
-        (calibration data). ``relax``, ``private``, ``seed``: the relaxations' form (``Tie``). ``init`` is fit's
+        (calibration data). ``relax``, ``private``, ``seed``, ``kron_factor``, ``kron_terms``: the
+        relaxations' form (``Tie``). ``init`` is fit's
         earlier name."""
         fit = init if init is not None else fit
         groups = [sorted(int(i) for i in g) for g in groups]
@@ -110,7 +113,7 @@ class FoldPlan:
         tied = [g for g in groups if len(g) >= 2]
         operations: list[Operation] = [
             Tie(layers=g, share=share, sources=s, rank=rank, share_bias=share_bias, whiten=whiten, relax=relax,
-                private=private, seed=seed, **_tie_fit(fit))  # fmt: skip
+                private=private, seed=seed, kron_factor=kron_factor, kron_terms=kron_terms, **_tie_fit(fit))  # fmt: skip
             for g, s in zip(tied, init_sources(tied, fit))
         ]
         if drop:
@@ -204,8 +207,10 @@ class FoldPlan:
             forms = {json.dumps(t.relax, sort_keys=True) for t in ties} - {'"lora"'}
             if forms:
                 private = {t.private for t in ties} - {0}
+                kron = sorted({(t.kron_factor, t.kron_terms) for t in ties if "kronecker" in json.dumps(t.relax)})
                 parts.append("relax=" + "; ".join(sorted(f.strip('"') for f in forms))
-                             + (f", private rank {min(private)}" if private else ""))  # fmt: skip
+                             + (f", private rank {min(private)}" if private else "")
+                             + "".join(f", Kronecker {_kron_text(*k)}" for k in kron))  # fmt: skip
             if any("vera" in json.dumps(t.relax) for t in ties):
                 seeds = sorted({t.seed for t in ties})
                 parts.append(f"VeRA bases made from seed {', '.join(map(str, seeds))} on load, not stored")
@@ -456,3 +461,8 @@ def convert_legacy(data: dict) -> dict:
         operations.append({"op": "drop", "layers": list(data["drop"])})
     converted = {"num_layers": data.get("num_layers"), "operations": operations, "provenance": data.get("provenance", {})}
     return {k: v for k, v in converted.items() if v is not None}
+
+
+def _kron_text(factor: int, terms: int) -> str:
+    n, count = kron_sizes(factor, terms)
+    return f"{count} shared {n}x{n} slow matrices"

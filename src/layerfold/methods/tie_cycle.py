@@ -16,7 +16,8 @@ def candidates(analysis) -> list[Candidate]:
     # The relaxation forms compete at the same budget: the planner fills each one's rank.
     return [Candidate("tie: cycle", "tie"), Candidate("tie + LoRA: cycle", "lora"),
             Candidate("tie + MoS pool: cycle", "lora", {"relax": "mos"}),
-            Candidate("tie + VeRA: cycle", "lora", {"relax": "vera"})]  # fmt: skip
+            Candidate("tie + VeRA: cycle", "lora", {"relax": "vera"}),
+            Candidate("tie + Kronecker: cycle", "lora", {"relax": "kronecker"})]  # fmt: skip
 
 
 METHOD = register(

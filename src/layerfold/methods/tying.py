@@ -22,9 +22,13 @@ class TieOptions:
     share: what a tie group shares: all, attention or mlp.
     share_bias: tie the biases too (by default each layer keeps its own).
     relax: the relaxations' form: lora (private factors), vera (shared frozen random bases, two vectors per
-        layer; rank is the bases'), svfit (a fixed SVD whose singular values train) or mos (a pool of rank vectors
-        each group shares, plus a private LoRA of rank --private).
+        layer; rank is the bases'), svfit (a fixed SVD whose singular values train), mos (a pool of rank vectors
+        each group shares, plus a private LoRA of rank --private) or kronecker (Compacter: slow matrices each
+        group shares, Kronecker-multiplied by each layer's fast factors of rank ``rank``).
     private: mos only: each layer's private LoRA rank beside the pool.
+    kron_factor: kronecker only: the shared slow matrices' size n (n × n; must divide both sides of every
+        projection) [default: 4].
+    kron_terms: kronecker only: how many slow matrices each group shares (1 to n²) [default: n, Compacter's].
     """
 
     rank: Union[int, str, dict] = 0
@@ -34,13 +38,16 @@ class TieOptions:
     whiten: Optional[bool] = None
     relax: str = "lora"
     private: int = 0
+    kron_factor: int = 0
+    kron_terms: int = 0
 
     def tie_options(self, calibration=None) -> dict[str, Any]:
         """The keywords of ``FoldPlan.from_groups`` (and its patterns) these options set; relaxations are whitened
         unless asked otherwise when there is calibration data."""
         whiten = self.whiten if self.whiten is not None else whitens_by_default(self.rank, calibration is not None)
         return {"rank": self.rank, "fit": self.fit, "share": self.share, "share_bias": self.share_bias,
-                "whiten": whiten, "relax": self.relax, "private": self.private}  # fmt: skip
+                "whiten": whiten, "relax": self.relax, "private": self.private,
+                "kron_factor": self.kron_factor, "kron_terms": self.kron_terms}  # fmt: skip
 
 
 def whitens_by_default(rank, calibrated: bool) -> bool:

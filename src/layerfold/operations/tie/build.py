@@ -15,7 +15,7 @@ from ...families import Family, is_transposed, linear_weight
 from ...store import FoldState, ensure_path
 from ..base import Recipe
 from ..factor.decompose import decompose
-from .forms import make_form
+from .forms import form_of
 from .modules import FormTiedLinear, SharedProjection, TiedLinear
 from .relax import lora_from_delta, resolve_rank
 from .spec import Tie
@@ -73,7 +73,7 @@ def build(model: nn.Module, family: Family, key: str, op: Tie, state: FoldState)
         kind = family.kind_of(path)
         shape = tuple(linear_weight(template).shape)
         form_name = op.relax_for(path, kind)
-        form = make_form(form_name, private=op.private) if form_name != "lora" else None
+        form = form_of(op, form_name) if form_name != "lora" else None
         rank = op.form_rank(path, kind, shape) if form else resolve_rank(op.rank_for(path, kind), shape)
         pool = form.pool_shapes(rank, *shape) if form else {}
         share_bias = op.share_bias and template.bias is not None
@@ -177,7 +177,7 @@ def _form_tensors(op: Tie, unit: list[Recipe], values: dict, shared: torch.Tenso
         weight = values[i, f"{path}.weight"]
         residuals[i] = (weight.t() if transposed else weight).double() - shared_weight
     detail = next(r.detail for r in wanted if r.role == "form")  # every form stores per-layer tensors
-    form = make_form(detail["form"], private=op.private)
+    form = form_of(op, detail["form"])
     grams = {i: gram(i) if op.whiten else None for i in op.layers}
     pool, layers = form.fit(residuals, grams, detail["rank"], op.seed)
     for recipe in wanted:
@@ -199,7 +199,7 @@ def relaxation_params(op: Tie, family: Family, block: nn.Module, rank: int | Non
         if form_name == "lora":
             total += len(op.layers) * value * sum(shape)
         else:
-            total += make_form(form_name, private=op.private).params(value, *shape, len(op.layers))
+            total += form_of(op, form_name).params(value, *shape, len(op.layers))
     return total
 
 
@@ -209,7 +209,7 @@ def max_relaxation_rank(op: Tie, family: Family, block: nn.Module) -> int:
     for path in family.shared_projections(op.share):
         shape = tuple(linear_weight(block.get_submodule(path)).shape)
         form_name = op.relax_for(path, family.kind_of(path))
-        ranks.append(min(shape) if form_name == "lora" else make_form(form_name).max_rank(*shape))
+        ranks.append(min(shape) if form_name == "lora" else form_of(op, form_name).max_rank(*shape))
     return min(ranks)
 
 

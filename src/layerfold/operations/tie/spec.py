@@ -12,12 +12,33 @@ from ..base import Operation, Rank, check_bool, check_layer_list, check_rank, so
 SHARE_CHOICES = ("all", ATTENTION, MLP)
 FIT_CHOICES = ("mean", "lstsq")
 # The relaxation forms (``forms``: one file each; ``lora`` is TiedLinear's own).
-FORM_CHOICES = ("lora", "vera", "svfit", "mos")
+FORM_CHOICES = ("lora", "vera", "svfit", "mos", "kronecker")
+# Kronecker's slow matrices are n × n with this n unless the tie says otherwise (``factor``).
+KRON_FACTOR = 4
 
 
-def check_form(form: str, rank: int, private: int, shape: tuple[int, int], where: str) -> None:
+def kron_sizes(factor: int, terms: int) -> tuple[int, int]:
+    """A Kronecker relaxation's slow-matrix size n and number of slow matrices (0: the defaults, n and n)."""
+    n = factor or KRON_FACTOR
+    return n, terms or n
+
+
+def check_form(form: str, rank: int, shape: tuple[int, int], where: str, *, private: int = 0, factor: int = 0,
+               terms: int = 0) -> None:  # fmt: skip
     """The sizes a relaxation form can take for an (out, in) projection; one line otherwise."""
     out_features, in_features = shape
+    if form == "kronecker":
+        n, count = kron_sizes(factor, terms)
+        if out_features % n or in_features % n:
+            raise LayerfoldError(f"{where}: {n}x{n} Kronecker factors do not tile a {out_features}x{in_features} "
+                                 f"projection (--kron-factor must divide both sides)")  # fmt: skip
+        if count > n * n:
+            raise LayerfoldError(f"{where}: {count} Kronecker slow matrices of {n}x{n} are more than the {n * n} "
+                                 f"that span them (--kron-terms at most {n * n})")  # fmt: skip
+        largest = min(out_features, in_features) // n
+        if not 1 <= rank <= largest:
+            raise LayerfoldError(f"{where}: a kronecker relaxation's fast factors need a rank of 1 to {largest} for "
+                                 f"a {out_features}x{in_features} projection with {n}x{n} slow matrices, got {rank}")  # fmt: skip
     if form == "vera" and rank < 1:
         raise LayerfoldError(f"{where}: a vera relaxation needs a rank of at least 1 (the bases' rank), got {rank}")
     if form == "mos":
@@ -47,7 +68,9 @@ class Tie(Operation):
     ``relax``: the relaxation's form, for all projections or as such a mapping: ``lora`` (private factors),
     ``vera`` (frozen random bases made again from ``seed``, two vectors per position; ``rank`` is the bases'),
     ``svfit`` (a fixed SVD whose singular values train) or ``mos`` (a pool of ``rank`` vectors the group shares,
-    one factor per position, plus a private LoRA of rank ``private``); see ``forms``."""
+    one factor per position, plus a private LoRA of rank ``private``) or ``kronecker`` (``kron_terms`` slow matrices of
+    ``kron_factor`` × ``kron_factor`` the group shares, Kronecker-multiplied by each position's fast factors of rank
+    ``rank``; 0: 4 × 4 and as many as their size, Compacter's choice); see ``forms``."""
 
     kind = "tie"
 
@@ -61,6 +84,8 @@ class Tie(Operation):
     relax: str | dict[str, str] = "lora"
     seed: int = 0
     private: int = 0
+    kron_factor: int = 0
+    kron_terms: int = 0
 
     def __post_init__(self) -> None:
         self.layers = sorted_layers(self.layers)
@@ -84,7 +109,7 @@ class Tie(Operation):
             if value not in FORM_CHOICES:
                 name = f"{where}.relax" if key is None else f"{where}.relax[{key!r}]"
                 raise LayerfoldError(f"{name}: must be one of {', '.join(FORM_CHOICES)}, got {value!r}")
-        for name in ("seed", "private"):
+        for name in ("seed", "private", "kron_factor", "kron_terms"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise LayerfoldError(f"{where}.{name}: must be a non-negative integer, got {value!r}")
@@ -106,7 +131,10 @@ class Tie(Operation):
         rank = self.rank_for(projection, kind)
         if rank != "full":
             return int(rank)
-        return max(shape) if self.relax_for(projection, kind) == "mos" else min(shape)
+        form = self.relax_for(projection, kind)
+        if form == "kronecker":
+            return min(shape) // kron_sizes(self.kron_factor, self.kron_terms)[0]
+        return max(shape) if form == "mos" else min(shape)
 
     def validate(self, family, layers, where: str) -> None:
         allowed = {ATTENTION, MLP} | set(family.projections) | {p.rsplit(".", 1)[-1] for p in family.projections}
@@ -125,8 +153,8 @@ class Tie(Operation):
             form = self.relax_for(projection, kind)
             if form != "lora":
                 shape = (out_features, in_features)
-                check_form(form, self.form_rank(projection, kind, shape), self.private, shape,
-                           f"{where}.rank ({projection}, {form})")  # fmt: skip
+                check_form(form, self.form_rank(projection, kind, shape), shape, f"{where}.rank ({projection}, "
+                           f"{form})", private=self.private, factor=self.kron_factor, terms=self.kron_terms)  # fmt: skip
             elif rank != "full" and rank > min(out_features, in_features):
                 raise LayerfoldError(
                     f"{where}.rank: rank {rank} is larger than {projection} allows "
@@ -137,7 +165,7 @@ class Tie(Operation):
         data = super().to_dict()
         data["rank"] = dict(self.rank) if isinstance(self.rank, dict) else self.rank
         data["relax"] = dict(self.relax) if isinstance(self.relax, dict) else self.relax
-        for name, default in (("relax", "lora"), ("seed", 0), ("private", 0)):
+        for name, default in (("relax", "lora"), ("seed", 0), ("private", 0), ("kron_factor", 0), ("kron_terms", 0)):
             if data[name] == default:
                 del data[name]  # plans of private-LoRA ties read as before forms existed
         return data

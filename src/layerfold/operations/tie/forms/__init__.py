@@ -6,16 +6,27 @@ See ``base.Form`` for what a form is."""
 from __future__ import annotations
 
 from .base import Form
+from .kronecker import Kronecker
 from .mos import Mos
 from .svfit import SvFit
 from .vera import Vera
 
-FORMS: dict[str, type[Form]] = {form.name: form for form in (Vera, SvFit, Mos)}
+FORMS: dict[str, type[Form]] = {form.name: form for form in (Vera, SvFit, Mos, Kronecker)}
 
 
-def make_form(name: str, *, private: int = 0) -> Form:
-    """The form called ``name`` with the tie's settings (``private``: MoS's private rank)."""
-    return Mos(private) if name == "mos" else FORMS[name]()
+def make_form(name: str, *, private: int = 0, factor: int = 0, terms: int = 0) -> Form:
+    """The form called ``name`` with the tie's settings (``private``: MoS's private rank; ``factor``, ``terms``:
+    the size and number of Kronecker's shared slow matrices)."""
+    if name == "mos":
+        return Mos(private)
+    if name == "kronecker":
+        return Kronecker(factor, terms)
+    return FORMS[name]()
 
 
-__all__ = ["FORMS", "Form", "make_form"]
+def form_of(op, name: str) -> Form:
+    """The form called ``name`` with a tie operation's settings."""
+    return make_form(name, private=op.private, factor=op.kron_factor, terms=op.kron_terms)
+
+
+__all__ = ["FORMS", "Form", "form_of", "make_form"]
