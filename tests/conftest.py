@@ -164,3 +164,16 @@ def in_memory_fold(source, plan, out, statistics_batches=None):
     fold(model, FoldPlan.from_dict(plan.to_dict()), calibration=statistics, progress=False, sequential=False)
     save(model, out, source=source)
     return out
+
+
+def assert_saves_loads_and_exports(model, directory) -> None:
+    """Saved and loaded: the same outputs, bit for bit; exported: the same outputs as a plain model."""
+    import layerfold
+
+    inputs = sample_inputs()
+    layerfold.save(model, directory / "folded")
+    loaded = layerfold.load(directory / "folded")
+    assert torch.equal(outputs(loaded, inputs), outputs(model, inputs))
+    layerfold.export(directory / "folded", directory / "plain")
+    plain = layerfold.load_source(directory / "plain")
+    torch.testing.assert_close(outputs(plain, inputs), outputs(model, inputs), rtol=1e-4, atol=1e-4)

@@ -8,10 +8,15 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
-from conftest import FAMILY_NAMES, assert_same_checkpoint, build_tiny, in_memory_fold, outputs, sample_inputs
+from conftest import (
+    FAMILY_NAMES,
+    assert_same_checkpoint,
+    assert_saves_loads_and_exports,
+    build_tiny,
+    in_memory_fold,
+    sample_inputs,
+)
 
-import layerfold
 from layerfold.budget import Budget
 from layerfold.calibrate import Calibration
 from layerfold.folding import fold
@@ -52,13 +57,7 @@ def test_every_method_on_every_family(name, family, tmp_path):
     assert after / before <= BUDGET.keep + slack + 1e-9, (after / before, plan.describe())
 
     # Saved and loaded: the same outputs, bit for bit; exported: the same outputs as a plain model.
-    inputs = sample_inputs()
-    layerfold.save(folded, tmp_path / "folded")
-    loaded = layerfold.load(tmp_path / "folded")
-    assert torch.equal(outputs(loaded, inputs), outputs(folded, inputs))
-    layerfold.export(tmp_path / "folded", tmp_path / "plain")
-    plain = layerfold.load_source(tmp_path / "plain")
-    torch.testing.assert_close(outputs(plain, inputs), outputs(folded, inputs), rtol=1e-4, atol=1e-4)
+    assert_saves_loads_and_exports(folded, tmp_path)
 
     # Streamed from a checkpoint on disk: the very tensors of the in-memory fold of the same plan.
     if method.streams is False:

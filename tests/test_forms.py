@@ -12,10 +12,17 @@ import sys
 
 import pytest
 import torch
-from conftest import FAMILY_NAMES, assert_same_checkpoint, build_tiny, in_memory_fold, outputs, sample_inputs
+from conftest import (
+    FAMILY_NAMES,
+    assert_same_checkpoint,
+    assert_saves_loads_and_exports,
+    build_tiny,
+    in_memory_fold,
+    outputs,
+    sample_inputs,
+)
 from safetensors import safe_open
 
-import layerfold
 from layerfold import FoldPlan, LayerfoldError
 from layerfold.calibrate import Calibration
 from layerfold.families import family_of
@@ -65,13 +72,7 @@ def test_a_form_saves_loads_exports_and_streams_the_same(relax, family, tmp_path
     plan = form_plan(model, relax, rank, **options)
     fold_ = folded(model, plan)
     assert any(isinstance(m, FormTiedLinear) for m in fold_.modules())
-    inputs = sample_inputs()
-    layerfold.save(fold_, tmp_path / "folded")
-    loaded = layerfold.load(tmp_path / "folded")
-    assert torch.equal(outputs(loaded, inputs), outputs(fold_, inputs))
-    layerfold.export(tmp_path / "folded", tmp_path / "plain")
-    plain = layerfold.load_source(tmp_path / "plain")
-    torch.testing.assert_close(outputs(plain, inputs), outputs(fold_, inputs), rtol=1e-4, atol=1e-4)
+    assert_saves_loads_and_exports(fold_, tmp_path)
 
     # What the checkpoint stores is what is counted: every stored float once, VeRA's bases nowhere.
     stored = 0
