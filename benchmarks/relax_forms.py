@@ -13,7 +13,7 @@ within the budget (``planner.filling_rank``; VeRA stops at the matrices' larger 
 - ``vera``: frozen random bases made from a seed, two vectors per layer;
 - ``svfit``: a fixed SVD per layer whose singular values train;
 - ``kronecker``: Compacter's sums of Kronecker products, four 4 × 4 slow matrices each group shares and each
-  layer's fast factors at that rank (the cost of a LoRA of the same rank), fitted unwhitened.
+  layer's fast factors at that rank (the cost of a LoRA of the same rank), fitted to each layer's outputs.
 
 Beside them, per-layer whitened svd and basis (sensitivity ranks, ends whole) at the same budget. Every fit is
 whitened by the calibration inputs (all-MiniLM-L6-v2: STS-B train sentences + pydoc paragraphs; SmolLM2: the

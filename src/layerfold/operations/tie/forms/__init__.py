@@ -14,19 +14,14 @@ from .vera import Vera
 FORMS: dict[str, type[Form]] = {form.name: form for form in (Vera, SvFit, Mos, Kronecker)}
 
 
-def make_form(name: str, *, private: int = 0, factor: int = 0, terms: int = 0) -> Form:
-    """The form called ``name`` with the tie's settings (``private``: MoS's private rank; ``factor``, ``terms``:
-    the size and number of Kronecker's shared slow matrices)."""
+def form_of(op, name: str) -> Form:
+    """The form called ``name`` with a tie operation's settings (``private``: MoS's private rank; ``kron_factor``,
+    ``kron_terms``: the size and number of Kronecker's shared slow matrices)."""
     if name == "mos":
-        return Mos(private)
+        return Mos(op.private)
     if name == "kronecker":
-        return Kronecker(factor, terms)
+        return Kronecker(op.kron_factor, op.kron_terms)
     return FORMS[name]()
 
 
-def form_of(op, name: str) -> Form:
-    """The form called ``name`` with a tie operation's settings."""
-    return make_form(name, private=op.private, factor=op.kron_factor, terms=op.kron_terms)
-
-
-__all__ = ["FORMS", "Form", "form_of", "make_form"]
+__all__ = ["FORMS", "Form", "form_of"]

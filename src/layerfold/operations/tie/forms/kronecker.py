@@ -72,8 +72,6 @@ class Kronecker(Form):
         factors rescaled to the same RMS (products unchanged) so that healing's equal-sized steps suit both."""
         layers = sorted(residuals)
         n, terms = self.factor, self.terms
-        out_features, in_features = residuals[layers[0]].shape
-        p, q = self._blocks(out_features, in_features)
         stacked = torch.cat([rearranged(residuals[i], n) for i in layers], 1)
         left = torch.linalg.svd(stacked, full_matrices=False)[0][:, :terms]
         if left.shape[1] < terms:  # fewer directions than slow matrices asked: the rest stay zero
@@ -100,8 +98,7 @@ class Kronecker(Form):
         Σ_ab Aₖ[a, b] (G Δᵀ)[b, a] are read off G's q × q blocks. Each full Bₖ is then truncated to rank r,
         whitened by N[k, k] (the Gram matrix of the inputs AₖX it sees)."""
         n, terms = self.factor, slow.shape[0]
-        out_features, in_features = delta.shape
-        p, q = out_features // n, in_features // n
+        p, q = self._blocks(*delta.shape)
         if gram is None:
             full = torch.einsum("kab,abij->kij", slow, rearranged(delta, n).reshape(n, n, p, q))
             u, s, vh = torch.linalg.svd(full, full_matrices=False)
@@ -122,11 +119,9 @@ class Kronecker(Form):
         matrix.diagonal().add_(1e-12 * float(matrix.diagonal().mean().clamp_min(1e-300)))  # zero (padding) slow ones
         solved = torch.linalg.solve(matrix, rhs.reshape(terms * q, p)).reshape(terms, q, p)
         s_factors, t_factors = [], []
-        for k in range(terms):
+        for k in range(terms):  # rank ≤ min(p, q) (spec.check_form): the SVD has as many values as asked
             u, sigma, v = whitened_svd(solved[k].T, normal[k, :, k], rank, where)
-            u = torch.cat([u, u.new_zeros(p, rank - u.shape[1])], 1) if u.shape[1] < rank else u
-            root = torch.cat([sigma, sigma.new_zeros(rank - sigma.shape[0])]).clamp_min(0).sqrt()
-            v = torch.cat([v, v.new_zeros(rank - v.shape[0], q)]) if v.shape[0] < rank else v
+            root = sigma.sqrt()
             s_factors.append(u * root)
             t_factors.append(root[:, None] * v)
         return torch.stack(s_factors), torch.stack(t_factors)
