@@ -133,6 +133,14 @@ def test_fold_with_a_plan_file_then_export(capsys, tiny_dir, tmp_path):
             "5x5 Kronecker factors do not tile a",
         ),
         (
+            ["{model}", "--strategy", "cycle", "--unique", "2", "--rank", "4", "--relax", "mos", "--mos-pool", "3"],
+            "a mos pool of 3 vectors is too small for the 4 each position reads",
+        ),
+        (
+            ["{model}", "--strategy", "cycle", "--unique", "2", "--rank", "4", "--relax", "mos", "--mos-shard", "3"],
+            "mos shards of 3 vectors do not divide the rank 4",
+        ),
+        (
             ["{model}", "--plan", "{plain_plan}", "--calib", "{plain_plan}"],
             "the plan fits nothing to calibration data: leave out --calib",
         ),
@@ -265,3 +273,12 @@ def test_fold_with_kronecker_relaxations_records_them_in_the_plan(capsys, tiny_d
     code, out, _ = run(capsys, "info", tmp_path / "f", "--json")
     tie = json.loads(out)["plan"]["operations"][0]
     assert (tie["relax"], tie["kron_factor"], tie["kron_terms"], tie["rank"]) == ("kronecker", 2, 3, 2)
+
+
+def test_fold_with_mos_relaxations_records_pool_and_shards_in_the_plan(capsys, tiny_dir, tmp_path):
+    code, out, _ = run(capsys, "fold", tiny_dir, "--out", tmp_path / "f", "--strategy", "cycle", "--unique", "2",
+                       "--rank", "4", "--relax", "mos", "--mos-pool", "8", "--mos-shard", "2", "--json")  # fmt: skip
+    assert code == 0
+    code, out, _ = run(capsys, "info", tmp_path / "f", "--json")
+    tie = json.loads(out)["plan"]["operations"][0]
+    assert (tie["relax"], tie["mos_pool"], tie["mos_shard"], tie["rank"]) == ("mos", 8, 2, 4)

@@ -1,4 +1,4 @@
-"""Relaxation forms of tied layers (VeRA, SVFit, a MoS pool, Kronecker factors) on tiny models of every family: save → load
+"""Relaxation forms of tied layers (VeRA, SVFit, MoS pools and index maps, Kronecker factors) on tiny models of every family: save → load
 bit-identical, export equal, streamed == in-memory, full size reproduces the original where the form can,
 parameter counts are what the checkpoint stores, VeRA's bases are made again identically in another process,
 and bad sizes are one clear line."""
@@ -58,7 +58,7 @@ def folded(model, plan):
     return fold(copy.deepcopy(model), plan, calibration=statistics, progress=False)
 
 
-SETTINGS = {"vera": (16, {"seed": 3}), "svfit": (4, {}), "mos": (4, {"private": 2}), "kronecker": (2, {})}
+SETTINGS = {"vera": (16, {"seed": 3}), "svfit": (4, {}), "mos": (4, {"private": 2, "mos_shard": 2}), "kronecker": (2, {})}
 # The largest setting of the forms that can reproduce the original: a full rank (and for Kronecker all n² slow
 # matrices, which span every n × n matrix).
 LARGEST = {"svfit": {}, "mos": {}, "kronecker": {"kron_terms": 16}}
@@ -96,13 +96,63 @@ def test_the_largest_setting_reproduces_the_original(relax, family):
     assert (outputs(fold_, inputs) - outputs(model, inputs)).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("relax, pool", [("mos", "mos_pool"), ("kronecker", "kron_slow")])
+@pytest.mark.parametrize("relax, pool", [("mos", "mos_pool_a"), ("mos", "mos_pool_b"), ("kronecker", "kron_slow")])
 def test_a_pool_is_one_tensor_per_group_and_projection(relax, pool):
     model = build_tiny("llama")
     fold_ = folded(model, form_plan(model, relax, 4))
     pools = {id(getattr(m.shared, pool)) for m in fold_.modules() if isinstance(m, FormTiedLinear)}
     groups, projections = len(form_plan(model, relax, 4).ties()), len(family_of(model).projections)
     assert len(pools) == groups * projections
+
+
+def test_a_mos_index_map_picks_shards_and_round_trips(tmp_path):
+    """With a pool twice the rank, each position's index maps pick half of the shards (integers, stored, never
+    trained); they come back equal from the checkpoint and from a streamed fold, and the output is x times the
+    weight the form says it adds."""
+    from layerfold.io import load, save
+    from layerfold.operations.tie.forms.mos import shard_rows
+
+    model = build_tiny("llama")
+    plan = form_plan(model, "mos", 4, mos_pool=8, mos_shard=2)
+    fold_ = folded(model, plan)
+    modules = {n: m for n, m in fold_.named_modules() if isinstance(m, FormTiedLinear)}
+    maps = {f"{n}.{attr}": getattr(m, attr).detach().clone() for n, m in modules.items()
+            for attr in ("mos_index_a", "mos_index_b")}  # fmt: skip
+    for name, index in maps.items():
+        assert index.dtype == torch.long and index.shape == (2,) and 0 <= int(index.min()) <= int(index.max()) < 4
+    assert len({tuple(i.tolist()) for i in maps.values()}) > 1  # positions pick different shards
+    for module in modules.values():
+        assert module.form.sizes(4, module.out_features, module.in_features)["pool_in"] == 8
+        x = torch.randn(3, module.in_features)
+        torch.testing.assert_close(module.form.output(module, x), x @ module.form.weight(module).T)
+        assert shard_rows(module.mos_index_a, 2).tolist() == [2 * s + o for s in module.mos_index_a.tolist()
+                                                               for o in (0, 1)]  # fmt: skip
+    select_trainable(fold_, "all", norms=True)
+    assert not any(m.mos_index_a.requires_grad for m in modules.values())
+    save(fold_, tmp_path / "folded")
+    loaded = dict(load(tmp_path / "folded").named_parameters())
+    for name, index in maps.items():
+        assert torch.equal(loaded[name], index)
+    with safe_open(next((tmp_path / "folded").glob("*.safetensors")), "pt") as weights:
+        assert weights.get_slice(next(k for k in weights.keys() if "mos_index_a" in k)).get_dtype() == "I64"
+    source = tmp_path / "original"
+    model.save_pretrained(source)
+    stream_fold(source, tmp_path / "streamed", plan, calibration=batches, progress=False)
+    assert_same_checkpoint(tmp_path / "streamed", in_memory_fold(source, plan, tmp_path / "memory", batches))
+
+
+def test_mos_fits_exactly_with_pools_and_rank_as_large_as_the_matrix():
+    from layerfold.operations.tie.forms.mos import Mos, shard_rows
+
+    generator = torch.Generator().manual_seed(0)
+    residuals = {i: torch.randn(24, 40, generator=generator, dtype=torch.float64) for i in range(3)}
+    inputs = {i: torch.randn(200, 40, generator=generator, dtype=torch.float64) for i in range(3)}
+    grams = {i: x.T @ x for i, x in inputs.items()}
+    pool, layers = Mos(shard=4).fit(residuals, grams, 40, seed=0)
+    for i, tensors in layers.items():
+        a = pool["mos_pool_a"][shard_rows(tensors["mos_index_a"], 4)]
+        b = pool["mos_pool_b"][:, shard_rows(tensors["mos_index_b"], 4)]
+        torch.testing.assert_close(b @ tensors["mos_core"] @ a, residuals[i], rtol=0, atol=1e-8)
 
 
 def test_kronecker_factors_rebuild_their_weight_and_fit_no_worse_with_more_terms():
@@ -168,7 +218,11 @@ def test_vera_bases_are_the_same_in_another_process():
         ({"relax": "kronecker", "rank": 10_000}, r"fast factors need a rank of 1 to \d+"),
         ({"relax": "kronecker", "rank": 2, "kron_terms": -1}, r"kron_terms: must be a non-negative integer"),
         ({"relax": "vera", "rank": 0}, r"a vera relaxation needs a rank of at least 1"),
-        ({"relax": "mos", "rank": 10_000}, r"a mos pool needs 1 to \d+ vectors"),
+        ({"relax": "mos", "rank": 10_000}, r"a mos relaxation needs a rank of 1 to \d+ pool vectors"),
+        ({"relax": "mos", "rank": 4, "mos_pool": 2}, r"a mos pool of 2 vectors is too small for the 4 each position"),
+        ({"relax": "mos", "rank": 4, "mos_shard": 3}, r"mos shards of 3 vectors do not divide the rank 4"),
+        ({"relax": "mos", "rank": 4, "mos_pool": 10, "mos_shard": 4}, r"do not divide the pool of 10 vectors"),
+        ({"relax": "mos", "rank": 4, "mos_shard": -2}, r"mos_shard: must be a non-negative integer"),
         ({"relax": "mos", "rank": 4, "private": 10_000}, r"private rank 10000 is out of range"),
         ({"relax": "svfit", "seed": -1}, r"seed: must be a non-negative integer"),
     ],

@@ -290,6 +290,27 @@ def test_train_relax_changes_only_the_relaxations(capsys, saved, tmp_path):
         assert torch.equal(before[name], after[name]) != ("lora_" in name), name
 
 
+@pytest.mark.parametrize("stage", ["e2e", "blockwise"])
+def test_a_mos_fold_heals_its_pools_and_cores_and_keeps_its_index_maps(capsys, saved, tmp_path, stage):
+    """heal --train relax trains a pooled form's pools and cores, whatever the stage; the index maps are
+    integers that never train and come back as they were."""
+    folded = tmp_path / "llama-mos"
+    code, _, err = run(capsys, "fold", saved / "llama", "--out", folded, "--strategy", "cycle", "--unique", "2",
+                       "--rank", "4", "--relax", "mos", "--mos-pool", "8", "--mos-shard", "2")  # fmt: skip
+    assert code == 0, err
+    out = tmp_path / "healed"
+    args = heal_args(saved, "llama", out, "--train", "relax", "--lr", "1e-2", "--stage", stage)
+    args[1] = folded
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    before, after = load_file(folded / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys() and any("mos_index_a" in name for name in before)
+    for name in before:
+        trained = "mos_core" in name or "mos_pool" in name
+        assert torch.equal(before[name], after[name]) != trained, name
+    layerfold.load(out)
+
+
 _KILL_AT_SAVE = """
 import os, signal, sys
 from transformers import TrainerCallback

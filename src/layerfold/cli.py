@@ -167,12 +167,20 @@ def _fold(
         None,
         "--relax",
         help="The tie relaxations' form: lora (private factors), vera (shared frozen random bases, two vectors per "
-        "layer), svfit (a fixed SVD whose singular values train), mos (a pool of --rank vectors each group "
-        "shares) or kronecker (Compacter: shared slow matrices (x) each layer's fast factors of rank --rank) "
+        "layer), svfit (a fixed SVD whose singular values train), mos (pools of vectors each group shares; "
+        "each layer reads --rank of each by its index maps) or kronecker (Compacter: shared slow matrices (x) each layer's fast factors of rank --rank) "
         "[default: lora].",
     ),
     private: Optional[int] = typer.Option(
         None, "--private", help="With --relax mos: each layer's private LoRA rank beside the pool [default: 0]."
+    ),
+    mos_pool: Optional[int] = typer.Option(
+        None, "--mos-pool", help="With --relax mos: the vectors each of a group's two pools holds, at least --rank "
+        "[default: --rank, the whole pool]."
+    ),
+    mos_shard: Optional[int] = typer.Option(
+        None, "--mos-shard", help="With --relax mos: the vectors in one shard, the unit an index map picks (it must "
+        "divide --rank and --mos-pool) [default: 1]."
     ),
     kron_factor: Optional[int] = typer.Option(
         None, "--kron-factor", help="With --relax kronecker: the shared slow matrices' size n (n x n; it must divide "
@@ -243,6 +251,8 @@ def _fold(
             ("whiten", whiten),
             ("relax", relax),
             ("private", private),
+            ("mos_pool", mos_pool),
+            ("mos_shard", mos_shard),
             ("kron_factor", kron_factor),
             ("kron_terms", kron_terms),
         )
@@ -310,10 +320,11 @@ def _fold(
 
 
 # ---- fold's method flags, generated from the registered methods' options ------------------------------------
-# --rank, --share, --fit, --whiten, --relax, --private and --kron-* are fold's own flags (they serve --strategy too) and reach the tie methods.
+# --rank, --share, --fit, --whiten, --relax, --private, --mos-* and --kron-* are fold's own flags (they serve --strategy too) and reach the tie methods.
 # The registry imports torch (seconds), so the flags are generated only when the fold command runs or shows its
 # help (``main`` asks for them); ``layerfold --help`` and the other commands start without them.
-_OWN_FLAGS = ("rank", "share", "fit", "whiten", "relax", "private", "kron_factor", "kron_terms")
+_OWN_FLAGS = ("rank", "share", "fit", "whiten", "relax", "private", "mos_pool", "mos_shard", "kron_factor",
+              "kron_terms")
 METHOD_FLAGS: dict[str, dict] = {}
 
 

@@ -93,13 +93,15 @@ class FoldPlan:
         seed: int = 0,
         kron_factor: int = 0,
         kron_terms: int = 0,
+        mos_pool: int = 0,
+        mos_shard: int = 0,
     ) -> "FoldPlan":
         """Tie each group of two or more layers (a one-layer group is just a unique layer) and drop ``drop``.
         ``fit``: the shared weights are the ``average`` of a group's layers, one layer each (``lower`` or
         ``stepwise``, see ``operations.tie.spec.init_sources``), or their least-squares fit on calibration
         data (``lstsq``). ``whiten``: relaxations truncated in the space whitened by each layer's inputs
-        (calibration data). ``relax``, ``private``, ``seed``, ``kron_factor``, ``kron_terms``: the
-        relaxations' form (``Tie``). ``init`` is fit's
+        (calibration data). ``relax``, ``private``, ``seed``, ``kron_factor``, ``kron_terms``, ``mos_pool``,
+        ``mos_shard``: the relaxations' form (``Tie``). ``init`` is fit's
         earlier name."""
         fit = init if init is not None else fit
         groups = [sorted(int(i) for i in g) for g in groups]
@@ -113,7 +115,8 @@ class FoldPlan:
         tied = [g for g in groups if len(g) >= 2]
         operations: list[Operation] = [
             Tie(layers=g, share=share, sources=s, rank=rank, share_bias=share_bias, whiten=whiten, relax=relax,
-                private=private, seed=seed, kron_factor=kron_factor, kron_terms=kron_terms, **_tie_fit(fit))  # fmt: skip
+                private=private, seed=seed, kron_factor=kron_factor, kron_terms=kron_terms,
+                mos_pool=mos_pool, mos_shard=mos_shard, **_tie_fit(fit))  # fmt: skip
             for g, s in zip(tied, init_sources(tied, fit))
         ]
         if drop:
@@ -208,8 +211,10 @@ class FoldPlan:
             if forms:
                 private = {t.private for t in ties} - {0}
                 kron = sorted({(t.kron_factor, t.kron_terms) for t in ties if "kronecker" in json.dumps(t.relax)})
+                mos = sorted({(t.mos_pool, t.mos_shard) for t in ties if "mos" in json.dumps(t.relax)} - {(0, 0)})
                 parts.append("relax=" + "; ".join(sorted(f.strip('"') for f in forms))
                              + (f", private rank {min(private)}" if private else "")
+                             + "".join(f", MoS pool {p or 'of the rank'}, shards of {s or 1}" for p, s in mos)
                              + "".join(f", Kronecker {_kron_text(*k)}" for k in kron))  # fmt: skip
             if any("vera" in json.dumps(t.relax) for t in ties):
                 seeds = sorted({t.seed for t in ties})

@@ -30,6 +30,7 @@ def select_trainable(model: nn.Module, train: str, norms: bool) -> dict[str, int
     for param in model.parameters():
         pid = id(param)
         trains = (pid in chosen or (norms and pid in norm)) if chosen is not None else (norms or pid not in norm)
+        trains = trains and param.is_floating_point()  # MoS's index maps are parameters too, and never train
         param.requires_grad_(trains)
         role = "relax" if pid in relax else "shared" if pid in shared else "norms" if pid in norm else "other"
         counts[role] += param.numel()

@@ -22,10 +22,13 @@ class TieOptions:
     share: what a tie group shares: all, attention or mlp.
     share_bias: tie the biases too (by default each layer keeps its own).
     relax: the relaxations' form: lora (private factors), vera (shared frozen random bases, two vectors per
-        layer; rank is the bases'), svfit (a fixed SVD whose singular values train), mos (a pool of rank vectors
-        each group shares, plus a private LoRA of rank --private) or kronecker (Compacter: slow matrices each
+        layer; rank is the bases'), svfit (a fixed SVD whose singular values train), mos (two pools of vectors
+        each group shares; each layer reads rank of each by its index maps, through its own rank × rank core,
+        plus a private LoRA of rank --private) or kronecker (Compacter: slow matrices each
         group shares, Kronecker-multiplied by each layer's fast factors of rank ``rank``).
     private: mos only: each layer's private LoRA rank beside the pool.
+    mos_pool: mos only: the vectors each of a group's two pools holds (at least rank) [default: rank, the whole pool].
+    mos_shard: mos only: the vectors in one shard, the unit an index map picks [default: 1].
     kron_factor: kronecker only: the shared slow matrices' size n (n × n; must divide both sides of every
         projection) [default: 4].
     kron_terms: kronecker only: how many slow matrices each group shares (1 to n²) [default: n, Compacter's].
@@ -38,6 +41,8 @@ class TieOptions:
     whiten: Optional[bool] = None
     relax: str = "lora"
     private: int = 0
+    mos_pool: int = 0
+    mos_shard: int = 0
     kron_factor: int = 0
     kron_terms: int = 0
 
@@ -47,7 +52,7 @@ class TieOptions:
         whiten = self.whiten if self.whiten is not None else whitens_by_default(self.rank, calibration is not None)
         return {"rank": self.rank, "fit": self.fit, "share": self.share, "share_bias": self.share_bias,
                 "whiten": whiten, "relax": self.relax, "private": self.private,
-                "kron_factor": self.kron_factor, "kron_terms": self.kron_terms}  # fmt: skip
+                "mos_pool": self.mos_pool, "mos_shard": self.mos_shard, "kron_factor": self.kron_factor, "kron_terms": self.kron_terms}  # fmt: skip
 
 
 def whitens_by_default(rank, calibrated: bool) -> bool:

@@ -13,7 +13,6 @@ from torch import nn
 
 from ..base import FoldedProjection
 from .forms import Form
-from .forms.mos import pooled_side
 
 
 class SharedProjection(nn.Module):
@@ -148,8 +147,8 @@ class TiedLinear(TiedPosition):
 
 
 class FormTiedLinear(TiedPosition):
-    """A tied projection whose relaxation has another form than a private LoRA (``forms``: VeRA, SVFit, a MoS
-    pool): ``y = x W_sharedᵀ + form(x) + b``. The form's per-position tensors are this module's parameters; its
+    """A tied projection whose relaxation has another form than a private LoRA (``forms``: VeRA, SVFit, MoS's
+    pools, Kronecker): ``y = x W_sharedᵀ + form(x) + b``. The form's per-position tensors are this module's parameters; its
     pooled ones live in the shared projection; regenerated ones (VeRA's bases) are made by the form."""
 
     def __init__(
@@ -166,9 +165,12 @@ class FormTiedLinear(TiedPosition):
     ) -> None:
         super().__init__(shared, transposed=transposed, bias=bias)
         self.form, self.form_rank, self.seed = form, rank, seed
-        self.pooled_side = pooled_side(self.out_features, self.in_features)
         for name, shape in form.layer_shapes(rank, self.out_features, self.in_features).items():
-            self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype, device=device)))
+            if name in form.integer:  # a parameter, not a buffer: the engine computes parameters, and saves them
+                tensor = torch.zeros(shape, dtype=torch.long, device=device)
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+            else:
+                self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype, device=device)))
 
     def relaxation_parameters(self) -> list[nn.Parameter]:
         """The form's trainable per-position tensors and its pool (what ``--train relax`` trains)."""

@@ -24,7 +24,7 @@ def kron_sizes(factor: int, terms: int) -> tuple[int, int]:
 
 
 def check_form(form: str, rank: int, shape: tuple[int, int], where: str, *, private: int = 0, factor: int = 0,
-               terms: int = 0) -> None:  # fmt: skip
+               terms: int = 0, pool: int = 0, shard: int = 0) -> None:  # fmt: skip
     """The sizes a relaxation form can take for an (out, in) projection; one line otherwise."""
     out_features, in_features = shape
     if form == "kronecker":
@@ -42,10 +42,21 @@ def check_form(form: str, rank: int, shape: tuple[int, int], where: str, *, priv
     if form == "vera" and rank < 1:
         raise LayerfoldError(f"{where}: a vera relaxation needs a rank of at least 1 (the bases' rank), got {rank}")
     if form == "mos":
-        largest = max(shape)  # the pooled side: a pool that spans it reproduces the original
+        largest = max(shape)  # with pools as large as both sides and a core to match, the fit is exact
         if not 1 <= rank <= largest:
-            raise LayerfoldError(f"{where}: a mos pool needs 1 to {largest} vectors for a {out_features}x"
-                                 f"{in_features} projection, got {rank}")  # fmt: skip
+            raise LayerfoldError(f"{where}: a mos relaxation needs a rank of 1 to {largest} pool vectors per position "
+                                 f"for a {out_features}x{in_features} projection, got {rank}")  # fmt: skip
+        size = shard or 1
+        if rank % size or (pool and pool % size):
+            what = f"rank {rank}" if rank % size else f"pool of {pool} vectors"
+            raise LayerfoldError(f"{where}: mos shards of {size} vectors do not divide the {what} (--mos-shard must "
+                                 f"divide --rank and --mos-pool)")  # fmt: skip
+        if size > min(shape):
+            raise LayerfoldError(f"{where}: mos shards of {size} vectors are longer than a {out_features}x"
+                                 f"{in_features} projection's side (at most {min(shape)})")  # fmt: skip
+        if pool and pool < rank:
+            raise LayerfoldError(f"{where}: a mos pool of {pool} vectors is too small for the {rank} each position "
+                                 f"reads (--mos-pool at least --rank)")  # fmt: skip
         if private > min(shape):
             raise LayerfoldError(f"{where}: private rank {private} is out of range for a {out_features}x"
                                  f"{in_features} projection (at most {min(shape)})")  # fmt: skip
@@ -67,8 +78,9 @@ class Tie(Operation):
     (``attention``/``mlp``), name (``q_proj``) or path (``self_attn.q_proj``) to a rank.
     ``relax``: the relaxation's form, for all projections or as such a mapping: ``lora`` (private factors),
     ``vera`` (frozen random bases made again from ``seed``, two vectors per position; ``rank`` is the bases'),
-    ``svfit`` (a fixed SVD whose singular values train) or ``mos`` (a pool of ``rank`` vectors the group shares,
-    one factor per position, plus a private LoRA of rank ``private``) or ``kronecker`` (``kron_terms`` slow matrices of
+    ``svfit`` (a fixed SVD whose singular values train) or ``mos`` (two pools of ``mos_pool`` vectors the group
+    shares, cut in shards of ``mos_shard``; each position reads ``rank`` of each by its index maps, with a
+    rank × rank core, plus a private LoRA of rank ``private``; 0: a pool of ``rank`` vectors, shards of one) or ``kronecker`` (``kron_terms`` slow matrices of
     ``kron_factor`` × ``kron_factor`` the group shares, Kronecker-multiplied by each position's fast factors of rank
     ``rank``; 0: 4 × 4 and as many as their size, Compacter's choice); see ``forms``."""
 
@@ -86,6 +98,8 @@ class Tie(Operation):
     private: int = 0
     kron_factor: int = 0
     kron_terms: int = 0
+    mos_pool: int = 0
+    mos_shard: int = 0
 
     def __post_init__(self) -> None:
         self.layers = sorted_layers(self.layers)
@@ -109,7 +123,7 @@ class Tie(Operation):
             if value not in FORM_CHOICES:
                 name = f"{where}.relax" if key is None else f"{where}.relax[{key!r}]"
                 raise LayerfoldError(f"{name}: must be one of {', '.join(FORM_CHOICES)}, got {value!r}")
-        for name in ("seed", "private", "kron_factor", "kron_terms"):
+        for name in ("seed", "private", "kron_factor", "kron_terms", "mos_pool", "mos_shard"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise LayerfoldError(f"{where}.{name}: must be a non-negative integer, got {value!r}")
@@ -154,7 +168,8 @@ class Tie(Operation):
             if form != "lora":
                 shape = (out_features, in_features)
                 check_form(form, self.form_rank(projection, kind, shape), shape, f"{where}.rank ({projection}, "
-                           f"{form})", private=self.private, factor=self.kron_factor, terms=self.kron_terms)  # fmt: skip
+                           f"{form})", private=self.private, factor=self.kron_factor, terms=self.kron_terms,
+                           pool=self.mos_pool, shard=self.mos_shard)  # fmt: skip
             elif rank != "full" and rank > min(out_features, in_features):
                 raise LayerfoldError(
                     f"{where}.rank: rank {rank} is larger than {projection} allows "
@@ -165,7 +180,8 @@ class Tie(Operation):
         data = super().to_dict()
         data["rank"] = dict(self.rank) if isinstance(self.rank, dict) else self.rank
         data["relax"] = dict(self.relax) if isinstance(self.relax, dict) else self.relax
-        for name, default in (("relax", "lora"), ("seed", 0), ("private", 0), ("kron_factor", 0), ("kron_terms", 0)):
+        for name, default in (("relax", "lora"), ("seed", 0), ("private", 0), ("kron_factor", 0), ("kron_terms", 0),
+                              ("mos_pool", 0), ("mos_shard", 0)):
             if data[name] == default:
                 del data[name]  # plans of private-LoRA ties read as before forms existed
         return data

@@ -15,10 +15,11 @@ FORMS: dict[str, type[Form]] = {form.name: form for form in (Vera, SvFit, Mos, K
 
 
 def form_of(op, name: str) -> Form:
-    """The form called ``name`` with a tie operation's settings (``private``: MoS's private rank; ``kron_factor``,
-    ``kron_terms``: the size and number of Kronecker's shared slow matrices)."""
+    """The form called ``name`` with a tie operation's settings (``private``, ``mos_pool``, ``mos_shard``: MoS's
+    private rank, pool and shard sizes; ``kron_factor``, ``kron_terms``: the size and number of Kronecker's shared
+    slow matrices)."""
     if name == "mos":
-        return Mos(op.private)
+        return Mos(op.private, op.mos_pool, op.mos_shard)
     if name == "kronecker":
         return Kronecker(op.kron_factor, op.kron_terms)
     return FORMS[name]()

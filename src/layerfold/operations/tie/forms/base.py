@@ -22,6 +22,7 @@ Shapes = dict[str, tuple[int, ...]]
 class Form:
     name: ClassVar[str] = ""
     trainable: ClassVar[tuple[str, ...]] = ()  # the per-position tensors heal's ``--train relax`` trains
+    integer: ClassVar[tuple[str, ...]] = ()  # per-position integer tensors (MoS's index maps): stored, never trained
     # Tensors the checkpoint does not store and the form makes again (VeRA's random bases), per projection.
     regenerated: ClassVar[str] = ""
 
