@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import DATA, calibration_data, smollm2_dir, write_results, written_text
+from common import DATA, RESULTS, calibration_data, smollm2_dir, write_results, written_text
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
@@ -47,15 +48,20 @@ from layerfold.data import read_sts, text_lines, wikitext_half
 from layerfold.demo import default_model_path
 from layerfold.errors import LayerfoldError
 from layerfold.evaluate import embedding_fidelity, perplexity, sentence_embeddings, sts_spearman
+from layerfold.families import family_of
 from layerfold.folding import fold
 from layerfold.heal import HealConfig, heal
 from layerfold.io import load, load_source, load_tokenizer, save
 from layerfold.methods.delta import adjacent_groups, pick_group
+from layerfold.operations.tie.build import max_relaxation_rank, relaxation_params
 from layerfold.planner import filling_rank
 from layerfold.plan import FoldPlan
 from layerfold.report import markdown_table, parameter_breakdown
 
 FORMS = ("lora", "mos", "vera", "svfit", "kronecker")
+# MoS's claim (about 1/4 to 1/8 of LoRA's parameters at equal quality): these forms also at a quarter of what the
+# lora row's relaxations store, on the same tie groups ("<form>-quarter" rows, smaller than the budget).
+QUARTER = ("lora", "mos")
 PEERS = (("svd", {"allocation": "sensitivity", "whole": [0, -1]}), ("basis", {"allocation": "sensitivity",
          "whole": [0, -1]}))  # fmt: skip
 BUDGETS = (0.83, 0.67, 0.5)
@@ -125,6 +131,32 @@ def form_plan(model, budget: Budget, relax: str, statistics) -> FoldPlan:
     return plan
 
 
+def relaxation_size(model, plan: FoldPlan, rank: int | None = None) -> int:
+    """What the plan's tie relaxations store (at ``rank`` for all, if given)."""
+    family = family_of(model)
+    blocks = family.layer_list(model)
+    return sum(relaxation_params(op, family, blocks[op.layers[0]], rank) for op in plan.ties())
+
+
+def quarter_plan(model, budget: Budget, relax: str, statistics) -> FoldPlan:
+    """The lora row's tie groups with ``relax`` at the largest rank whose relaxations store at most a quarter
+    of the lora row's."""
+    plan = copy.deepcopy(form_plan(model, budget, "lora", statistics))
+    target = relaxation_size(model, plan) / 4
+    family, blocks = family_of(model), family_of(model).layer_list(model)
+    for op in plan.ties():
+        op.relax = relax
+    low, high = 0, min(max_relaxation_rank(op, family, blocks[op.layers[0]]) for op in plan.ties())
+    while low < high:  # the size grows with the rank
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if relaxation_size(model, plan, middle) <= target else (low, middle - 1)
+    if low < 1:
+        raise LayerfoldError(f"no room for a {relax} relaxation of rank 1 in a quarter of lora's")
+    for op in plan.ties():
+        op.rank = low
+    return plan
+
+
 def run(task: dict, budgets, heal_rows: set[str], work: Path) -> list[dict]:
     original = load_source(task["path"], dtype=torch.float32)
     tokenizer = load_tokenizer(task["path"])
@@ -133,15 +165,17 @@ def run(task: dict, budgets, heal_rows: set[str], work: Path) -> list[dict]:
     statistics = calibration.statistics()
     blocks = parameter_breakdown(original)["blocks"]
     rows = [{"budget": 1.0, "row": "original", **task["measure"](original, original)}]
-    jobs = [(b, f) for b in budgets for f in [*FORMS, *(name for name, _ in PEERS)]]
+    jobs = [(b, f) for b in budgets for f in [*FORMS, *(f"{q}-quarter" for q in QUARTER), *(n for n, _ in PEERS)]]
     for keep, name in tqdm(jobs, desc=task["model"], unit="fold"):
         budget = Budget(keep, blocks_only=True)
         start = time.perf_counter()
         try:
-            if name in FORMS:
-                plan = form_plan(original, budget, name, statistics)
+            if name in FORMS or name.endswith("-quarter"):
+                form = name.removesuffix("-quarter")
+                plan = (form_plan if form == name else quarter_plan)(original, budget, form, statistics)
                 folded = fold(copy.deepcopy(original), plan, calibration=statistics, progress=False)
-                detail = f"runs of {plan.provenance['group']}, rank {plan.ties()[0].rank}"
+                detail = (f"runs of {plan.provenance['group']}, rank {plan.ties()[0].rank}, relaxations "
+                          f"{relaxation_size(original, plan) / 1e6:.2f} M")  # fmt: skip
             else:
                 options = dict(PEERS)[name]
                 folded = registry.build(registry.get(name), copy.deepcopy(original), budget, calibration, **options)
@@ -166,10 +200,37 @@ def run(task: dict, budgets, heal_rows: set[str], work: Path) -> list[dict]:
     return rows
 
 
+def merged(old: list[dict], new: list[dict], date: str, old_date: str) -> list[dict]:
+    """``new``'s rows over ``old``'s, by model, budget and row: a re-run row's figures replace the old ones, and
+    the old row's other figures (its healed columns, when only the training-free fold was run again) stay, with
+    the date each part was measured (``measured``, ``healed on``)."""
+    def dated(row: dict) -> dict:
+        healed = any(k.startswith("healed ") for k in row)
+        return {"measured": old_date, **({"healed on": old_date} if healed else {}), **row}
+
+    results = {r["model"]: {**r, "rows": [dated(row) for row in r["rows"]]} for r in old}
+    for result in new:
+        target = results.setdefault(result["model"], {**result, "rows": []})
+        target.update({k: v for k, v in result.items() if k != "rows"})
+        index = {(row["budget"], row["row"]): row for row in target["rows"]}
+        for row in result["rows"]:
+            row = {**row, "measured": date, **({"healed on": date} if any(k.startswith("healed ") for k in row) else {})}
+            if (row["budget"], row["row"]) in index:
+                index[row["budget"], row["row"]].update(row)
+            else:
+                target["rows"].append(row)
+                index[row["budget"], row["row"]] = row
+        order = [*FORMS, *(f"{q}-quarter" for q in QUARTER), *(n for n, _ in PEERS)]
+        target["rows"].sort(key=lambda r: (-r["budget"], order.index(r["row"]) if r["row"] in order else -1))
+    return list(results.values())
+
+
 def render(results: list[dict]) -> str:
     parts = ["# Tie relaxation forms at equal budgets", "", __doc__.split("\n\n")[2], ""]
     for result in results:
-        columns = list(dict.fromkeys(k for r in result["rows"] for k in r if k not in ("budget", "row")))
+        dates = ("measured", "healed on")  # last: they say when each part of a merged row was measured
+        columns = list(dict.fromkeys(k for r in result["rows"] for k in r if k not in ("budget", "row", *dates)))
+        columns += [d for d in dates if any(d in r for r in result["rows"])]
         body = [[f"{r['budget']:.0%}", r["row"], *(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
                  for c in columns)] for r in result["rows"]]  # fmt: skip
         parts += [f"## {result['model']} (calibration: {result['calibration']}, {result['tokens']:,} tokens)", "",
@@ -184,6 +245,8 @@ def main() -> None:
     parser.add_argument("--heal", action="store_true", help="also heal the 50 %% folds")
     parser.add_argument("--heal-rows", default=",".join([*FORMS, *(n for n, _ in PEERS)]),
                         help="which rows --heal heals (comma-separated)")
+    parser.add_argument("--merge", action="store_true", help="keep the rows of results/relax_forms.json that this "
+                        "run does not measure again (by model, budget and row)")  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -195,8 +258,13 @@ def main() -> None:
             rows = run(task, [float(b) for b in args.budgets.split(",")], healed, Path(tmp))
             results.append({"model": task["model"], "calibration": task["what"], "tokens": task["tokens"],
                             "rows": rows})  # fmt: skip
+    seconds = round(time.perf_counter() - started)
+    if args.merge and (RESULTS / "relax_forms.json").exists():
+        old = json.loads((RESULTS / "relax_forms.json").read_text())
+        results = merged(old["results"], results, time.strftime("%Y-%m-%d"), old["date"][:10])
+        seconds += old.get("seconds", 0)
     markdown = render(results)
-    write_results("relax_forms", {"seconds": round(time.perf_counter() - started), "results": results}, markdown)
+    write_results("relax_forms", {"seconds": seconds, "results": results}, markdown)
     print(markdown)
 
 

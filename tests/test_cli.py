@@ -266,19 +266,19 @@ def test_quiet_leaves_stdout_and_errors_only(capsys, tmp_path):
     assert_one_line_error(code, err, "exists")
 
 
-def test_fold_with_kronecker_relaxations_records_them_in_the_plan(capsys, tiny_dir, tmp_path):
+@pytest.mark.parametrize(
+    "flags, recorded",
+    [
+        (["--rank", "2", "--relax", "kronecker", "--kron-factor", "2", "--kron-terms", "3"],
+         {"relax": "kronecker", "kron_factor": 2, "kron_terms": 3, "rank": 2}),
+        (["--rank", "4", "--relax", "mos", "--mos-pool", "8", "--mos-shard", "2"],
+         {"relax": "mos", "mos_pool": 8, "mos_shard": 2, "rank": 4}),
+    ],
+)  # fmt: skip
+def test_fold_with_a_relaxation_form_records_its_settings_in_the_plan(capsys, tiny_dir, tmp_path, flags, recorded):
     code, out, _ = run(capsys, "fold", tiny_dir, "--out", tmp_path / "f", "--strategy", "cycle", "--unique", "2",
-                       "--rank", "2", "--relax", "kronecker", "--kron-factor", "2", "--kron-terms", "3", "--json")  # fmt: skip
+                       *flags, "--json")  # fmt: skip
     assert code == 0
     code, out, _ = run(capsys, "info", tmp_path / "f", "--json")
     tie = json.loads(out)["plan"]["operations"][0]
-    assert (tie["relax"], tie["kron_factor"], tie["kron_terms"], tie["rank"]) == ("kronecker", 2, 3, 2)
-
-
-def test_fold_with_mos_relaxations_records_pool_and_shards_in_the_plan(capsys, tiny_dir, tmp_path):
-    code, out, _ = run(capsys, "fold", tiny_dir, "--out", tmp_path / "f", "--strategy", "cycle", "--unique", "2",
-                       "--rank", "4", "--relax", "mos", "--mos-pool", "8", "--mos-shard", "2", "--json")  # fmt: skip
-    assert code == 0
-    code, out, _ = run(capsys, "info", tmp_path / "f", "--json")
-    tie = json.loads(out)["plan"]["operations"][0]
-    assert (tie["relax"], tie["mos_pool"], tie["mos_shard"], tie["rank"]) == ("mos", 8, 2, 4)
+    assert {key: tie[key] for key in recorded} == recorded
