@@ -48,13 +48,11 @@ from layerfold.data import read_sts, text_lines, wikitext_half
 from layerfold.demo import default_model_path
 from layerfold.errors import LayerfoldError
 from layerfold.evaluate import embedding_fidelity, perplexity, sentence_embeddings, sts_spearman
-from layerfold.families import family_of
 from layerfold.folding import fold
 from layerfold.heal import HealConfig, heal
 from layerfold.io import load, load_source, load_tokenizer, save
 from layerfold.methods.delta import adjacent_groups, pick_group
-from layerfold.operations.tie.build import max_relaxation_rank, relaxation_params
-from layerfold.planner import filling_rank
+from layerfold.planner import filling_rank, largest_rank, relaxation_size
 from layerfold.plan import FoldPlan
 from layerfold.report import markdown_table, parameter_breakdown
 
@@ -131,29 +129,18 @@ def form_plan(model, budget: Budget, relax: str, statistics) -> FoldPlan:
     return plan
 
 
-def relaxation_size(model, plan: FoldPlan, rank: int | None = None) -> int:
-    """What the plan's tie relaxations store (at ``rank`` for all, if given)."""
-    family = family_of(model)
-    blocks = family.layer_list(model)
-    return sum(relaxation_params(op, family, blocks[op.layers[0]], rank) for op in plan.ties())
-
-
 def quarter_plan(model, budget: Budget, relax: str, statistics) -> FoldPlan:
     """The lora row's tie groups with ``relax`` at the largest rank whose relaxations store at most a quarter
     of the lora row's."""
     plan = copy.deepcopy(form_plan(model, budget, "lora", statistics))
     target = relaxation_size(model, plan) / 4
-    family, blocks = family_of(model), family_of(model).layer_list(model)
     for op in plan.ties():
         op.relax = relax
-    low, high = 0, min(max_relaxation_rank(op, family, blocks[op.layers[0]]) for op in plan.ties())
-    while low < high:  # the size grows with the rank
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if relaxation_size(model, plan, middle) <= target else (low, middle - 1)
-    if low < 1:
+    rank = largest_rank(model, plan, target)
+    if rank < 1:
         raise LayerfoldError(f"no room for a {relax} relaxation of rank 1 in a quarter of lora's")
     for op in plan.ties():
-        op.rank = low
+        op.rank = rank
     return plan
 
 
@@ -204,17 +191,18 @@ def merged(old: list[dict], new: list[dict], date: str, old_date: str) -> list[d
     """``new``'s rows over ``old``'s, by model, budget and row: a re-run row's figures replace the old ones, and
     the old row's other figures (its healed columns, when only the training-free fold was run again) stay, with
     the date each part was measured (``measured``, ``healed on``)."""
-    def dated(row: dict) -> dict:
-        healed = any(k.startswith("healed ") for k in row)
-        return {"measured": old_date, **({"healed on": old_date} if healed else {}), **row}
 
-    results = {r["model"]: {**r, "rows": [dated(row) for row in r["rows"]]} for r in old}
+    def dates(row: dict, date: str) -> dict:
+        healed = any(k.startswith("healed ") for k in row)
+        return {"measured": date, **({"healed on": date} if healed else {})}
+
+    results = {r["model"]: {**r, "rows": [{**dates(row, old_date), **row} for row in r["rows"]]} for r in old}
     for result in new:
         target = results.setdefault(result["model"], {**result, "rows": []})
         target.update({k: v for k, v in result.items() if k != "rows"})
         index = {(row["budget"], row["row"]): row for row in target["rows"]}
         for row in result["rows"]:
-            row = {**row, "measured": date, **({"healed on": date} if any(k.startswith("healed ") for k in row) else {})}
+            row = {**row, **dates(row, date)}
             if (row["budget"], row["row"]) in index:
                 index[row["budget"], row["row"]].update(row)
             else:

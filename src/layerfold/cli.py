@@ -168,7 +168,8 @@ def _fold(
         "--relax",
         help="The tie relaxations' form: lora (private factors), vera (shared frozen random bases, two vectors per "
         "layer), svfit (a fixed SVD whose singular values train), mos (pools of vectors each group shares; "
-        "each layer reads --rank of each by its index maps) or kronecker (Compacter: shared slow matrices (x) each layer's fast factors of rank --rank) "
+        "each layer reads --rank of each by its index maps) or kronecker (Compacter: shared slow matrices (x) "
+        "each layer's fast factors of rank --rank) "
         "[default: lora].",
     ),
     private: Optional[int] = typer.Option(
@@ -320,7 +321,8 @@ def _fold(
 
 
 # ---- fold's method flags, generated from the registered methods' options ------------------------------------
-# --rank, --share, --fit, --whiten, --relax, --private, --mos-* and --kron-* are fold's own flags (they serve --strategy too) and reach the tie methods.
+# --rank, --share, --fit, --whiten, --relax, --private, --mos-* and --kron-* are fold's own flags (they serve
+# --strategy too) and reach the tie methods.
 # The registry imports torch (seconds), so the flags are generated only when the fold command runs or shows its
 # help (``main`` asks for them); ``layerfold --help`` and the other commands start without them.
 _OWN_FLAGS = ("rank", "share", "fit", "whiten", "relax", "private", "mos_pool", "mos_shard", "kron_factor",

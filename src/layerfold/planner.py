@@ -133,8 +133,6 @@ def _key(plan: FoldPlan) -> str:
 def filling_rank(model: nn.Module, plan: FoldPlan, statistics, allowed: int, counted_key: str) -> int:
     """The largest relaxation rank (every projection of every tie alike, in each tie's form) that keeps the
     fold within ``allowed`` parameters: the fold without relaxations, plus what the forms store at that rank."""
-    family = family_of(model)
-    blocks = family.layer_list(model)
     forms = [(op.rank, op.relax) for op in plan.ties()]
     for op in plan.ties():
         op.rank, op.relax = 0, "lora"
@@ -143,14 +141,26 @@ def filling_rank(model: nn.Module, plan: FoldPlan, statistics, allowed: int, cou
     del size
     for op, (rank, relax) in zip(plan.ties(), forms):
         op.rank, op.relax = rank, relax
+    return largest_rank(model, plan, allowed - base)
 
-    def cost(rank: int) -> int:
-        return sum(relaxation_params(op, family, blocks[op.layers[0]], rank) for op in plan.ties())
 
+def relaxation_size(model: nn.Module, plan: FoldPlan, rank: int | None = None) -> int:
+    """What the plan's tie relaxations store, each in its form: at ``rank`` for every projection if given,
+    else at the plan's own ranks."""
+    family = family_of(model)
+    blocks = family.layer_list(model)
+    return sum(relaxation_params(op, family, blocks[op.layers[0]], rank) for op in plan.ties())
+
+
+def largest_rank(model: nn.Module, plan: FoldPlan, limit: float) -> int:
+    """The largest rank (every projection of every tie alike) whose relaxations store at most ``limit``
+    parameters; 0 when not even rank 1 fits."""
+    family = family_of(model)
+    blocks = family.layer_list(model)
     low, high = 0, min(max_relaxation_rank(op, family, blocks[op.layers[0]]) for op in plan.ties())
-    while low < high:  # the cost grows with the rank
+    while low < high:  # the size grows with the rank
         middle = (low + high + 1) // 2
-        low, high = (middle, high) if base + cost(middle) <= allowed else (low, middle - 1)
+        low, high = (middle, high) if relaxation_size(model, plan, middle) <= limit else (low, middle - 1)
     return low
 
 

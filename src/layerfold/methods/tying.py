@@ -52,7 +52,8 @@ class TieOptions:
         whiten = self.whiten if self.whiten is not None else whitens_by_default(self.rank, calibration is not None)
         return {"rank": self.rank, "fit": self.fit, "share": self.share, "share_bias": self.share_bias,
                 "whiten": whiten, "relax": self.relax, "private": self.private,
-                "mos_pool": self.mos_pool, "mos_shard": self.mos_shard, "kron_factor": self.kron_factor, "kron_terms": self.kron_terms}  # fmt: skip
+                "mos_pool": self.mos_pool, "mos_shard": self.mos_shard, "kron_factor": self.kron_factor,
+                "kron_terms": self.kron_terms}  # fmt: skip
 
 
 def whitens_by_default(rank, calibrated: bool) -> bool:

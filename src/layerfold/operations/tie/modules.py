@@ -148,8 +148,9 @@ class TiedLinear(TiedPosition):
 
 class FormTiedLinear(TiedPosition):
     """A tied projection whose relaxation has another form than a private LoRA (``forms``: VeRA, SVFit, MoS's
-    pools, Kronecker): ``y = x W_sharedᵀ + form(x) + b``. The form's per-position tensors are this module's parameters; its
-    pooled ones live in the shared projection; regenerated ones (VeRA's bases) are made by the form."""
+    pools, Kronecker): ``y = x W_sharedᵀ + form(x) + b``. The form's per-position tensors are this module's
+    parameters; its pooled ones live in the shared projection; regenerated ones (VeRA's bases) are made by the
+    form."""
 
     def __init__(
         self,

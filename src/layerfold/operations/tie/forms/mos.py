@@ -104,8 +104,9 @@ class Mos(Form):
 
     def layer_shapes(self, rank: int, out_features: int, in_features: int):
         size = self.sizes(rank, out_features, in_features)
-        shapes = {"mos_core": (size["rank_out"], size["rank_in"]), "mos_index_a": (size["rank_in"] // size["shard"],),
-                  "mos_index_b": (size["rank_out"] // size["shard"],)}  # fmt: skip
+        shard = size["shard"]
+        shapes = {"mos_core": (size["rank_out"], size["rank_in"]), "mos_index_a": (size["rank_in"] // shard,),
+                  "mos_index_b": (size["rank_out"] // shard,)}
         if self.private:
             shapes.update(mos_private_a=(self.private, in_features), mos_private_b=(out_features, self.private))
         return shapes
@@ -116,7 +117,7 @@ class Mos(Form):
 
     def _factors(self, module) -> tuple[torch.Tensor, torch.Tensor]:
         """The position's A (r × in) and B (out × r), gathered from the pools by its index maps."""
-        shard = self.sizes(module.form_rank, module.out_features, module.in_features)["shard"]
+        shard = self.shard or 1  # as ``mos_sizes`` says; no sizes on every forward
         a = module.shared.mos_pool_a.index_select(0, shard_rows(module.mos_index_a, shard))
         b = module.shared.mos_pool_b.index_select(1, shard_rows(module.mos_index_b, shard))
         return a, b
