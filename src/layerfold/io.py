@@ -38,6 +38,7 @@ from .errors import LayerfoldError, first_line
 from .families import Family, family_for_model_type, family_of
 from .modelcard import CARD_NAME, FOLD_TAG, card_tags, export_card, fold_card
 from .operations.base import FoldedProjection
+from .operations.pruning import plain_widths
 from .report import parameter_breakdown, weight_bytes
 from .outputs import atomic_output_dir, check_output
 from .plan import FoldPlan, legacy_store_keys
@@ -487,8 +488,11 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
 def materialize(model: nn.Module) -> nn.Module:
     """Turn a folded model back into its plain architecture in place: every tied or factorised projection gets
     its own weight (shared + relaxation, or coefficients × basis, merged); the layer count stays as folded."""
-    if fold_state(model) is None:
+    state = fold_state(model)
+    if state is None:
         return model
+    if state.plan.prunes():  # before anything changes: a fold whose widths differ cannot be plain
+        plain_widths(model, family_of(model))
     layers = family_of(model).layer_list(model)
     for block in layers:
         for name, module in list(block.named_modules()):

@@ -26,7 +26,8 @@ import yaml
 
 from .errors import LayerfoldError
 from .families import family_of
-from .operations import OPERATIONS, Drop, Factor, Merge, Operation, Rank, Tie
+from .operations import OPERATIONS, Drop, Factor, Merge, Operation, PruneChannels, PruneHeads, Rank, Tie
+from .operations.geometry import Prune
 from .operations.tie.spec import init_sources, kron_sizes
 
 # How a tie group's shared weights are fitted: the mean of its layers, one layer each (Relaxed Recursive
@@ -150,6 +151,9 @@ class FoldPlan:
     def merges(self) -> list[Merge]:
         return self.of_kind(Merge)
 
+    def prunes(self) -> list[Prune]:
+        return [op for op in self.operations if isinstance(op, Prune)]
+
     def keeps_base_architecture(self) -> bool:
         """Only drops and merges: the fold is the base architecture with fewer layers (exports as such)."""
         return not self.ties() and not self.factors()
@@ -180,7 +184,11 @@ class FoldPlan:
     def whitens(self) -> bool:
         """Whether folding needs calibration statistics (a whitened factorisation, a least-squares or whitened
         tie)."""
-        return any(op.whiten for op in self.factors()) or any(op.needs_calibration() for op in self.ties())
+        return (
+            any(op.whiten for op in self.factors())
+            or any(op.needs_calibration() for op in self.ties())
+            or any(op.compensate for op in self.prunes())
+        )
 
     def calibrated_steps(self) -> str:
         """What in the plan fits to calibration data, for messages."""
@@ -189,6 +197,8 @@ class FoldPlan:
             steps.append("least-squares ties")
         if any(op.whiten for op in self.ties()):
             steps.append("whitened tie relaxations")
+        if any(op.compensate for op in self.prunes()):
+            steps.append("compensated pruning")
         return " and ".join(steps) or "this plan"
 
     def unique_blocks(self) -> int:
@@ -229,6 +239,12 @@ class FoldPlan:
             parts.append(
                 f"{len(factors)} low-rank factorisations ({shared} with a basis shared across layers{note})"
             )
+        for kind, what in ((PruneChannels, "MLP channels"), (PruneHeads, "attention heads")):
+            kept = [len(k) for op in self.of_kind(kind) for k in op.keep]
+            if kept:
+                span = f"{min(kept)}" if min(kept) == max(kept) else f"{min(kept)} to {max(kept)}"
+                compensated = ", compensated" if all(op.compensate for op in self.of_kind(kind)) else ""
+                parts.append(f"{what} pruned in {len(kept)} layers ({span} kept{compensated})")
         if self.provenance.get("method"):
             parts.append(f"method={self.provenance['method']}")
         return "; ".join(parts)
@@ -303,6 +319,28 @@ class FoldPlan:
                             f"{_where(factored[i, op.projection])}"
                         )
                     factored[i, op.projection] = n
+        self._check_prunes(dropped, tied, factored)
+
+    def _check_prunes(self, dropped: dict, tied: dict, factored: dict) -> None:
+        """A pruned layer keeps its own, smaller projections: it is not dropped, pruned twice the same way or
+        tied in the part it prunes (what a tie shares has one shape); ``validate`` refuses factorising it."""
+        pruned: dict[tuple[int, str], int] = {}
+        for n, op in enumerate(self.operations):
+            if not isinstance(op, Prune):
+                continue
+            where = _where(n, op)
+            for i in op.layers:
+                if i in dropped:
+                    raise LayerfoldError(f"{where}.layers: layer {i} is also dropped by {_where(dropped[i])}")
+                if (i, op.kind) in pruned:
+                    raise LayerfoldError(f"{where}.layers: layer {i} is already pruned by {_where(pruned[i, op.kind])}")
+                pruned[i, op.kind] = n
+                part = "attention" if isinstance(op, PruneHeads) else "mlp"
+                if i in tied and self.operations[tied[i]].share in ("all", part):
+                    raise LayerfoldError(
+                        f"{where}.layers: layer {i}'s {part} is tied by {_where(tied[i])}; prune untied layers, or tie "
+                        f"only the other part (share={'mlp' if part == 'attention' else 'attention'})"
+                    )
 
     def validate(self, model) -> None:
         """Check the plan against a model: layer count, projections and ranks within each matrix's size."""
@@ -315,6 +353,16 @@ class FoldPlan:
             )
         for n, op in enumerate(self.operations):
             op.validate(family, layers, _where(n, op))
+        factored = {(i, op.projection): n for n, op in enumerate(self.operations) if isinstance(op, Factor)
+                    for i in op.layers}  # fmt: skip
+        for n, op in enumerate(self.operations):
+            paths = family.attention if isinstance(op, PruneHeads) else family.mlp if isinstance(op, Prune) else ()
+            for i, path in ((i, p) for i in getattr(op, "layers", ()) for p in paths):
+                if (i, path) in factored:
+                    raise LayerfoldError(
+                        f"{_where(n, op)}.layers: layer {i} {path} is also factorised by {_where(factored[i, path])}; "
+                        "a layer's pruned part cannot be factorised too"
+                    )
 
     # ---- serialisation ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

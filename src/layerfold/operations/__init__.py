@@ -10,8 +10,10 @@ from .base import Operation, Rank, Recipe
 from .drop.spec import Drop
 from .factor.spec import Factor
 from .merge.spec import Merge
+from .prune_channels.spec import PruneChannels
+from .prune_heads.spec import PruneHeads
 from .tie.spec import Tie
 
-OPERATIONS: dict[str, type[Operation]] = {op.kind: op for op in (Merge, Tie, Factor, Drop)}
+OPERATIONS: dict[str, type[Operation]] = {op.kind: op for op in (Merge, Tie, Factor, PruneChannels, PruneHeads, Drop)}
 
-__all__ = ["OPERATIONS", "Drop", "Factor", "Merge", "Operation", "Rank", "Recipe", "Tie"]
+__all__ = ["OPERATIONS", "Drop", "Factor", "Merge", "Operation", "PruneChannels", "PruneHeads", "Rank", "Recipe", "Tie"]

@@ -1,0 +1,1 @@
+"""Width pruning of the MLP: some intermediate channels of a layer removed, the projection reading them refitted."""
