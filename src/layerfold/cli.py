@@ -617,7 +617,7 @@ def plan_command(
     keep_blocks: Optional[float] = typer.Option(
         None, "--keep-blocks", help="Fraction of the transformer-block parameters to keep."
     ),
-    allow: str = typer.Option("drop,tie,basis,lora", "--allow", help="What the plan may use: drop, tie, basis, lora."),
+    allow: str = typer.Option("drop,tie,basis,lora,width", "--allow", help="What the plan may use: drop, tie, basis, lora, width."),
     calib_tokens: int = typer.Option(32768, "--calib-tokens", help="Calibration tokens to use."),
     gate_steps: int = typer.Option(20, "--gate-steps", help="Steps to train the block gates (0: no gates)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
@@ -653,7 +653,7 @@ def compress_command(
     keep_blocks: Optional[float] = typer.Option(
         None, "--keep-blocks", help="Fraction of the transformer-block parameters to keep."
     ),
-    allow: str = typer.Option("drop,tie,basis,lora", "--allow", help="What the plan may use: drop, tie, basis, lora."),
+    allow: str = typer.Option("drop,tie,basis,lora,width", "--allow", help="What the plan may use: drop, tie, basis, lora, width."),
     heal_steps: int = typer.Option(0, "--heal-steps", help="Distillation steps after folding (0: no healing)."),
     calib_tokens: int = typer.Option(32768, "--calib-tokens", help="Calibration tokens to use."),
     gate_steps: int = typer.Option(20, "--gate-steps", help="Steps to train the block gates (0: no gates)."),

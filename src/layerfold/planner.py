@@ -43,7 +43,7 @@ from .operations.tie.build import max_relaxation_rank, relaxation_params
 from .plan import FoldPlan
 from .report import markdown_table, parameter_breakdown
 
-ALLOW_CHOICES = ("drop", "tie", "basis", "lora")
+ALLOW_CHOICES = ("drop", "tie", "basis", "lora", "width")
 
 
 def parse_allow(text: str | Sequence[str] | None) -> tuple[str, ...]:

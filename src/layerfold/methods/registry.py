@@ -38,7 +38,7 @@ class NoOptions:
 
 
 # What --allow must admit for the planner to try a candidate, in the order the planner tries them.
-CANDIDATE_KINDS = ("drop", "tie", "drop+tie", "lora", "basis")
+CANDIDATE_KINDS = ("drop", "tie", "drop+tie", "lora", "basis", "width", "drop+width")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,14 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import LayerfoldError
 from ..families import Family, is_transposed
 from .base import Recipe
-from .geometry import HEAD_SIZE_IN_CONFIG, NO_HEAD_PRUNING, attention_layout, channel_width
+from .geometry import (
+    HEAD_SIZE_IN_CONFIG,
+    NO_HEAD_PRUNING,
+    attention_layout,
+    channel_width,
+    mlp_paths,
+    set_head_counts,
+)
 
 # λ of the compensation as a fraction of the kept inputs' mean energy (G[S, S]'s mean diagonal).
 COMPENSATION_DAMPING = 1e-4
@@ -104,41 +111,101 @@ def gram_needs(op, paths: list[str]) -> list[tuple[int, str]]:
 
 
 # ---- plain architecture ----------------------------------------------------------------------------------
+def _padded(module: nn.Module, *, rows: int | None = None, columns: int | None = None) -> nn.Module:
+    """A copy of a projection grown to ``rows`` outputs or ``columns`` inputs (nn.Linear layout) with zeros."""
+    weight = module.weight.t() if is_transposed(module) else module.weight
+    out_features, in_features = weight.shape
+    grown = weight.new_zeros(rows or out_features, columns or in_features)
+    grown[:out_features, :in_features] = weight.detach()
+    bias = None
+    if module.bias is not None:
+        bias = module.bias.new_zeros(rows or out_features)
+        bias[:out_features] = module.bias.detach()
+    if is_transposed(module):
+        plain = Conv1D(grown.shape[0], grown.shape[1]).to(grown.dtype)
+        plain.weight = nn.Parameter(grown.t().contiguous())
+    else:
+        plain = nn.Linear(grown.shape[1], grown.shape[0], bias=bias is not None, device=grown.device, dtype=grown.dtype)
+        plain.weight = nn.Parameter(grown)
+    if bias is not None:
+        plain.bias = nn.Parameter(bias)
+    return plain
+
+
+def _pad_channels(block: nn.Module, family: Family, width: int) -> None:
+    """Grow a block's MLP to ``width`` channels with zero ones (exact: a zero reading column adds nothing)."""
+    producers, reader = mlp_paths(family)
+    own = channel_width(block, family)
+    if own == width:
+        return
+    for path in producers:
+        module = block.get_submodule(path)
+        fused = (module.weight.shape[1] if is_transposed(module) else module.weight.shape[0]) // own
+        if fused != 1:  # Phi-3's gate_up: each stacked half grows
+            weight = module.weight.t() if is_transposed(module) else module.weight
+            grown = _padded(module, rows=fused * width)
+            target = grown.weight.data.t() if is_transposed(grown) else grown.weight.data
+            target.copy_(torch.cat([_grow_rows(part, width) for part in weight.detach().split(own)]))
+            if module.bias is not None:
+                grown.bias.data.copy_(torch.cat([_grow_rows(b, width) for b in module.bias.detach().split(own)]))
+            block.set_submodule(path, grown)
+        else:
+            block.set_submodule(path, _padded(module, rows=width))
+    block.set_submodule(reader, _padded(block.get_submodule(reader), columns=width))
+
+
+def _grow_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    grown = tensor.new_zeros(rows, *tensor.shape[1:])
+    grown[: tensor.shape[0]] = tensor
+    return grown
+
+
+def _pad_heads(block: nn.Module, family: Family, heads: int, kv_heads: int) -> None:
+    """Grow a block's attention to ``heads`` heads with zero ones (exact: a zero value and output adds nothing);
+    padding adds whole key/value groups of the layer's own group size."""
+    layout = attention_layout(family, block, "export")
+    if layout.heads == heads and layout.kv_heads == kv_heads:
+        return
+    if layout.group_size != heads // kv_heads:
+        raise LayerfoldError(
+            f"a layer keeps {layout.group_size} query heads per key/value head and the export needs "
+            f"{heads // kv_heads}: this fold cannot be written as the plain architecture; keep the layerfold checkpoint"
+        )
+    d = layout.head_dim
+    block.set_submodule(layout.q, _padded(block.get_submodule(layout.q), rows=heads * d))
+    for path in (layout.k, layout.v):
+        block.set_submodule(path, _padded(block.get_submodule(path), rows=kv_heads * d))
+    block.set_submodule(layout.o, _padded(block.get_submodule(layout.o), columns=heads * d))
+    set_head_counts(layout.module, heads, kv_heads, d)
+
+
 def plain_widths(model: nn.Module, family: Family) -> None:
-    """Make a materialised model's config describe its pruned widths, so that it saves as the plain
-    architecture: every layer must have the same MLP width and head counts, and fewer heads need a config that
-    states the head size (Llama-like ``head_dim``). One line otherwise: such a fold stays a layerfold checkpoint."""
+    """Make a materialised, pruned model the plain architecture: every layer gets the widest layer's MLP width
+    and head count (narrower layers padded with exact zero channels and heads; a uniform fold needs none) and the
+    config says so. Fewer heads than the original need a config that states the head size (Llama-like
+    ``head_dim``); other families export with their original head count (zero heads fill the rest)."""
     blocks = family.layer_list(model)
     config = model.config
-    widths = {channel_width(block, family) for block in blocks}
-    if len(widths) > 1:
-        raise LayerfoldError(
-            f"the MLP widths differ across layers ({min(widths)} to {max(widths)} channels): only a uniform-width "
-            "fold (prune with --uniform) exports as the plain architecture; keep the layerfold checkpoint"
-        )
-    width = widths.pop()
+    width = max(channel_width(block, family) for block in blocks)
+    for block in blocks:
+        _pad_channels(block, family, width)
     field = next((f for f in WIDTH_FIELDS if getattr(config, f, None) is not None), None)
-    if field is not None and getattr(config, field) != width:
+    if field is not None:
         setattr(config, field, width)
-    elif field is None and family.model_type == "gpt2" and width != 4 * config.n_embd:
+    elif family.model_type == "gpt2" and width != 4 * config.n_embd:
         config.n_inner = width
     if family.model_type in NO_HEAD_PRUNING:
         return
-    layouts = {(lay.heads, lay.kv_heads, lay.head_dim) for lay in (attention_layout(family, b, "export") for b in blocks)}
-    if len(layouts) > 1:
-        counts = sorted(h for h, _, _ in layouts)
-        raise LayerfoldError(
-            f"the head counts differ across layers ({counts[0]} to {counts[-1]}): only a uniform-width fold (prune "
-            "with --uniform) exports as the plain architecture; keep the layerfold checkpoint"
-        )
-    heads, kv_heads, head_dim = layouts.pop()
-    if heads == config.num_attention_heads and kv_heads == getattr(config, "num_key_value_heads", heads):
-        return
+    layouts = [attention_layout(family, b, "export") for b in blocks]
+    original_heads = config.num_attention_heads
+    original_kv = getattr(config, "num_key_value_heads", None) or original_heads
+    widest = max(layouts, key=lambda lay: lay.heads)
+    heads, kv_heads = widest.heads, widest.kv_heads
     if family.model_type not in HEAD_SIZE_IN_CONFIG:
-        raise LayerfoldError(
-            f"{config.model_type} derives its head size from the hidden size and the head count, so a plain "
-            f"{config.model_type} config cannot have {heads} heads of {head_dim}: keep the layerfold checkpoint"
-        )
-    config.num_attention_heads, config.head_dim = heads, head_dim
-    if getattr(config, "num_key_value_heads", None) is not None:
-        config.num_key_value_heads = kv_heads
+        heads, kv_heads = original_heads, original_kv  # the config cannot state fewer heads of the same size
+    for block in blocks:
+        _pad_heads(block, family, heads, kv_heads)
+    if (heads, kv_heads) != (original_heads, original_kv):
+        config.num_attention_heads, config.head_dim = heads, widest.head_dim
+        if getattr(config, "num_key_value_heads", None) is not None:
+            config.num_key_value_heads = kv_heads

@@ -1,0 +1,246 @@
+"""prune: structured width pruning — MLP channels and attention heads removed by a registered importance score
+(``methods.importance``), the projection reading each pruned width refitted by least squares on calibration
+inputs (``operations.pruning``), optionally with whole blocks dropped first (width mixed with depth).
+
+Units are MLP channels and attention heads; with grouped-query attention a head unit is a whole key/value group
+(its query heads, key and value), so every layer keeps one repeat count. Each unit costs the parameters it
+removes; ``uniform`` removes the same number from every layer (the fold exports as the plain architecture with
+a smaller ``intermediate_size`` / fewer heads), otherwise units are ranked across layers by score per
+parameter (Torch-Pruning's global ranking), each layer keeping at least ``min_keep`` of its width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..budget import Budget
+from ..calibrate import Calibration
+from ..errors import LayerfoldError
+from ..families import family_of, projection_shape
+from ..operations import Drop, PruneChannels, PruneHeads
+from ..operations.geometry import NO_HEAD_PRUNING, attention_layout, channel_width, mlp_paths
+from ..plan import FoldPlan
+from .importance import SCORES, Units
+from .registry import Candidate, Method, register
+from .shortgpt import block_parameters, removal_order
+
+TARGETS = ("mlp", "attention", "both")
+
+
+@dataclass
+class PruneOptions:
+    """Options of width pruning.
+
+    importance: how units are ranked: magnitude, activation, fluctuation, taylor or self-supervised.
+    target: what loses width: mlp (channels), attention (heads) or both.
+    uniform: the same width in every layer (exports as the plain architecture); else ranked across layers.
+    compensate: refit the projection reading a pruned width by least squares on calibration inputs.
+    min_keep: the least fraction of its channels (and heads) a layer keeps when ranked across layers.
+    depth: the share of the saving taken by dropping whole blocks first (lowest Block Influence), 0 to 0.9.
+    """
+
+    importance: str = "activation"
+    target: str = "mlp"
+    uniform: bool = False
+    compensate: bool = True
+    min_keep: float = 0.1
+    depth: float = 0.0
+
+
+@dataclass
+class _Kind:
+    """One kind of unit in one layer: how many there are, what one costs, and its scores."""
+
+    layer: int
+    kind: str  # channels | heads
+    count: int
+    cost: int
+    scores: torch.Tensor | None = None
+    per_group: int = 1  # query heads per unit (a whole key/value group under grouped-query attention)
+
+
+def _check(options: PruneOptions) -> None:
+    if options.importance not in SCORES:
+        raise LayerfoldError(f"--importance must be one of {', '.join(SCORES)}, got {options.importance!r}")
+    if options.target not in TARGETS:
+        raise LayerfoldError(f"--target must be one of {', '.join(TARGETS)}, got {options.target!r}")
+    if not 0 < options.min_keep <= 1:
+        raise LayerfoldError(f"--min-keep must be a fraction in (0, 1], got {options.min_keep!r}")
+    if not 0 <= options.depth <= 0.9:
+        raise LayerfoldError(f"--depth must be between 0 and 0.9, got {options.depth!r}")
+
+
+def _kinds(model: nn.Module, layers: list[int], target: str) -> list[_Kind]:
+    """The units each layer offers, with their cost in parameters."""
+    family = family_of(model)
+    blocks = family.layer_list(model)
+    producers, reader = mlp_paths(family)
+    found = []
+    for i in layers:
+        block = blocks[i]
+        if target in ("mlp", "both"):
+            width = channel_width(block, family)
+            cost = projection_shape(block.get_submodule(reader))[0]
+            for path in producers:
+                module = block.get_submodule(path)
+                out_features, in_features = projection_shape(module)
+                cost += (out_features // width) * (in_features + (module.bias is not None))
+            found.append(_Kind(i, "channels", width, cost))
+        if target in ("attention", "both"):
+            if family.model_type in NO_HEAD_PRUNING:
+                if target == "attention":
+                    raise LayerfoldError(f"--target attention: {NO_HEAD_PRUNING[family.model_type]}; prune --target mlp")
+                continue
+            layout = attention_layout(family, block, "prune")
+            g, d = layout.group_size, layout.head_dim
+            hidden = projection_shape(block.get_submodule(layout.q))[1]
+            per_head = 2 * d * hidden + (d if block.get_submodule(layout.q).bias is not None else 0)
+            kv = 2 * d * hidden + (2 * d if block.get_submodule(layout.k).bias is not None else 0)
+            # Without grouping a head is its own key/value group: q, k, v rows and o columns.
+            found.append(_Kind(i, "heads", layout.kv_heads, g * per_head + kv, per_group=g))
+    return found
+
+
+def _score(model: nn.Module, calibration: Calibration, kinds: list[_Kind], importance: str) -> None:
+    family = family_of(model)
+    blocks = family.layer_list(model)
+    producers, reader = mlp_paths(family)
+    score = SCORES[importance]
+    channels = [k for k in kinds if k.kind == "channels"]
+    if channels:
+        scores = score(model, calibration, Units(tuple(k.layer for k in channels), reader, 1, producers))
+        for k in channels:
+            k.scores = scores[k.layer]
+    heads = [k for k in kinds if k.kind == "heads"]
+    if heads:
+        layout = attention_layout(family, blocks[heads[0].layer], "prune")
+        units = Units(tuple(k.layer for k in heads), layout.o, layout.head_dim * layout.group_size, (layout.q,))
+        scores = score(model, calibration, units)
+        for k in heads:
+            k.scores = scores[k.layer]
+
+
+def _floor(kind: _Kind, min_keep: float) -> int:
+    return max(1, math.ceil(min_keep * kind.count - 1e-9))
+
+
+def _global(kinds: list[_Kind], reduction: int, min_keep: float) -> dict[tuple[int, str], int]:
+    """How many units of each kind go, lowest score per parameter first across layers, until ``reduction``."""
+    order = []
+    for n, kind in enumerate(kinds):
+        ranked = torch.argsort(kind.scores.double() / kind.cost, stable=True)
+        removable = kind.count - _floor(kind, min_keep)
+        order += [(float(kind.scores[j]) / kind.cost, n, int(j)) for j in ranked[:removable]]
+    order.sort()
+    removed, taken = 0, {}
+    for _, n, j in order:
+        if removed >= reduction:
+            break
+        taken[n] = taken.get(n, 0) + 1
+        removed += kinds[n].cost
+    if removed < reduction:
+        return {}
+    return taken
+
+
+def _uniform(kinds: list[_Kind], reduction: int) -> dict[int, int]:
+    """The same fraction of each kind's units from every layer: the smallest that meets ``reduction``."""
+    steps = max(k.count for k in kinds)
+    for step in range(1, steps):
+        fraction = step / steps
+        taken = {n: min(k.count - 1, round(fraction * k.count)) for n, k in enumerate(kinds)}
+        if sum(taken[n] * k.cost for n, k in enumerate(kinds)) >= reduction:
+            return taken
+    return {}
+
+
+def prune_plan(model: nn.Module, budget: Budget, calibration: Calibration, options: PruneOptions) -> FoldPlan:
+    _check(options)
+    family = family_of(model)
+    num_layers = len(family.layer_list(model))
+    reduction = budget.reduction(model)
+    dropped: list[int] = []
+    if options.depth > 0:
+        sizes = block_parameters(model)
+        statistics = calibration.statistics(grams=False)
+        for i in removal_order(statistics.block_influence)[: num_layers - 1]:
+            if sum(sizes[j] for j in dropped) + sizes[i] > options.depth * reduction:
+                break
+            dropped.append(i)
+        reduction -= sum(sizes[j] for j in dropped)
+    kept = [i for i in range(num_layers) if i not in dropped]
+    kinds = _kinds(model, kept, options.target)
+    _score(model, calibration, kinds, options.importance)
+    taken = _uniform(kinds, reduction) if options.uniform else _global(kinds, reduction, options.min_keep)
+    if not taken and reduction > 0:
+        most = sum((k.count - 1 if options.uniform else k.count - _floor(k, options.min_keep)) * k.cost for k in kinds)
+        raise budget.unreachable(model, most + sum(block_parameters(model)[j] for j in dropped),
+                                 f"pruning {options.target} width")  # fmt: skip
+    operations: list = []
+    for kind_name, op_class in (("heads", PruneHeads), ("channels", PruneChannels)):
+        layers, keep = [], []
+        for n, kind in enumerate(kinds):
+            if kind.kind != kind_name or not taken.get(n):
+                continue
+            # The highest-scoring units stay (by score alone: within one kind of one layer the cost is the same).
+            stays = sorted(int(j) for j in torch.argsort(kind.scores.double(), descending=True, stable=True)[: kind.count - taken[n]])
+            if kind_name == "heads":  # a kept key/value group keeps all its query heads
+                stays = [group * kind.per_group + h for group in stays for h in range(kind.per_group)]
+            layers.append(kind.layer)
+            keep.append(stays)
+        if layers:
+            operations.append(op_class(layers=layers, keep=keep, compensate=options.compensate))
+    if dropped:
+        operations.append(Drop(layers=sorted(dropped)))
+    statistics = calibration.statistics(grams=False)
+    return FoldPlan(
+        num_layers=num_layers,
+        operations=operations,
+        provenance={
+            "method": "prune",
+            "keep": budget.keep,
+            "blocks_only": budget.blocks_only,
+            **{k: v for k, v in vars(options).items()},
+            "calibration": dict(statistics.settings, tokens=statistics.tokens),
+        },
+    )
+
+
+def _variants(quick: bool) -> list[dict[str, Any]]:
+    if quick:
+        return [{"importance": "activation"}]
+    return [
+        {"importance": "activation"},
+        {"importance": "taylor"},
+        {"importance": "activation", "target": "both"},
+        {"importance": "activation", "uniform": True},
+    ]
+
+
+def _candidates(analysis) -> list[Candidate]:
+    return [
+        Candidate("prune: MLP channels by activation", "width", {"importance": "activation"}, in_blocks=False),
+        Candidate("prune: MLP channels by Taylor", "width", {"importance": "taylor"}, in_blocks=False),
+        Candidate("prune: heads and channels by activation", "width",
+                  {"importance": "activation", "target": "both"}, in_blocks=False),  # fmt: skip
+        Candidate("prune: a third of the saving from blocks, the rest MLP channels", "drop+width",
+                  {"importance": "activation", "depth": 0.33}, in_blocks=False),  # fmt: skip
+    ]
+
+
+METHOD = register(
+    Method(
+        "prune",
+        "structured width pruning of MLP channels and attention heads, least-squares compensated",
+        prune_plan,
+        PruneOptions,
+        _variants,
+        calibrated=True,
+        candidates=_candidates,
+    )
+)
