@@ -61,7 +61,7 @@ QUICK_BLOCK_BUDGETS = (1.0, 0.5)
 # Budgets counted over all unique parameters (embeddings included), for the methods that take any budget.
 TOTAL_BUDGETS = (0.9, 0.84, 0.75, 0.65)
 QUICK_TOTAL_BUDGETS = (0.84,)
-ANY_BUDGET = ("drop-even", "basis", "svd", "shortgpt", "laco")
+ANY_BUDGET = ("drop-even", "basis", "svd", "shortgpt", "laco", "prune")
 GEMMA3_TOTAL_BUDGETS = (0.84,)  # one "of all" budget for the 270M model (the time limit of make bench)
 
 

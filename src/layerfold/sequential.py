@@ -43,8 +43,10 @@ def retarget(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor) -> t
     damping = RETARGET_DAMPING * float(regularised.diagonal().mean().clamp(min=1e-12))
     regularised.diagonal().add_(damping)
     w = weight.detach().double()
-    # Ŵ (G̃ + λI) = W K + λW  ⇔  (G̃ + λI) Ŵᵀ = Kᵀ Wᵀ + λWᵀ (G̃ symmetric)
-    solved = torch.linalg.solve(regularised, cross.double().T @ w.T + damping * w.T).T
+    # Ŵ (G̃ + λI) = W K + λW  ⇔  (G̃ + λI) Ŵᵀ = Kᵀ Wᵀ + λWᵀ (G̃ symmetric). A pruned width (fewer folded inputs
+    # than original ones) has no W of Ŵ's shape to stay near: there the ridge pulls towards zero.
+    anchor = damping * w.T if cross.shape[0] == cross.shape[1] else 0.0
+    solved = torch.linalg.solve(regularised, cross.double().T @ w.T + anchor).T
     return solved.to(weight.dtype)
 
 

@@ -11,12 +11,15 @@ parameter (Torch-Pruning's global ranking), each layer keeping at least ``min_ke
 
 from __future__ import annotations
 
+import itertools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..budget import Budget
 from ..calibrate import Calibration
@@ -40,16 +43,19 @@ class PruneOptions:
     target: what loses width: mlp (channels), attention (heads) or both.
     uniform: the same width in every layer (exports as the plain architecture); else ranked across layers.
     compensate: refit the projection reading a pruned width by least squares on calibration inputs.
-    min_keep: the least fraction of its channels (and heads) a layer keeps when ranked across layers.
+    min_keep: the least fraction of its channels (and heads) a layer keeps when ranked across layers (halved,
+        with a note, when the budget needs more).
+    multiple_of: with uniform, the kept MLP width is a multiple of this (dense kernels run faster on such sizes).
     depth: the share of the saving taken by dropping whole blocks first (lowest Block Influence), 0 to 0.9.
     """
 
     importance: str = "activation"
-    target: str = "mlp"
+    target: str = "both"
     uniform: bool = False
     compensate: bool = True
-    min_keep: float = 0.1
+    min_keep: float = 0.25
     depth: float = 0.0
+    multiple_of: int = 32
 
 
 @dataclass
@@ -71,6 +77,8 @@ def _check(options: PruneOptions) -> None:
         raise LayerfoldError(f"--target must be one of {', '.join(TARGETS)}, got {options.target!r}")
     if not 0 < options.min_keep <= 1:
         raise LayerfoldError(f"--min-keep must be a fraction in (0, 1], got {options.min_keep!r}")
+    if isinstance(options.multiple_of, bool) or not isinstance(options.multiple_of, int) or options.multiple_of < 1:
+        raise LayerfoldError(f"--multiple-of must be a positive integer, got {options.multiple_of!r}")
     if not 0 <= options.depth <= 0.9:
         raise LayerfoldError(f"--depth must be between 0 and 0.9, got {options.depth!r}")
 
@@ -148,15 +156,27 @@ def _global(kinds: list[_Kind], reduction: int, min_keep: float) -> dict[tuple[i
     return taken
 
 
-def _uniform(kinds: list[_Kind], reduction: int) -> dict[int, int]:
-    """The same fraction of each kind's units from every layer: the smallest that meets ``reduction``."""
-    steps = max(k.count for k in kinds)
-    for step in range(1, steps):
-        fraction = step / steps
-        taken = {n: min(k.count - 1, round(fraction * k.count)) for n, k in enumerate(kinds)}
-        if sum(taken[n] * k.cost for n, k in enumerate(kinds)) >= reduction:
-            return taken
-    return {}
+def _uniform(kinds: list[_Kind], reduction: int, multiple_of: int) -> dict[int, int]:
+    """The same number of units of each kind removed from every layer: of the settings that meet ``reduction``
+    (kept MLP widths multiples of ``multiple_of`` when larger than it), the one that removes least."""
+    per_kind: dict[str, list[int]] = {}
+    for n, kind in enumerate(kinds):
+        per_kind.setdefault(kind.kind, []).append(n)
+    options: dict[str, list[int]] = {}  # kind -> the numbers of units each layer may lose
+    for name, members in per_kind.items():
+        count = min(kinds[n].count for n in members)
+        kept = range(count, 0, -1)
+        if name == "channels":
+            kept = [k for k in kept if k == count or k <= multiple_of or k % multiple_of == 0]
+        options[name] = [count - k for k in kept]
+    best, best_removed = {}, None
+    names = list(options)
+    for combination in itertools.product(*(options[name] for name in names)):
+        taken = {n: lost for name, lost in zip(names, combination) for n in per_kind[name]}
+        removed = sum(taken[n] * kinds[n].cost for n in taken)
+        if removed >= reduction and (best_removed is None or removed < best_removed):
+            best, best_removed = taken, removed
+    return best
 
 
 def prune_plan(model: nn.Module, budget: Budget, calibration: Calibration, options: PruneOptions) -> FoldPlan:
@@ -176,9 +196,20 @@ def prune_plan(model: nn.Module, budget: Budget, calibration: Calibration, optio
     kept = [i for i in range(num_layers) if i not in dropped]
     kinds = _kinds(model, kept, options.target)
     _score(model, calibration, kinds, options.importance)
-    taken = _uniform(kinds, reduction) if options.uniform else _global(kinds, reduction, options.min_keep)
+    if options.uniform:
+        taken = _uniform(kinds, reduction, options.multiple_of)
+    else:
+        # A floor that leaves too little to remove is halved (down to one unit per layer), and the log says so:
+        # the budget is what the user asked for, the floor a guard.
+        for floor in (options.min_keep, options.min_keep / 2, options.min_keep / 4, 1e-9):
+            taken = _global(kinds, reduction, floor)
+            if taken or reduction <= 0:
+                break
+        if taken and floor != options.min_keep:
+            tqdm.write(f"layerfold: note: prune: --min-keep {options.min_keep:g} leaves too little to remove for "
+                       f"{budget.option} {budget.keep:g}; layers keep at least {floor:.2g} of their width", file=sys.stderr)  # fmt: skip
     if not taken and reduction > 0:
-        most = sum((k.count - 1 if options.uniform else k.count - _floor(k, options.min_keep)) * k.cost for k in kinds)
+        most = sum((k.count - 1) * k.cost for k in kinds)
         raise budget.unreachable(model, most + sum(block_parameters(model)[j] for j in dropped),
                                  f"pruning {options.target} width")  # fmt: skip
     operations: list = []
@@ -213,23 +244,18 @@ def prune_plan(model: nn.Module, budget: Budget, calibration: Calibration, optio
 
 def _variants(quick: bool) -> list[dict[str, Any]]:
     if quick:
-        return [{"importance": "activation"}]
-    return [
-        {"importance": "activation"},
-        {"importance": "taylor"},
-        {"importance": "activation", "target": "both"},
-        {"importance": "activation", "uniform": True},
-    ]
+        return [{}]
+    return [{}, {"importance": "taylor", "target": "mlp", "min_keep": 0.1}, {"uniform": True}]
 
 
 def _candidates(analysis) -> list[Candidate]:
     return [
-        Candidate("prune: MLP channels by activation", "width", {"importance": "activation"}, in_blocks=False),
-        Candidate("prune: MLP channels by Taylor", "width", {"importance": "taylor"}, in_blocks=False),
-        Candidate("prune: heads and channels by activation", "width",
-                  {"importance": "activation", "target": "both"}, in_blocks=False),  # fmt: skip
-        Candidate("prune: a third of the saving from blocks, the rest MLP channels", "drop+width",
-                  {"importance": "activation", "depth": 0.33}, in_blocks=False),  # fmt: skip
+        Candidate("prune: heads and channels by activation", "width", {}, in_blocks=False),
+        Candidate("prune: MLP channels by activation", "width", {"target": "mlp", "min_keep": 0.1}, in_blocks=False),
+        Candidate("prune: MLP channels by Taylor", "width", {"importance": "taylor", "target": "mlp", "min_keep": 0.1},
+                  in_blocks=False),  # fmt: skip
+        Candidate("prune: a third of the saving from blocks, the rest heads and channels", "drop+width",
+                  {"depth": 0.33}, in_blocks=False),  # fmt: skip
     ]
 
 
