@@ -85,7 +85,7 @@ def test_markdown_report_states_both_fractions(capsys, saved, tmp_path):
         (["--method", "svd", "--calib", "{calib}"], "exactly one of --keep F or --keep-blocks F"),
         (["--method", "basis", "--keep", "0.8", "--calib", "{calib}", "--shared", "c_attn"], "not a projection of"),
         (["--method", "svd", "--keep", "0.8", "--calib", "{calib}", "--score", "angular"], "does not take --score"),
-        (["--method", "prune", "--keep", "0.8"], "unknown method 'prune'"),
+        (["--method", "squeeze", "--keep", "0.8"], "unknown method 'squeeze'"),
         (["--method", "svd", "--keep", "0.8", "--strategy", "cycle"], "does not go with --plan, --strategy"),
         (["--strategy", "cycle", "--unique", "2", "--keep", "0.8"], "need --method"),
     ],
