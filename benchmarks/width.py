@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
+import json
 import importlib.util
 import math
 import tempfile
@@ -46,6 +48,7 @@ import torch
 from common import (
     CACHE,
     DATA,
+    RESULTS,
     RUNTIME_KEYS,
     off_domain_fidelity,
     off_domain_perplexity,
@@ -280,6 +283,23 @@ def run(name: str, budgets, wanted: list[str] | None, work: Path) -> dict:
             "budget_counts": "blocks" if spec["blocks_only"] else "all", "rows": rows}  # fmt: skip
 
 
+def merged(old: list[dict], new: list[dict]) -> list[dict]:
+    """``new``'s rows over ``old``'s, by model, budget and row, each row keeping the date it was measured."""
+    today = datetime.date.today().isoformat()
+    results = {r["model"]: {**r, "rows": list(r["rows"])} for r in old}
+    for result in new:
+        target = results.setdefault(result["model"], {**result, "rows": []})
+        index = {(row["budget"], row["row"]): n for n, row in enumerate(target["rows"])}
+        for row in result["rows"]:
+            row = {**row, "measured": today}
+            if (row["budget"], row["row"]) in index:
+                target["rows"][index[row["budget"], row["row"]]] = row
+            else:
+                target["rows"].append(row)
+        target["rows"].sort(key=lambda row: (-row["budget"], row["row"] != "original"))
+    return list(results.values())
+
+
 def fmt(value) -> str:
     if value is None:
         return "-"
@@ -291,7 +311,7 @@ def fmt(value) -> str:
 def render(results: list[dict]) -> str:
     lines = ["# Width pruning and its peers (benchmarks/width.py)", ""]
     for result in results:
-        figures = [k for k in result["rows"][0] if k not in ("budget", "row", "runtime")]
+        figures = [k for k in result["rows"][0] if k not in ("budget", "row", "runtime", "measured")]
         runtime_keys = [k for k in ("decode_tokens_per_second", "sentences_per_second") if k in result["rows"][0]["runtime"]]
         header = ["budget", "row", "kept", *figures, *(f"{k} (× orig.)" for k in runtime_keys), "detail"]
         table = []
@@ -313,6 +333,8 @@ def main() -> None:
     parser.add_argument("--models", default="minilm,smollm2")
     parser.add_argument("--budgets", default=None, help="comma-separated fractions (default: each model's)")
     parser.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    parser.add_argument("--merge", action="store_true", help="replace rows of results/width.json by model, budget "
+                        "and row instead of starting it again")  # fmt: skip
     args = parser.parse_args()
     wanted = args.rows.split(",") if args.rows else None
     results = []
@@ -320,6 +342,8 @@ def main() -> None:
         for name in args.models.split(","):
             budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else MODELS[name]["budgets"]
             results.append(run(name, budgets, wanted, Path(work)))
+    if args.merge and (RESULTS / "width.json").exists():
+        results = merged(json.loads((RESULTS / "width.json").read_text())["results"], results)
     peers = {n: importlib.util.find_spec(m) is not None for n, m in (("textpruner", "textpruner"),
                                                                       ("torch-pruning", "torch_pruning"))}  # fmt: skip
     path = write_results("width", {"results": results, "peers_installed": peers},
