@@ -9,7 +9,8 @@ all-MiniLM-L6-v2 at 83 / 67 / 50 % of the block parameters; SmolLM2-135M at 90 /
 STS-B train sentences + pydoc paragraphs (32,768 tokens); SmolLM2 the first half of WikiText-2 test without
 its last 30,000 characters + pydoc (32,768 tokens). Rows:
 
-- ``prune-*``: layerfold's width pruning (``--method prune``) with each importance score, MLP channels only or
+- ``prune-*``: layerfold's width pruning (``--method prune``) with each importance score (``fisher`` on SmolLM2
+  only: for an encoder it is ``activation``), MLP channels only or
   heads and channels, global or uniform widths, least-squares compensated; training-free.
 - ``svd``: the best earlier training-free row at these budgets (whitened per-layer SVD, sensitivity ranks, ends
   whole), for comparison.
@@ -77,6 +78,8 @@ PRUNE_ROWS = {  # the method's defaults: activation, heads and channels, min_kee
     "prune-activation-both-uniform": {"uniform": True},
     "prune-activation-mlp": dict(MLP),
     "prune-activation-mlp-uniform": {**MLP, "uniform": True},
+    "prune-fisher-both": {"importance": "fisher"},
+    "prune-fisher-mlp": {**MLP, "importance": "fisher"},
     "prune-fluctuation-both": {"importance": "fluctuation"},
     "prune-taylor-mlp": {**MLP, "importance": "taylor"},
     "prune-self-supervised-both": {"importance": "self-supervised"},
@@ -85,7 +88,8 @@ PRUNE_ROWS = {  # the method's defaults: activation, heads and channels, min_kee
 }
 SVD = {"allocation": "sensitivity", "whole": [0, -1]}
 MODELS = {
-    "minilm": {"budgets": (0.83, 0.67, 0.5), "blocks_only": True, "peer": "textpruner", "rows": list(PRUNE_ROWS)},
+    "minilm": {"budgets": (0.83, 0.67, 0.5), "blocks_only": True, "peer": "textpruner",  # fisher = activation there
+               "rows": [r for r in PRUNE_ROWS if "fisher" not in r]},
     "smollm2": {"budgets": (0.9, 0.84, 0.75), "blocks_only": False, "peer": "torch-pruning-mlp",
                 "rows": list(PRUNE_ROWS)},
 }  # fmt: skip

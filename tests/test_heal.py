@@ -311,6 +311,27 @@ def test_a_mos_fold_heals_its_pools_and_cores_and_keeps_its_index_maps(capsys, s
     layerfold.load(out)
 
 
+@pytest.mark.parametrize("stage", ["e2e", "blockwise"])
+def test_a_pruned_fold_heals_and_still_exports_narrow(capsys, saved, tmp_path, stage):
+    """A width-pruned fold heals like any other (its smaller projections train, their shapes stay) and its
+    healed checkpoint still exports as the smaller plain architecture."""
+    folded = tmp_path / "llama-pruned"
+    code, _, err = run(capsys, "fold", saved / "llama", "--out", folded, "--method", "prune", "--keep-blocks", "0.7",
+                       "--calib", saved / "text.txt", "--uniform", "--multiple-of", "8")  # fmt: skip
+    assert code == 0, err
+    out = tmp_path / "healed"
+    args = heal_args(saved, "llama", out, "--lr", "1e-2", "--stage", stage)
+    args[1] = folded
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    before, after = load_file(folded / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys() and all(before[n].shape == after[n].shape for n in before)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "down_proj" in n)
+    layerfold.export(out, tmp_path / "plain")
+    plain = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert plain["model_type"] == "llama" and plain["intermediate_size"] < 128
+
+
 _KILL_AT_SAVE = """
 import os, signal, sys
 from transformers import TrainerCallback

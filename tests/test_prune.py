@@ -323,7 +323,7 @@ def test_a_pruned_fold_with_shared_attention_runs_and_round_trips(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--importance", "loudness"], "--importance must be one of magnitude, activation"),
+        (["--importance", "loudness"], "--importance must be one of magnitude, activation, fisher"),
         (["--target", "embeddings"], "--target must be one of mlp, attention, both"),
         (["--min-keep", "0"], "--min-keep must be a fraction in (0, 1]"),
         (["--target", "attention", "--keep-blocks", "0.3"], "cannot be met: pruning attention width"),

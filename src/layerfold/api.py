@@ -431,7 +431,7 @@ def checkpoint_info(path: str | Path) -> InfoReport:
             f"its model type is layerfold ({', '.join(kinds) or 'no'} operations over {config['base_architecture']}"
             + ("" if plan.keeps_base_architecture() else "; tied or factorised projections are layerfold modules")
             + "); `layerfold export` writes a plain checkpoint"
-            + (" of the base architecture with fewer layers" if plan.keeps_base_architecture() else "")
+            + (" of the base architecture with fewer layers or smaller widths" if plan.keeps_base_architecture() else "")
         ),
         path=str(path),
         base_architecture=config["base_architecture"],

@@ -114,8 +114,8 @@ def fold_card(
         "```",
         "",
         "`layerfold export` writes a plain checkpoint that loads with transformers alone"
-        + (" (this plan only drops or merges blocks, so the export is the base architecture with fewer layers)."
-           if plan.keeps_base_architecture() else " (with every kept layer stored in full)."),  # fmt: skip
+        + (" (this plan only drops, merges or prunes, so the export is the base architecture with fewer layers or "
+           "smaller widths)." if plan.keeps_base_architecture() else " (with every kept layer stored in full)."),  # fmt: skip
         "",
         f"License: {carried['license']} (the original's)." if carried.get("license") else
         "License: see the original model's card; the fold is a derivative of its weights.",  # fmt: skip
@@ -128,8 +128,9 @@ def export_card(*, name: str, folded: Path, plan: FoldPlan, architecture: str, d
     """The card of an export (a plain checkpoint of a fold)."""
     carried = front_matter(folded)
     kind = (
-        f"the base architecture with {len(plan.kept_layers())} of its {plan.num_layers} layers (the plan only drops or "
-        "merges blocks), loadable by any tool that reads the original's architecture"
+        f"the base architecture with {len(plan.kept_layers())} of its {plan.num_layers} layers (the plan only drops, "
+        "merges or prunes; pruned widths as the config states), loadable by any tool that reads the original's "
+        "architecture"
         if plan.keeps_base_architecture()
         else "every kept layer stored in full (tied and factorised layers merged back into per-layer weights); "
         "the folded checkpoint is the smaller one"

@@ -155,7 +155,8 @@ class FoldPlan:
         return [op for op in self.operations if isinstance(op, Prune)]
 
     def keeps_base_architecture(self) -> bool:
-        """Only drops and merges: the fold is the base architecture with fewer layers (exports as such)."""
+        """Only drops, merges and width pruning: the fold is the base architecture with fewer layers or narrower
+        projections (exports as such)."""
         return not self.ties() and not self.factors()
 
     def dropped(self) -> list[int]:

@@ -9,6 +9,10 @@ the reading projection's output energy or of the loss, so channels and heads of 
 - ``magnitude``: the squared weights that touch a unit (its producing rows and reading columns); no data.
 - ``activation``: the output energy a unit contributes alone, ‖W[:, u] X_uᵀ‖² = tr(W_u G_uu W_uᵀ), from the
   Gram matrices calibration already gathers (Wanda's and SlimGPT's statistic, for whole units).
+- ``fisher``: ``activation`` times the loss sensitivity of the reading projection's outputs (E‖∂L/∂y‖² per
+  output unit, which calibration measures for causal LMs): an estimate of the loss change, so that units of
+  different layers compare (later layers' outputs are larger and matter less per unit of energy). Encoders have
+  no such loss here and get ``activation``.
 - ``fluctuation``: FLAP's: the sample variance of each input column times the squared norm of its reading
   column, summed over the unit (what a unit's removal changes once its mean is compensated).
 - ``taylor``: first-order Taylor estimate of the loss change when the unit is zeroed, |Σ ∂L/∂a · a| per batch
@@ -91,6 +95,12 @@ def activation(model: nn.Module, calibration: Calibration, units: Units) -> dict
         pieces = w.reshape(w.shape[0], n // s, s).permute(1, 0, 2)  # (u, out, s)
         scores[i] = torch.einsum("uos,ust,uot->u", pieces, blocks_of_gram, pieces)
     return scores
+
+
+@register("fisher")
+def fisher(model: nn.Module, calibration: Calibration, units: Units) -> dict[int, torch.Tensor]:
+    sensitivity = calibration.statistics().sensitivity
+    return {i: score * sensitivity.get((i, units.path), 1.0) for i, score in activation(model, calibration, units).items()}
 
 
 def input_moments(calibration: Calibration, paths: set[tuple[int, str]]) -> dict[tuple[int, str], torch.Tensor]:

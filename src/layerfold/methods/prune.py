@@ -39,7 +39,7 @@ TARGETS = ("mlp", "attention", "both")
 class PruneOptions:
     """Options of width pruning.
 
-    importance: how units are ranked: magnitude, activation, fluctuation, taylor or self-supervised.
+    importance: how units are ranked: magnitude, activation, fisher, fluctuation, taylor or self-supervised.
     target: what loses width: mlp (channels), attention (heads) or both.
     uniform: the same width in every layer (exports as the plain architecture); else ranked across layers.
     compensate: refit the projection reading a pruned width by least squares on calibration inputs.
@@ -253,6 +253,10 @@ def _candidates(analysis) -> list[Candidate]:
         Candidate("prune: heads and channels by activation", "width", {}, in_blocks=False),
         Candidate("prune: MLP channels by activation", "width", {"target": "mlp", "min_keep": 0.1}, in_blocks=False),
         Candidate("prune: MLP channels by Taylor", "width", {"importance": "taylor", "target": "mlp", "min_keep": 0.1},
+                  in_blocks=False),  # fmt: skip
+        Candidate("prune: MLP channels by Fisher-weighted activation", "width",
+                  {"importance": "fisher", "target": "mlp", "min_keep": 0.1}, in_blocks=False),  # fmt: skip
+        Candidate("prune: the same MLP width in every layer", "width", {"target": "mlp", "uniform": True},
                   in_blocks=False),  # fmt: skip
         Candidate("prune: a third of the saving from blocks, the rest heads and channels", "drop+width",
                   {"depth": 0.33}, in_blocks=False),  # fmt: skip
