@@ -118,6 +118,22 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if is_transposed(module) else module.weight
 
 
+def plain_projection(weight: torch.Tensor, bias: torch.Tensor | None, *, transposed: bool) -> nn.Module:
+    """An nn.Linear, or GPT-2's Conv1D when ``transposed``, holding ``weight`` (nn.Linear layout, out×in) and
+    ``bias`` as its own parameters, in the weight's dtype and device: the inverse of ``linear_weight``."""
+    out_features, in_features = weight.shape
+    with torch.device(weight.device):
+        if transposed:
+            plain = Conv1D(out_features, in_features)
+            plain.weight = nn.Parameter(weight.t().contiguous())
+        else:
+            plain = nn.Linear(in_features, out_features, bias=bias is not None)
+            plain.weight = nn.Parameter(weight.contiguous())
+    if bias is not None:
+        plain.bias = nn.Parameter(bias)
+    return plain.to(weight.dtype)
+
+
 def projection_shape(module: nn.Module) -> tuple[int, int]:
     out_features, in_features = linear_weight(module).shape
     return out_features, in_features

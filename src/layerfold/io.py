@@ -21,7 +21,6 @@ import transformers
 from accelerate import init_empty_weights
 from torch import nn
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.pytorch_utils import Conv1D
 
 from . import __version__
 from .checkpoint import (
@@ -35,7 +34,7 @@ from .checkpoint import (
 )
 from .engine import apply_structure, sync_plan
 from .errors import LayerfoldError, first_line
-from .families import Family, family_for_model_type, family_of
+from .families import Family, family_for_model_type, family_of, plain_projection
 from .modelcard import CARD_NAME, FOLD_TAG, card_tags, export_card, fold_card
 from .operations.base import FoldedProjection
 from .operations.pruning import plain_widths
@@ -491,7 +490,7 @@ def materialize(model: nn.Module) -> nn.Module:
     state = fold_state(model)
     if state is None:
         return model
-    if state.plan.prunes():  # before anything changes: a fold whose widths differ cannot be plain
+    if state.plan.prunes():  # the config states the pruned widths (narrower layers padded with zeros)
         plain_widths(model, family_of(model))
     layers = family_of(model).layer_list(model)
     for block in layers:
@@ -500,17 +499,8 @@ def materialize(model: nn.Module) -> nn.Module:
                 continue
             weight = module.merged_weight().detach().clone()  # tied layers without relaxation share a tensor
             bias = module.merged_bias()
-            out_features, in_features = weight.shape
-            with torch.device(weight.device):
-                if module.transposed:
-                    plain = Conv1D(out_features, in_features)
-                    plain.weight = nn.Parameter(weight.t().contiguous())
-                else:
-                    plain = nn.Linear(in_features, out_features, bias=bias is not None)
-                    plain.weight = nn.Parameter(weight.contiguous())
-            if bias is not None:
-                plain.bias = nn.Parameter(bias.detach().clone())
-            plain.to(weight.dtype)
+            bias = None if bias is None else bias.detach().clone()
+            plain = plain_projection(weight, bias, transposed=module.transposed)
             block.set_submodule(name, plain)
     delattr(model.base_model, STATE_ATTRIBUTE)
     for module in (model, model.base_model):  # plain again: the standard save_pretrained is right

@@ -16,10 +16,9 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..errors import LayerfoldError
-from ..families import Family, is_transposed
+from ..families import Family, is_transposed, linear_weight, plain_projection
 from .base import Recipe
 from .geometry import (
     HEAD_SIZE_IN_CONFIG,
@@ -43,15 +42,11 @@ def replace_projection(
     """Put a smaller projection of the original's kind (nn.Linear or Conv1D, with a bias if it had one) in place
     of ``path``, its tensors empty; ``rows``/``columns`` are the original's kept ones, for its recipes."""
     original = block.get_submodule(path)
-    weight = original.weight
-    with torch.device(weight.device):
-        if is_transposed(original):
-            smaller = Conv1D(out_features, in_features)
-        else:
-            smaller = nn.Linear(in_features, out_features, bias=original.bias is not None)
-    smaller.to(weight.dtype)
+    like = {"dtype": original.weight.dtype, "device": original.weight.device}
+    bias = torch.empty(out_features, **like) if original.bias is not None else None
+    smaller = plain_projection(torch.empty(out_features, in_features, **like), bias, transposed=is_transposed(original))
     if original.bias is None:
-        smaller.bias = None
+        smaller.bias = None  # a Conv1D makes one of its own
     smaller.op_key = key
     smaller.pruned_rows, smaller.pruned_columns = rows, columns
     block.set_submodule(path, smaller)
@@ -97,7 +92,7 @@ def compute(op, unit: list[Recipe], values: dict, context) -> Iterator[tuple[str
         if recipe.role == "bias":
             result = value.clone()
         elif recipe.role == "rows":
-            result = linear[index].clone() if linear.dim() == 2 else value[index].clone()
+            result = linear[index].clone()
         elif linear.shape[1] == len(index):
             result = linear.clone()
         else:
@@ -113,7 +108,7 @@ def gram_needs(op, paths: list[str]) -> list[tuple[int, str]]:
 # ---- plain architecture ----------------------------------------------------------------------------------
 def _padded(module: nn.Module, *, rows: int | None = None, columns: int | None = None) -> nn.Module:
     """A copy of a projection grown to ``rows`` outputs or ``columns`` inputs (nn.Linear layout) with zeros."""
-    weight = module.weight.t() if is_transposed(module) else module.weight
+    weight = linear_weight(module)
     out_features, in_features = weight.shape
     grown = weight.new_zeros(rows or out_features, columns or in_features)
     grown[:out_features, :in_features] = weight.detach()
@@ -121,15 +116,7 @@ def _padded(module: nn.Module, *, rows: int | None = None, columns: int | None =
     if module.bias is not None:
         bias = module.bias.new_zeros(rows or out_features)
         bias[:out_features] = module.bias.detach()
-    if is_transposed(module):
-        plain = Conv1D(grown.shape[0], grown.shape[1]).to(grown.dtype)
-        plain.weight = nn.Parameter(grown.t().contiguous())
-    else:
-        plain = nn.Linear(grown.shape[1], grown.shape[0], bias=bias is not None, device=grown.device, dtype=grown.dtype)
-        plain.weight = nn.Parameter(grown)
-    if bias is not None:
-        plain.bias = nn.Parameter(bias)
-    return plain
+    return plain_projection(grown, bias, transposed=is_transposed(module))
 
 
 def _pad_channels(block: nn.Module, family: Family, width: int) -> None:
