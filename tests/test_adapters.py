@@ -47,8 +47,11 @@ def train_step(model, inputs):
 def test_a_lora_on_a_tie_fold_trains_saves_reloads_and_merges_into_the_fold(name, tmp_path):
     fold = tie_fold(name, tmp_path)
     shared_before = {n: p.detach().clone() for n, p in fold.named_parameters() if "layerfold_shared" in n}
-    with pytest.raises(ValueError, match="not supported"):  # what PEFT says without the registration
-        peft.get_peft_model(tie_fold(name, tmp_path / "again"), peft.LoraConfig(r=4, target_modules=TARGETS[name]))
+    # PEFT's own config works too: layerfold registers its folded types with it (adapters.install_peft_dispatch),
+    # and the shared weights in the store get no adapter.
+    plain = peft.get_peft_model(tie_fold(name, tmp_path / "again"), peft.LoraConfig(r=4, target_modules=TARGETS[name]))
+    assert sum(type(m).__name__ == "FoldedLoraLinear" for m in plain.modules()) == len(TARGETS[name]) * 2
+    assert not any("lora_" in n for n, _ in plain.named_parameters() if "layerfold_shared" in n)
     model = peft.get_peft_model(fold, lora_config(r=4, lora_alpha=8, target_modules=TARGETS[name], init_lora_weights=False))
     folded = [m for m in model.modules() if type(m).__name__ == "FoldedLoraLinear"]
     lora_layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]

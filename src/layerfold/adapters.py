@@ -29,14 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LayerfoldError
+from .errors import LayerfoldError, first_line
 from .operations.base import FoldedProjection
 from .store import STATE_ATTRIBUTE
 
 try:
     from peft import LoraConfig, PeftConfig, PeftModel
     from peft.tuners.lora.layer import Linear as LoraLinear
-    from peft.tuners.tuners_utils import check_adapters_to_merge
+    from peft.tuners.lora.model import LoraModel
+    from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 except ImportError as err:  # pragma: no cover - the optional extra
     raise ImportError("layerfold.adapters needs PEFT: pip install 'layerfold[peft]'") from err
 
@@ -108,10 +109,72 @@ def lora_config(**options: Any) -> LoraConfig:
     return register(LoraConfig(**options))
 
 
+def _sides(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a projection: nn.Linear and folded projections say so; GPT-2's Conv1D has nx and nf."""
+    for names in (("in_features", "out_features"), ("nx", "nf")):
+        sides = tuple(getattr(module, name, None) for name in names)
+        if all(isinstance(side, int) for side in sides):
+            return sides
+    return None
+
+
+def check_adapter_sizes(model: nn.Module, config: PeftConfig, where: str) -> None:
+    """An adapter's ranks (``r``, ``rank_pattern``) are positive integers no larger than the model's largest
+    projection allows, checked before PEFT allocates its factors (a crafted ``r`` would allocate without bound)."""
+    largest = max((min(sides) for sides in map(_sides, model.modules()) if sides), default=0)
+    pattern = getattr(config, "rank_pattern", None) or {}
+    ranks = [("r", getattr(config, "r", None))] + [(f"rank_pattern[{k!r}]", v) for k, v in dict(pattern).items()]
+    for name, rank in ranks:
+        if rank is None and name == "r":
+            continue
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max(largest, 1):
+            raise LayerfoldError(
+                f"{where}: adapter {name} is {rank!r}; this model's projections allow a rank of 1 to {largest}"
+            )
+
+
 def load_adapter(model: nn.Module, adapter: str, **options: Any) -> PeftModel:
     """``PeftModel.from_pretrained(model, adapter)`` for a fold: the saved config, registered (PEFT does not save
     custom module mappings)."""
-    config = PeftConfig.from_pretrained(adapter)
+    try:
+        config = PeftConfig.from_pretrained(adapter)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise LayerfoldError(f"{adapter}: not a readable PEFT adapter ({first_line(err)})") from None
+    check_adapter_sizes(model, config, adapter)
     if isinstance(config, LoraConfig):
         register(config)
     return PeftModel.from_pretrained(model, adapter, config=config, **options)
+
+
+def _folded_dispatch(create_new_module):
+    """PEFT's ``LoraModel._create_new_module``, which for a folded projection first registers the folded types with
+    the adapter's config (PEFT saves no custom mappings, so an adapter reloaded by PEFT's own loaders has none) and
+    checks its rank against the projection. Other modules go to PEFT unchanged."""
+
+    def create(lora_config, adapter_name, target, **kwargs):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, FoldedProjection):
+            rank = kwargs.get("r", getattr(lora_config, "r", None))
+            largest = max(base.in_features, base.out_features)
+            if isinstance(rank, int) and not 1 <= rank <= largest:
+                raise LayerfoldError(f"adapter {adapter_name}: rank {rank} on a {base.out_features}x{base.in_features} "
+                                     f"folded projection (at most {largest})")  # fmt: skip
+            if type(base) not in (lora_config._custom_modules or {}):
+                register(lora_config)
+        return create_new_module(lora_config, adapter_name, target, **kwargs)
+
+    create.layerfold = True
+    return staticmethod(create)
+
+
+def install_peft_dispatch() -> None:
+    """Let PEFT's own loaders (``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM``, transformers'
+    ``load_adapter``) put an adapter on a fold's folded projections, which they refuse otherwise ("Target module
+    … is not supported"). Idempotent; done when this module is imported, which ``import layerfold`` and loading a
+    fold do whenever PEFT is imported."""
+    current = LoraModel.__dict__.get("_create_new_module")
+    if isinstance(current, staticmethod) and not getattr(current.__func__, "layerfold", False):
+        LoraModel._create_new_module = _folded_dispatch(current.__func__)
+
+
+install_peft_dispatch()

@@ -51,6 +51,7 @@ def parse_size(text: str, flag: str = "--max-shard-size") -> int:
 
 def _index_data(index: Path) -> dict:
     """A safetensors index file, checked: JSON with a map of tensor names to file names."""
+    inside(index.parent, index)
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
         weight_map = data["weight_map"]
@@ -67,9 +68,26 @@ def _read_index(index: Path) -> dict[str, str]:
 
 def _shard_path(folder: Path, name: str, index: Path) -> Path:
     """A shard named by an index: a plain file name inside the checkpoint folder, nothing else."""
-    path = folder / name
-    if not name or Path(name).name != name or name in (".", "..") or path.resolve().parent != folder.resolve():
+    if not name or Path(name).name != name or name in (".", ".."):
         raise LayerfoldError(f"{index}: shard {name!r} is not a file inside {folder}")
+    return inside(folder, folder / name)
+
+
+def _cache_root(folder: Path) -> Path:
+    """Where a checkpoint folder's files may resolve to: the folder itself, or for a snapshot of the Hugging Face
+    cache (``models--owner--name/snapshots/<revision>/``, every file a link into ``../../blobs``) the repository's
+    cache folder."""
+    folder = folder.resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent
+    return folder
+
+
+def inside(folder: Path, path: Path) -> Path:
+    """``path`` (a file of ``folder``), refused in one line when it resolves outside the folder (or outside its
+    Hub cache repository: ``_cache_root``), e.g. a link to a file elsewhere on disk."""
+    if path.exists() and not path.resolve().is_relative_to(_cache_root(folder)):
+        raise LayerfoldError(f"{path} links to {path.resolve()}, outside the checkpoint folder {folder}; not read")
     return path
 
 
@@ -79,7 +97,7 @@ def weight_files(folder: str | Path) -> list[Path]:
     if (folder / INDEX_NAME).is_file():
         index = folder / INDEX_NAME
         return [_shard_path(folder, name, index) for name in dict.fromkeys(_read_index(index).values())]
-    return [folder / SINGLE_NAME]
+    return [inside(folder, folder / SINGLE_NAME)]
 
 
 def has_weights(folder: str | Path) -> bool:
@@ -102,8 +120,8 @@ class SourceCheckpoint:
                 f"no {SINGLE_NAME} or {INDEX_NAME} in {self.folder}: streamed folding reads safetensors checkpoints"
             )
         files = sorted(set(listed.values())) if listed is not None else [SINGLE_NAME]
-        for name in files if listed is not None else ():
-            _shard_path(self.folder, name, self.folder / INDEX_NAME)
+        for name in files:
+            _shard_path(self.folder, name, self.folder / INDEX_NAME if listed is not None else self.folder)
         self.shard_of: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}

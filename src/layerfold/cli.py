@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import typer
 
+from ._entry import stop
 from .data import single_source
 from .errors import LayerfoldError
 
@@ -173,22 +174,22 @@ def _fold(
         "[default: lora].",
     ),
     private: Optional[int] = typer.Option(
-        None, "--private", help="With --relax mos: each layer's private LoRA rank beside the pool [default: 0]."
+        None, "--private", min=0, help="With --relax mos: each layer's private LoRA rank beside the pool [default: 0]."
     ),
     mos_pool: Optional[int] = typer.Option(
-        None, "--mos-pool", help="With --relax mos: the vectors each of a group's two pools holds, at least --rank "
+        None, "--mos-pool", min=1, help="With --relax mos: the vectors each of a group's two pools holds, at least --rank "
         "[default: --rank, the whole pool]."
     ),
     mos_shard: Optional[int] = typer.Option(
-        None, "--mos-shard", help="With --relax mos: the vectors in one shard, the unit an index map picks (it must "
+        None, "--mos-shard", min=1, help="With --relax mos: the vectors in one shard, the unit an index map picks (it must "
         "divide --rank and --mos-pool) [default: 1]."
     ),
     kron_factor: Optional[int] = typer.Option(
-        None, "--kron-factor", help="With --relax kronecker: the shared slow matrices' size n (n x n; it must divide "
+        None, "--kron-factor", min=1, help="With --relax kronecker: the shared slow matrices' size n (n x n; it must divide "
         "both sides of every shared projection) [default: 4]."
     ),
     kron_terms: Optional[int] = typer.Option(
-        None, "--kron-terms", help="With --relax kronecker: how many slow matrices each tie group shares, 1 to n² "
+        None, "--kron-terms", min=1, help="With --relax kronecker: how many slow matrices each tie group shares, 1 to n² "
         "(with n² and --rank full the relaxation is exact) [default: n]."
     ),
     method: Optional[str] = typer.Option(
@@ -727,8 +728,9 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo(f"layerfold: error: {err}", err=True)
         return 2
     except (KeyboardInterrupt, typer.Abort):
-        typer.echo("layerfold: interrupted", err=True)
-        return 130
+        line, code = stop()
+        typer.echo(line, err=True)
+        return code
     except Exception as err:
         # Usage errors (click's, or the copy of click that newer typer vendors) explain themselves.
         if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):
@@ -738,8 +740,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         typer.echo(f"layerfold: error: {err.format_message()}", err=True)
         return err.exit_code
-    if result == 130:  # typer (standalone_mode=False) turns a Ctrl-C inside a command into this exit code
-        typer.echo("layerfold: interrupted", err=True)
+    if result == 130:  # typer (standalone_mode=False) turns a Ctrl-C (or SIGTERM) inside a command into this code
+        line, result = stop()
+        typer.echo(line, err=True)
     return result if isinstance(result, int) else 0
 
 

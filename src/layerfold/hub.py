@@ -32,8 +32,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .engine import apply_structure
 from .errors import LayerfoldError, first_line
-from .io import CONFIG_NAME, check_checkpoint, install_save_hook, load
+from .io import CONFIG_NAME, NOT_WITHOUT_LAYERFOLD, check_checkpoint, install_save_hook, load, peft_dispatch, unguarded
 from .plan import FoldPlan
+from .store import STATE_ATTRIBUTE
 
 FOLD_METHOD = "layerfold"
 # The Auto classes a fold can be loaded with (each only for a base architecture that has that head).
@@ -73,8 +74,10 @@ class LayerfoldConfig(PreTrainedConfig):
 
 
 class FoldQuantizationConfig(QuantizationConfigMixin):
-    """What the fold quantizer builds: the plan. Lives only during ``from_pretrained`` (removed afterwards, so a
-    loaded fold is not marked quantized and trains, moves and casts like any model)."""
+    """What the fold quantizer builds: the plan (None: the plan of the folder being loaded, read by the quantizer —
+    the route of a concrete class, whose config is the fold's stored ``quantization_config``). Lives only during
+    ``from_pretrained`` (removed afterwards, so a loaded fold is not marked quantized and trains, moves and casts
+    like any model)."""
 
     def __init__(self, fold_plan: dict | None = None, **kwargs: Any) -> None:
         self.quant_method = FOLD_METHOD
@@ -83,27 +86,54 @@ class FoldQuantizationConfig(QuantizationConfigMixin):
 
 class FoldQuantizer(HfQuantizer):
     """Puts the plan's modules into the freshly built (meta-device) model, so that transformers reads the folded
-    checkpoint's tensors into them by name; nothing is quantized."""
+    checkpoint's tensors into them by name; nothing is quantized. It serves the Auto loaders below and the concrete
+    classes (``LlamaForCausalLM.from_pretrained(fold)``), which find it through the ``quantization_config`` a fold's
+    config stores (``io.GUARD``). Before any weight is read it checks that the class is the fold's architecture
+    and that every tensor of the blocks and the shared store will be read from the checkpoint: a route that would
+    leave folded weights randomly initialised is refused with one line."""
 
     requires_calibration = False
+    checked = None  # the folder's CheckedCheckpoint, once known
 
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
         return False
 
-    def _process_model_before_weight_loading(self, model, **kwargs: Any):
-        plan = FoldPlan.from_dict(self.quantization_config.fold_plan)
+    def update_attn_implementation(self, config):
+        # Called before transformers looks for the weights: drop the guard that makes it refuse the folder.
+        if getattr(config, "transformers_weights", None) == NOT_WITHOUT_LAYERFOLD:
+            del config.transformers_weights
+        return config
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
+        folder = Path(checkpoint_files[0]).parent if checkpoint_files else None
+        self.checked = check_checkpoint(folder) if folder is not None else None
+        raw_plan = self.quantization_config.fold_plan
+        if raw_plan is None:
+            if self.checked is None:
+                raise LayerfoldError("a fold loads from its folder: from_pretrained(folder) or layerfold.load(folder)")
+            raw_plan = self.checked.config["fold_plan"]
+            _check_class(model, self.checked)
+        plan = FoldPlan.from_dict(raw_plan)
         plan.validate(model)
-        base_config = model.config.to_dict()
-        base_config.pop("quantization_config", None)
-        apply_structure(model, plan, base_config=base_config, base_architecture=type(model).__name__)
+        apply_structure(model, plan, base_config=unguarded(model.config.to_dict()),
+                        base_architecture=type(model).__name__)  # fmt: skip
+        if self.checked is not None:
+            _check_coverage(model, self.checked)
         return model
+
+    def update_weight_conversions(self, weight_conversions, model):
+        renaming = _prefix_renaming(model, self.checked) if self.checked is not None else None
+        conversions = super().update_weight_conversions(weight_conversions, model)
+        return conversions if renaming is None else [renaming, *conversions]
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         self.remove_quantization_config(model)
         for module in model.modules():
             if isinstance(module, PreTrainedModel):
                 module.config._is_quantized = False
+                module.config.__dict__.pop("transformers_weights", None)
         install_save_hook(model)
+        peft_dispatch()  # PEFT may have been imported since layerfold was
         return model
 
     def is_serializable(self) -> bool:
@@ -112,6 +142,56 @@ class FoldQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+def _check_class(model, checked) -> None:
+    """A concrete class loads a fold only if it is a class of the fold's base architecture."""
+    if not isinstance(model.config, type(checked.base)):
+        raise LayerfoldError(
+            f"this fold is a {checked.config['base_architecture']} ({checked.base.model_type}); "
+            f"{type(model).__name__} cannot load it"
+        )
+
+
+def _prefix_of(model_class: type) -> str:
+    return model_class.base_model_prefix
+
+
+def _saved_prefix(checked) -> str | None:
+    """The base model prefix of the fold's tensor names (None for a headless base model, whose names have none)."""
+    headless = _head_class("AutoModel", checked) is checked.model_class
+    return None if headless else _prefix_of(checked.model_class)
+
+
+def _prefix_renaming(model, checked):
+    """The renaming of the checkpoint's base prefix to this class's (LlamaForQuestionAnswering keeps its LlamaModel
+    under ``transformer``, LlamaForCausalLM under ``model``), or None when transformers maps the names itself."""
+    saved = _saved_prefix(checked)
+    if saved is None or saved == model.base_model_prefix:
+        return None
+    from transformers.core_model_loading import WeightRenaming
+
+    return WeightRenaming(source_patterns=rf"^{saved}\.", target_patterns=f"{model.base_model_prefix}.")
+
+
+def _check_coverage(model, checked) -> None:
+    """Every tensor of the folded blocks and of the shared store is in the checkpoint (up to the base model
+    prefix, which transformers adds, strips or renames): else the class would start them from random values."""
+    saved = _saved_prefix(checked)
+    stored = {_unprefixed(name, saved) for name in [*checked.shapes, *checked.aliases]}
+    family = checked.family
+    fold_parts = (family.layers + ".", STATE_ATTRIBUTE + ".")
+    for name in model.state_dict():
+        short = _unprefixed(name, model.base_model_prefix)
+        if short.startswith(fold_parts) and short not in stored:
+            raise LayerfoldError(
+                f"{type(model).__name__} would not find the fold's {short} in the checkpoint (it would start random); "
+                f"load this fold as {checked.config['base_architecture']}, with an Auto class or layerfold.load"
+            )
+
+
+def _unprefixed(name: str, prefix: str | None) -> str:
+    return name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name
 
 
 class _LayerfoldAutoModel(PreTrainedModel):
@@ -127,6 +207,7 @@ class _LayerfoldAutoModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args: Any, config=None, **kwargs: Any):
         kwargs.pop("trust_remote_code", None)  # nothing from the folder runs
+        _refuse_quantization(kwargs.pop("quantization_config", None))
         hub = {name: kwargs[name] for name in _HUB_ARGUMENTS if kwargs.get(name) is not None}
         folder = _local_folder(pretrained_model_name_or_path, hub)
         checked = check_checkpoint(folder)
@@ -140,11 +221,6 @@ class _LayerfoldAutoModel(PreTrainedModel):
                 raise LayerfoldError(f"{folder}: a checkpoint of layerfold 0.1 loads only as {type(model).__name__}")
             return model
         base = _base_config(checked, config, kwargs)
-        saved_prefix = checked.model_class.base_model_prefix
-        saved_is_headless = _head_class("AutoModel", checked) is checked.model_class
-        if target.base_model_prefix != saved_prefix and not saved_is_headless:
-            # e.g. LlamaForQuestionAnswering keeps its LlamaModel under "transformer", LlamaForCausalLM under "model"
-            kwargs.setdefault("key_mapping", {rf"^{saved_prefix}\.": f"{target.base_model_prefix}."})
         model = target.from_pretrained(
             pretrained_model_name_or_path,
             *model_args,
@@ -155,6 +231,16 @@ class _LayerfoldAutoModel(PreTrainedModel):
         loaded = model[0] if isinstance(model, tuple) else model  # output_loading_info=True
         loaded.config._name_or_path = str(pretrained_model_name_or_path)
         return model
+
+
+def _refuse_quantization(quantization_config) -> None:
+    """A caller's own quantization config (lm-eval's HFLM passes None, which means none)."""
+    if quantization_config is not None:
+        name = type(quantization_config).__name__
+        raise LayerfoldError(
+            f"quantization_config ({name}) is not supported on a fold yet: load the fold, or export it "
+            "(layerfold export) and quantise the plain model"
+        )
 
 
 def _as_dtype(dtype):
@@ -227,6 +313,7 @@ LayerfoldForSequenceClassification = LOADERS["AutoModelForSequenceClassification
 
 def register() -> None:
     """Make transformers' Auto classes load folded checkpoints (``import layerfold`` does this). Idempotent."""
+    peft_dispatch()
     AutoConfig.register(LayerfoldConfig.model_type, LayerfoldConfig, exist_ok=True)
     for auto_class, loader in LOADERS.items():
         getattr(transformers, auto_class).register(LayerfoldConfig, loader, exist_ok=True)

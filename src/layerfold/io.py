@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 import types
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from . import __version__
 from .checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
     has_weights,
+    inside,
     load_all,
     parse_size,
     read_metadata,
@@ -59,6 +61,31 @@ WEIGHTS_NAME = "model.safetensors"
 PLAN_NAME = "plan.yaml"
 REMOTE_CODE_NAME = "modeling_layerfold.py"
 ALIASES_KEY = "layerfold_aliases"
+# What a fold's config.json adds to its base_config so that transformers never loads the folder as the plain
+# architecture. A concrete class (``LlamaForCausalLM.from_pretrained(fold)``, the route of PEFT's Auto classes)
+# reads base_config as its own config, since its model type matches, and would load the folded tensors as
+# "unexpected" beside randomly initialised projections. With the guard, a process that has not imported layerfold
+# is refused with this text (transformers rejects the weights file it names, and skips the quantization method it
+# does not know); after ``import layerfold`` the quantization method is the fold quantizer (``hub``), which drops
+# the file name and builds the fold before the weights are read. Both are removed again on load (``unguarded``).
+NOT_WITHOUT_LAYERFOLD = "this folder is a layerfold fold: import layerfold before loading it (pip install layerfold)"
+GUARD = {"transformers_weights": NOT_WITHOUT_LAYERFOLD, "quantization_config": {"quant_method": "layerfold"}}
+
+
+def guarded(base_config: dict) -> dict:
+    """The base config as a fold's config.json stores it: with ``GUARD``'s fields."""
+    return {**unguarded(base_config), **GUARD}
+
+
+def unguarded(base_config: dict) -> dict:
+    """The base config without ``GUARD``'s fields (nor a quantization config of the fold quantizer's)."""
+    config = {key: value for key, value in base_config.items() if key != "transformers_weights"}
+    quantization = config.get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("quant_method") == GUARD["quantization_config"]["quant_method"]:
+        del config["quantization_config"]
+    return config
+
+
 # ---- folded checkpoints -----------------------------------------------------------------------------------
 def _auto_classes(base_architecture: str) -> dict[str, str]:
     auto_map = {
@@ -150,6 +177,17 @@ def _save_pretrained_folded(
     write_folded(self, directory, max_shard_bytes=max_bytes, state_dict=state_dict)
 
 
+def peft_dispatch() -> None:
+    """Where PEFT is in use (imported), let its own loaders put adapters on folded projections
+    (``adapters.install_peft_dispatch``); PEFT is not imported for this. Run by ``import layerfold`` and by every
+    load of a fold."""
+    if "peft" in sys.modules:
+        try:
+            from . import adapters  # noqa: F401 (installs the dispatch on import)
+        except ImportError:
+            pass
+
+
 def install_save_hook(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` write a layerfold checkpoint (see ``_save_pretrained_folded``)."""
     model.save_pretrained = types.MethodType(_save_pretrained_folded, model)
@@ -222,11 +260,12 @@ def write_folded_config(
         "architectures": [_remote_class_name(state.base_architecture)],
         "auto_map": _auto_classes(state.base_architecture),
         "base_architecture": state.base_architecture,
-        "base_config": state.base_config,
+        "base_config": guarded(state.base_config),
         "fold_plan": state.plan.to_dict(),
         FORMAT_KEY: FORMAT_VERSION,
         "layerfold_version": __version__,
         "transformers_version": transformers.__version__,
+        **GUARD,  # also here: a class of another model type reads the top level as its config
     }
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
     state.plan.save(directory / PLAN_NAME)
@@ -334,7 +373,7 @@ def read_checkpoint_config(path: str | Path) -> dict:
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise LayerfoldError(f"no config.json in {path}: not a layerfold checkpoint")
-    config = read_json(config_file)
+    config = read_json(inside(path, config_file))
     if not isinstance(config, dict) or config.get("model_type") != "layerfold":
         raise LayerfoldError(f"{path} is not a layerfold checkpoint (its config.json has no layerfold model type)")
     for key, kind in (("base_architecture", str), ("base_config", dict), ("fold_plan", dict)):
@@ -399,7 +438,7 @@ def check_checkpoint(path: str | Path) -> CheckedCheckpoint:
     path = Path(path)
     config = read_checkpoint_config(path)
     where = f"{path / CONFIG_NAME}"
-    base_config = dict(config["base_config"])
+    base_config = unguarded(config["base_config"])
     model_type = base_config.pop("model_type")
     family = family_for_model_type(model_type)
     model_class = model_class_for(config["base_architecture"], model_type, f"{where}: base_architecture")
@@ -444,7 +483,7 @@ def skeleton(path: str | Path) -> tuple[nn.Module, CheckedCheckpoint]:
     apply_structure(
         model,
         plan,
-        base_config=config["base_config"],
+        base_config=unguarded(config["base_config"]),
         base_architecture=config["base_architecture"],
     )
     # Shapes from the headers (an alias has its tensor's), checked before any data is read.
@@ -481,6 +520,7 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
             raise LayerfoldError(f"{path / 'generation_config.json'}: {first_line(err)}") from None
     model.config._name_or_path = str(path)
     install_save_hook(model)
+    peft_dispatch()
     return model.eval()
 
 

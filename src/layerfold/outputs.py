@@ -9,7 +9,9 @@ The rules (the README states them for users):
   else is refused with a line naming what is there.
 - Output is built in a hidden temporary folder beside ``--out`` (``.layerfold-XXXXXXXX.partial``, a short name so
   that any valid ``--out`` name works) and renamed into place only when complete. A run killed with SIGKILL
-  leaves that folder behind; the next run writing into the same parent folder removes it and says so.
+  leaves that folder behind; the next run writing into the same parent folder removes it and says so (and puts back
+  an earlier output that a run killed in the middle of its ``--overwrite`` swap had moved aside).
+- SIGTERM is handled like Ctrl-C: the run unwinds, removes its temporary folder and exits with 143.
 """
 
 from __future__ import annotations
@@ -135,7 +137,9 @@ def check_output(
     kind: str = "folder",
     flag: str = "--out",
 ) -> Path:
-    """The one output guard: fail before any slow work if ``out`` cannot be written as asked."""
+    """The one output guard: fail before any slow work if ``out`` cannot be written as asked. Leftovers of killed
+    runs beside ``out`` are cleaned up first (an output a killed swap moved aside is put back, and then counts)."""
+    clean_stale(Path(os.path.abspath(os.fspath(out))).parent)
     check_inputs(out, inputs, flag=flag)
     check_replaceable(out, overwrite=overwrite, kind=kind, flag=flag)
     return Path(out)
@@ -228,9 +232,10 @@ def atomic_output_dir(
     try:
         yield tmp
         check_replaceable(out, overwrite=overwrite)  # something may have appeared there meanwhile
-        (tmp / OWNER_NAME).unlink()
         write_marker(tmp)
         if out.exists():
+            # The owner record stays in tmp until tmp is out: a run killed between the two renames leaves tmp with
+            # it beside the moved-aside output, and the next run's clean_stale puts that output back.
             old = tmp.with_name(tmp.name[: -len(_PARTIAL)] + _OLD)
             os.replace(out, old)
             try:
@@ -238,12 +243,14 @@ def atomic_output_dir(
             except BaseException:
                 os.replace(old, out)
                 raise
+            (out / OWNER_NAME).unlink(missing_ok=True)
             if old.is_symlink():  # --out was a link to a folder: the link is replaced, its target left alone
                 old.unlink()
             else:
                 shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+            (out / OWNER_NAME).unlink(missing_ok=True)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError):

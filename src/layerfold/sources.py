@@ -7,6 +7,7 @@ A config names only its family's own transformers model classes and sane sizes; 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import init_empty_weights
+from safetensors import SafetensorError
 from torch import nn
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -146,6 +148,14 @@ def source_config(path: Path) -> tuple[transformers.PretrainedConfig, type]:
     return config, _model_class(config)
 
 
+def concrete_class(model_class: type, config) -> type:
+    """The model class itself: ``AutoModel`` (what ``source_config`` gives for a sentence-transformers folder)
+    becomes the architecture's base model class (``BertModel``), whose ``_from_config`` builds it."""
+    if model_class is transformers.AutoModel:
+        return transformers.AutoModel._model_mapping[type(config)]
+    return model_class
+
+
 def load_source(path: str | Path, *, dtype: torch.dtype | str | None = None) -> nn.Module:
     """Load an original model from a local Hugging Face folder or a ``.gguf`` file, checking first that
     layerfold supports its architecture."""
@@ -161,8 +171,13 @@ def load_source(path: str | Path, *, dtype: torch.dtype | str | None = None) -> 
         model = model_class.from_pretrained(
             path, local_files_only=True, dtype=dtype or "auto", trust_remote_code=False
         )
-    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as err:
-        raise LayerfoldError(f"cannot load model from {path}: {first_line(err)}") from None
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError,
+            SafetensorError) as err:  # fmt: skip
+        if isinstance(err, pickle.UnpicklingError):  # torch's weights-only loader refused it; nothing ran
+            raise LayerfoldError(f"cannot load model from {path}: its pickled weights hold more than tensors "
+                                 f"({first_line(err).split('. ')[0]}); not unpickled, since that could run code. Convert "
+                                 "it to safetensors where you trust it") from None  # fmt: skip
+        raise LayerfoldError(f"cannot load model from {path}: {first_line(err)}") from None  # e.g. truncated
     return model.eval()
 
 
@@ -171,9 +186,7 @@ def skeleton_of(path: Path) -> nn.Module:
     config, model_class = source_config(path)
     try:
         with init_empty_weights(include_buffers=False):
-            if model_class is transformers.AutoModel:
-                return transformers.AutoModel.from_config(config)
-            return model_class._from_config(config)
+            return concrete_class(model_class, config)._from_config(config)
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:
         raise LayerfoldError(f"cannot build the model of {path}: {first_line(err)}") from None
 

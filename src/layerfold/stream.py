@@ -47,7 +47,7 @@ from .outputs import atomic_output_dir, check_output
 from .methods import registry
 from .plan import FoldPlan
 from .report import parameter_breakdown, weight_bytes
-from .sources import source_config
+from .sources import concrete_class, source_config
 
 def method_plan(method: str, budget, options: dict | None = None) -> Callable[[nn.Module], FoldPlan]:
     """The plan a registered method makes at ``budget``, as a function of the original on the meta device; a
@@ -62,7 +62,7 @@ def method_plan(method: str, budget, options: dict | None = None) -> Callable[[n
 
 def _build(model_class, config, dtype: torch.dtype) -> nn.Module:
     with init_empty_weights(include_buffers=False):
-        model = model_class._from_config(copy.deepcopy(config), dtype=dtype)
+        model = concrete_class(model_class, config)._from_config(copy.deepcopy(config), dtype=dtype)
     model.tie_weights()  # as from_pretrained does: a tied head is the embedding, stored once
     return model.eval()
 

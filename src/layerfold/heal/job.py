@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from torch import nn
 from transformers import set_seed
 
 from ..data import DataSource, describe_source, source_paths
-from ..errors import LayerfoldError
+from ..errors import LayerfoldError, first_line
 from ..evaluate import is_causal_lm, is_causal_lm_class
 from ..io import check_checkpoint, is_folded_checkpoint, load, load_source, load_tokenizer, save
 from ..outputs import check_inputs, check_output
@@ -136,7 +137,14 @@ def heal(
     started = time.perf_counter()
     result = None
     if config.stage != "blockwise":
-        result = trainer.train(resume_from_checkpoint=str(start) if start else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(start) if start else None)
+        except pickle.UnpicklingError as err:  # torch's weights-only loader refused a state file; nothing ran
+            raise LayerfoldError(
+                f"--resume: {start} holds an optimizer, scheduler or random state that is not plain tensors "
+                f"({first_line(err).split('. ')[0]}); not unpickled, since that could run code: pass --overwrite "
+                "to start over"
+            ) from None
     seconds = time.perf_counter() - started
     after = trainer.evaluate(metric_key_prefix="after")
 

@@ -39,8 +39,9 @@ def check_form(form: str, rank: int, shape: tuple[int, int], where: str, *, priv
         if not 1 <= rank <= largest:
             raise LayerfoldError(f"{where}: a kronecker relaxation's fast factors need a rank of 1 to {largest} for "
                                  f"a {out_features}x{in_features} projection with {n}x{n} slow matrices, got {rank}")  # fmt: skip
-    if form == "vera" and rank < 1:
-        raise LayerfoldError(f"{where}: a vera relaxation needs a rank of at least 1 (the bases' rank), got {rank}")
+    if form == "vera" and not 1 <= rank <= max(shape):  # more random directions than the matrix has add little
+        raise LayerfoldError(f"{where}: a vera relaxation needs a rank (its bases') of 1 to {max(shape)} for a "
+                             f"{out_features}x{in_features} projection, got {rank}")  # fmt: skip
     if form == "mos":
         largest = max(shape)  # with pools as large as both sides and a core to match, the fit is exact
         if not 1 <= rank <= largest:
@@ -54,6 +55,9 @@ def check_form(form: str, rank: int, shape: tuple[int, int], where: str, *, priv
         if size > min(shape):
             raise LayerfoldError(f"{where}: mos shards of {size} vectors are longer than a {out_features}x"
                                  f"{in_features} projection's side (at most {min(shape)})")  # fmt: skip
+        if pool > largest:
+            raise LayerfoldError(f"{where}: a mos pool of {pool} vectors is larger than a {out_features}x{in_features} "
+                                 f"projection can use (--mos-pool at most {largest})")  # fmt: skip
         if pool and pool < rank:
             raise LayerfoldError(f"{where}: a mos pool of {pool} vectors is too small for the {rank} each position "
                                  f"reads (--mos-pool at least --rank)")  # fmt: skip
