@@ -234,8 +234,11 @@ class _LayerfoldAutoModel(PreTrainedModel):
 
 
 def _refuse_quantization(quantization_config) -> None:
-    """A caller's own quantization config (lm-eval's HFLM passes None, which means none)."""
-    if quantization_config is not None:
+    """A caller's own quantization config. None means none, and the fold's own (what its config stores, which tools
+    such as lm-eval's HFLM pass back) is the fold quantizer's anyway."""
+    if isinstance(quantization_config, dict):
+        quantization_config = None if quantization_config.get("quant_method") == FOLD_METHOD else quantization_config
+    if quantization_config is not None and not isinstance(quantization_config, FoldQuantizationConfig):
         name = type(quantization_config).__name__
         raise LayerfoldError(
             f"quantization_config ({name}) is not supported on a fold yet: load the fold, or export it "
