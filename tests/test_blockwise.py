@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -152,6 +153,30 @@ def test_logits_from_the_last_blocks_output_match_the_model_on_every_decoder():
             mask = torch.ones(2, 7, dtype=torch.long)
             assert head_kl(model, captured["h"], captured["h"], mask).abs() < 1e-6, name
             assert head_kl(model, captured["h"] + torch.randn_like(captured["h"]), captured["h"], mask) > 0, name
+
+
+def test_a_streamed_heal_with_a_sentence_transformers_teacher_equals_the_in_memory_one(capsys, saved, tmp_path):
+    """A sentence-transformers folder (modules.json: the embedded default's layout) is built as its base model class
+    (AutoModel is a loader, not a class with _from_config), for the streamed heal's teacher and the streamed fold."""
+    teacher = tmp_path / "bert-st"
+    shutil.copytree(saved / "bert", teacher)
+    (teacher / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))  # fmt: skip
+    (teacher / "1_Pooling").mkdir()
+    (teacher / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64}))
+    tie = ["--strategy", "cycle", "--unique", "2", "--rank", "4"]
+    assert main(["fold", str(teacher), *tie, "--stream", "--out", str(tmp_path / "bert-st-tied")]) == 0
+    outs = {}
+    for label, extra in (("memory", ()), ("streamed", ("--stream",))):
+        args = heal_args(saved, "bert-tied", tmp_path / label, "--stage", "blockwise", *extra)
+        args[1], args[3] = tmp_path / "bert-st-tied", teacher  # the student and teacher of this test
+        code, _, err = run(capsys, *args)
+        assert code == 0, err
+        outs[label] = load_file(tmp_path / label / "model.safetensors")
+    assert outs["memory"].keys() == outs["streamed"].keys()
+    assert all(torch.equal(outs["memory"][n], outs["streamed"][n]) for n in outs["memory"])
+    assert (tmp_path / "streamed" / "modules.json").is_file()  # still a sentence-transformers folder
 
 
 def test_block_kl_adds_the_heads_divergence_to_the_last_unit_and_streams(capsys, saved, tmp_path):

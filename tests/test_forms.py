@@ -217,7 +217,11 @@ def test_vera_bases_are_the_same_in_another_process():
         ({"relax": "kronecker", "rank": 2, "kron_terms": 17}, r"17 Kronecker slow matrices of 4x4 are more than the 16"),
         ({"relax": "kronecker", "rank": 10_000}, r"fast factors need a rank of 1 to \d+"),
         ({"relax": "kronecker", "rank": 2, "kron_terms": -1}, r"kron_terms: must be a non-negative integer"),
-        ({"relax": "vera", "rank": 0}, r"a vera relaxation needs a rank of at least 1"),
+        ({"relax": "vera", "rank": 0}, r"a vera relaxation needs a rank \(its bases'\) of 1 to \d+"),
+        ({"relax": "vera", "rank": 100_000}, r"a vera relaxation needs a rank \(its bases'\) of 1 to \d+"),
+        ({"relax": "mos", "rank": 4, "mos_pool": 10**6}, r"a mos pool of 1000000 vectors is larger than"),
+        ({"relax": "svfit", "rank": 10**6}, r"rank 1000000 is larger than a \d+x\d+ projection allows"),
+        ({"relax": "kronecker", "rank": 2, "kron_factor": 10**6}, r"1000000x1000000 Kronecker factors do not tile"),
         ({"relax": "mos", "rank": 10_000}, r"a mos relaxation needs a rank of 1 to \d+ pool vectors"),
         ({"relax": "mos", "rank": 4, "mos_pool": 2}, r"a mos pool of 2 vectors is too small for the 4 each position"),
         ({"relax": "mos", "rank": 4, "mos_shard": 3}, r"mos shards of 3 vectors do not divide the rank 4"),
@@ -251,3 +255,50 @@ def test_the_counted_relaxation_size_is_what_the_fold_stores(relax):
     counted = sum(relaxation_params(op, family_of(model), blocks[op.layers[0]]) for op in plan.ties())
     measured = parameter_breakdown(folded(model, plan))["blocks"] - parameter_breakdown(folded(model, bare))["blocks"]
     assert counted == measured
+
+
+# Every size option of every form, given on the command line: refused in one line before anything is allocated,
+# under an address-space limit that a fold of this size would exceed.
+_SIZES_UNDER_A_LIMIT = """
+import contextlib, io, json, resource, sys
+limit = 6 * 1024**3  # torch and transformers need about 2-3 GB of address space
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from layerfold.cli import main
+results = []
+for extra in json.loads(sys.argv[3]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["fold", sys.argv[1], "--out", sys.argv[2], "--strategy", "cycle", "--unique", "2", *extra])
+    results.append([code, err.getvalue().strip().splitlines()[-1:]])
+print(json.dumps(results))
+"""
+TOO_LARGE = [
+    (["--relax", "vera", "--rank", "100000"], "a vera relaxation needs a rank"),
+    (["--relax", "lora", "--rank", "100000"], "rank 100000 is larger than"),
+    (["--relax", "svfit", "--rank", "100000"], "rank 100000 is larger than"),
+    (["--relax", "mos", "--rank", "100000"], "a mos relaxation needs a rank of 1 to"),
+    (["--relax", "mos", "--rank", "4", "--mos-pool", "100000000"], "a mos pool of 100000000 vectors is larger"),
+    (["--relax", "mos", "--rank", "4", "--mos-shard", "100000000"], "do not divide the rank 4"),
+    (["--relax", "mos", "--rank", "4", "--private", "100000000"], "private rank 100000000 is out of range"),
+    (["--relax", "kronecker", "--rank", "100000"], "fast factors need a rank of 1 to"),
+    (["--relax", "kronecker", "--rank", "2", "--kron-factor", "100000000"], "Kronecker factors do not tile"),
+    (["--relax", "kronecker", "--rank", "2", "--kron-terms", "100000000"], "Kronecker slow matrices of 4x4 are more"),
+    (["--relax", "mos", "--rank", "4", "--mos-pool", "0"], "'--mos-pool'"),
+    (["--relax", "mos", "--rank", "4", "--mos-shard", "0"], "'--mos-shard'"),
+    (["--relax", "kronecker", "--rank", "2", "--kron-factor", "0"], "'--kron-factor'"),
+    (["--relax", "kronecker", "--rank", "2", "--kron-terms", "0"], "'--kron-terms'"),
+    (["--relax", "mos", "--rank", "4", "--private", "-1"], "'--private'"),
+]
+
+
+def test_every_relaxation_size_option_is_bounded_before_anything_is_allocated(tmp_path):
+    import json
+
+    build_tiny("llama").save_pretrained(tmp_path / "llama")
+    cases = json.dumps([extra for extra, _ in TOO_LARGE])
+    result = subprocess.run([sys.executable, "-c", _SIZES_UNDER_A_LIMIT, tmp_path / "llama", tmp_path / "out", cases],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for (code, last), (extra, message) in zip(json.loads(result.stdout.strip().splitlines()[-1]), TOO_LARGE):
+        assert code == 2 and last and last[0].startswith("layerfold: error: ") and message in last[0], (extra, last)
+    assert not (tmp_path / "out").exists()

@@ -41,6 +41,16 @@ def assert_one_line_error(code: int, err: str, message: str = "") -> None:
     assert last.startswith("layerfold: error: ") and message in last, err
 
 
+class RunsCode:
+    """Pickled, it names os.system with a command that creates ``path``: what a crafted pickle file holds."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file below ``folder`` with its bytes: what must be left untouched."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -431,6 +441,18 @@ def test_a_damaged_checkpoint_under_heal_resume_is_one_line(capsys, world, tmp_p
     assert_one_line_error(code, err, "is damaged")
 
 
+def test_a_pickled_optimizer_state_under_heal_resume_is_one_line(capsys, world, tmp_path):
+    out = tmp_path / "healed"
+    args = _commands(world, out)["heal"][:-2] + ["--steps", "2", "--keep-checkpoints"]
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    checkpoint = tmp_path / "healed.checkpoints" / "checkpoint-2"
+    torch.save({"state": RunsCode(tmp_path / "ran"), "param_groups": []}, checkpoint / "optimizer.pt")
+    code, _, err = run(capsys, *args, "--resume", "--overwrite")
+    assert_one_line_error(code, err, "not plain tensors")
+    assert not (tmp_path / "ran").exists()
+
+
 def test_other_bad_files_and_options_are_one_line(capsys, world, tmp_path):
     m = world / "models"
     (tmp_path / "fake.gguf").write_bytes(b"GGUF but not really" * 10)
@@ -555,6 +577,41 @@ def test_a_run_killed_mid_swap_gets_its_earlier_output_back(capsys, world, tmp_p
     layerfold.load(tmp_path / "out")
 
 
+_KILLED_SWAP = """
+import os, signal, sys
+from layerfold.outputs import atomic_output_dir
+real_replace = os.replace
+
+def replace(src, dst):
+    if str(src).endswith(".partial"):  # the second rename of the swap: the new output into place
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+
+os.replace = replace
+with atomic_output_dir(sys.argv[1], overwrite=True) as tmp:
+    (tmp / "new.txt").write_text("new")
+"""
+
+
+def test_a_swap_killed_between_its_renames_is_restored_by_the_next_run(capsys, world, tmp_path):
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "earlier.txt").write_text("earlier")
+    result = subprocess.run([sys.executable, "-c", _KILLED_SWAP, out], env=ENV, capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert not out.exists()  # moved aside; the new output never arrived
+    fold = ["fold", world / "models" / "llama", "--out", out, "--strategy", "cycle", "--unique", "2"]
+    code, _, err = run(capsys, *fold)  # the same --out: the earlier output is back first, so it is not replaced
+    assert f"restored {out}" in err
+    assert_one_line_error(code, err, "already exists")
+    assert (out / "earlier.txt").read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    code, _, err = run(capsys, *fold, "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not (out / OWNER_NAME).exists()
+    layerfold.load(out)
+
+
 def test_a_failed_swap_puts_the_earlier_output_back(world, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with atomic_output_dir(out) as tmp:
@@ -623,6 +680,47 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(world):
             continue  # finished before the signal
         assert process.returncode == 130 and "Traceback" not in err, err
         assert err.strip().splitlines()[-1] == "layerfold: interrupted"
+
+
+def test_sigterm_is_handled_like_ctrl_c(world, tmp_path):
+    """SIGTERM while starting and while writing: one line, exit 143, no temporary folder left."""
+    process = subprocess.Popen([sys.executable, "-m", "layerfold", "info", world / "models" / "llama-folded"],
+                               stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=ENV, text=True)  # fmt: skip
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    if process.returncode != 0:  # not finished before the signal
+        assert process.returncode == 143 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1] == "layerfold: terminated"
+    out = tmp_path / "work" / "small"
+    args = [str(a) for a in _commands(world, out)["compress"]] + ["--heal-steps", "400", "--gate-steps", "0",
+                                                                   "--calib-tokens", "2048", "--allow", "drop"]  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-m", "layerfold", *args], stderr=subprocess.PIPE,
+                               stdout=subprocess.PIPE, env=ENV, text=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not list(out.parent.glob(".layerfold-*.partial")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(out.parent.glob(".layerfold-*.partial")), "the run wrote no temporary folder"
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "layerfold: terminated"
+    assert list(out.parent.iterdir()) == []
+
+
+def test_bad_weights_of_an_original_model_are_one_line(capsys, world, tmp_path):
+    m = world / "models"
+    truncated, pickled = tmp_path / "truncated", tmp_path / "pickled"
+    shutil.copytree(m / "llama", truncated)
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:5000])
+    shutil.copytree(m / "llama", pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": RunsCode(tmp_path / "ran")}, pickled / "pytorch_model.bin")
+    for folder, message in ((truncated, "cannot load model"), (pickled, "hold more than tensors")):
+        code, _, err = run(capsys, "fold", folder, "--out", tmp_path / "x", "--strategy", "cycle", "--unique", "2")
+        assert_one_line_error(code, err, message)
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "x").exists()
 
 
 def test_arguments_are_checked_before_any_model_loads(capsys, world, monkeypatch):
