@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import layerfold
 from layerfold import FoldPlan, LayerfoldError
+from layerfold.operations import PruneChannels
 
 peft = pytest.importorskip("peft")
 from layerfold.adapters import load_adapter, lora_config  # noqa: E402
@@ -70,6 +71,7 @@ ROUTES = {
     "auto-model": lambda: hidden(T.AutoModel.from_pretrained(bert)),
     "concrete-llama": lambda: logits(T.LlamaForCausalLM.from_pretrained(llama)),
     "concrete-bert": lambda: hidden(T.BertModel.from_pretrained(bert)),
+    "concrete-llama-pruned": lambda: logits(T.LlamaForCausalLM.from_pretrained(root / "llama-pruned")),
     "auto-peft": auto_peft,
     "peft-model": peft_model,
     "lm-eval-hflm": hflm,
@@ -85,7 +87,7 @@ for name, route in ROUTES.items():
         results[name] = {"loaded": False, "error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
 (out / "results.json").write_text(json.dumps(results))
 '''
-ROUTES = ("auto-class", "auto-model", "concrete-llama", "concrete-bert", "auto-peft", "peft-model", "lm-eval-hflm",
+ROUTES = ("auto-class", "auto-model", "concrete-llama", "concrete-bert", "concrete-llama-pruned", "auto-peft", "peft-model", "lm-eval-hflm",
           "pipeline", "sentence-transformers")  # fmt: skip
 
 
@@ -104,6 +106,10 @@ def folds(tmp_path_factory):
         model = layerfold.load_source(root / name)
         layerfold.save(layerfold.fold(model, FoldPlan.from_groups(**PLAN), progress=False), root / f"{name}-folded",
                        source=root / name)  # fmt: skip
+    # A width fold: narrower MLPs in two layers (a size mismatch for the plain class).
+    pruned = FoldPlan(4, [PruneChannels(layers=[0, 1], keep=[list(range(0, 128, 2)), list(range(64))],
+                                       compensate=False)])
+    layerfold.save(layerfold.fold(layerfold.load_source(root / "llama"), pruned, progress=False), root / "llama-pruned")
     inputs = sample_inputs()
     (root / "inputs.json").write_text(json.dumps({k: v.tolist() for k, v in inputs.items()}))
     adapted = peft.get_peft_model(
@@ -116,6 +122,7 @@ def folds(tmp_path_factory):
         expected = {
             "llama": llama(**inputs).logits,
             "bert": layerfold.load(root / "bert-folded")(**inputs).last_hidden_state,
+            "pruned": layerfold.load(root / "llama-pruned")(**inputs).logits,
             "adapter": load_adapter(T.AutoModelForCausalLM.from_pretrained(root / "llama-folded"),
                                     str(root / "adapter"))(**inputs).logits,  # fmt: skip
         }
@@ -143,7 +150,7 @@ def test_every_loading_route_loads_the_fold_exactly_or_refuses_it(folds, routes,
     if with_layerfold:
         assert result["loaded"], result.get("trace")
         reference = {"auto-model": "bert", "concrete-bert": "bert", "sentence-transformers": "bert",
-                     "auto-peft": "adapter", "peft-model": "adapter"}.get(route, "llama")  # fmt: skip
+                     "auto-peft": "adapter", "peft-model": "adapter", "concrete-llama-pruned": "pruned"}.get(route, "llama")  # fmt: skip
         assert torch.equal(load_file(out / f"{route}.safetensors")["out"], expected[reference])
     else:  # refused, never with random weights: a concrete class by the guard (naming layerfold), an Auto class
         # because the folder's model type is transformers' only with layerfold's code (trust_remote_code=True)
@@ -208,19 +215,40 @@ def test_a_sharded_fold_in_a_hub_cache_loads_and_a_link_out_of_the_cache_is_refu
             load()
 
 
+_CRAFTED_ADAPTERS = r"""
+import json, resource, sys
+limit = 6 * 1024**3  # address space: torch and transformers need about 2-3 GB of it; r = 10**9 would take 256 GB
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+import peft, transformers as T
+import layerfold
+from layerfold.adapters import load_adapter
+fold, adapter = sys.argv[1], sys.argv[2]
+config = json.loads(open(adapter + "/adapter_config.json").read())
+said = []
+for loader, bad in [("layerfold", {"r": 10**9}), ("layerfold", {"rank_pattern": {"q_proj": 10**9}}),
+                    ("layerfold", {"r": 0}), ("peft", {"r": 10**9})]:
+    open(adapter + "/adapter_config.json", "w").write(json.dumps({**config, **bad}))
+    model = T.AutoModelForCausalLM.from_pretrained(fold)
+    try:
+        load_adapter(model, adapter) if loader == "layerfold" else peft.PeftModel.from_pretrained(model, adapter)
+        said.append("loaded")
+    except layerfold.LayerfoldError as err:
+        said.append(str(err))
+print(json.dumps(said))
+"""
+
+
 def test_an_adapter_too_large_for_the_model_is_refused_before_peft_allocates(folds, tmp_path):
+    """Crafted ranks in adapter_config.json, under an address-space limit: layerfold's load_adapter checks them
+    against the model; PEFT's own loader is stopped at the first folded projection."""
     root, _ = folds
     shutil.copytree(root / "adapter", tmp_path / "adapter")
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    for bad in ({"r": 10**9}, {"rank_pattern": {"q_proj": 10**9}}, {"r": 0}):
-        (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, **bad}))
-        with pytest.raises(LayerfoldError, match="allow a rank of 1 to"):
-            load_adapter(T.AutoModelForCausalLM.from_pretrained(root / "llama-folded"), str(tmp_path / "adapter"))
-    # PEFT's own loader, given the same crafted adapter, is stopped at the first folded projection.
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": 10**9}))
-    with pytest.raises(LayerfoldError, match="rank 1000000000 on a"):
-        peft.PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(root / "llama-folded"),
-                                       str(tmp_path / "adapter"))  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", _CRAFTED_ADAPTERS, root / "llama-folded", tmp_path / "adapter"],
+                            env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = json.loads(result.stdout.strip().splitlines()[-1])
+    assert all("allow a rank of 1 to" in line for line in said[:3]), said
+    assert "rank 1000000000 on a" in said[3], said
 
 
 def test_old_folds_without_the_guard_still_load(folds, tmp_path):

@@ -430,27 +430,21 @@ def test_a_damaged_checkpoint_is_one_line(capsys, world, tmp_path, damage):
     assert not (tmp_path / "x").exists()
 
 
-def test_a_damaged_checkpoint_under_heal_resume_is_one_line(capsys, world, tmp_path):
+def _pickled_optimizer(checkpoint: Path) -> None:
+    torch.save({"state": RunsCode(checkpoint.parents[1] / "ran"), "param_groups": []}, checkpoint / "optimizer.pt")
+
+
+@pytest.mark.parametrize("damage, message", [(_truncate, "is damaged"), (_pickled_optimizer, "not plain tensors")],
+                         ids=["truncated-weights", "pickled-optimizer"])  # fmt: skip
+def test_a_damaged_checkpoint_under_heal_resume_is_one_line(capsys, world, tmp_path, damage, message):
     out = tmp_path / "healed"
     args = _commands(world, out)["heal"][:-2] + ["--steps", "2", "--keep-checkpoints"]
     code, _, err = run(capsys, *args)
     assert code == 0, err
-    checkpoint = tmp_path / "healed.checkpoints" / "checkpoint-2"
-    _truncate(checkpoint)
+    damage(tmp_path / "healed.checkpoints" / "checkpoint-2")
     code, _, err = run(capsys, *args, "--resume", "--overwrite")
-    assert_one_line_error(code, err, "is damaged")
-
-
-def test_a_pickled_optimizer_state_under_heal_resume_is_one_line(capsys, world, tmp_path):
-    out = tmp_path / "healed"
-    args = _commands(world, out)["heal"][:-2] + ["--steps", "2", "--keep-checkpoints"]
-    code, _, err = run(capsys, *args)
-    assert code == 0, err
-    checkpoint = tmp_path / "healed.checkpoints" / "checkpoint-2"
-    torch.save({"state": RunsCode(tmp_path / "ran"), "param_groups": []}, checkpoint / "optimizer.pt")
-    code, _, err = run(capsys, *args, "--resume", "--overwrite")
-    assert_one_line_error(code, err, "not plain tensors")
-    assert not (tmp_path / "ran").exists()
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "ran").exists()  # nothing was unpickled
 
 
 def test_other_bad_files_and_options_are_one_line(capsys, world, tmp_path):
