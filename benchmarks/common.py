@@ -221,6 +221,7 @@ def runtime_of(model, original_path: Path, *, quick: bool, texts=None, token_ids
 
     if fold_state(model) is None:
         return runtime_cost(original_path, texts=texts, token_ids=token_ids, quick=quick)
+    CACHE.mkdir(parents=True, exist_ok=True)  # on a fresh clone nothing may have made it yet
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         saved = Path(tmp) / "model"
         layerfold.save(model, saved, source=original_path)
