@@ -153,14 +153,10 @@ def _check_class(model, checked) -> None:
         )
 
 
-def _prefix_of(model_class: type) -> str:
-    return model_class.base_model_prefix
-
-
 def _saved_prefix(checked) -> str | None:
     """The base model prefix of the fold's tensor names (None for a headless base model, whose names have none)."""
     headless = _head_class("AutoModel", checked) is checked.model_class
-    return None if headless else _prefix_of(checked.model_class)
+    return None if headless else checked.model_class.base_model_prefix
 
 
 def _prefix_renaming(model, checked):

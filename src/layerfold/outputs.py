@@ -222,10 +222,9 @@ def atomic_output_dir(
     """Yield a temporary folder beside ``out`` that replaces ``out`` only when the block succeeds. ``out`` is
     checked by the output guard first (against ``inputs`` too)."""
     out = Path(out)
-    check_output(out, inputs or {}, overwrite=overwrite)
+    check_output(out, inputs or {}, overwrite=overwrite)  # which also cleans up after killed runs
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(out.parent)
         tmp = _temporary(out.parent, out.name)
     except OSError as err:
         raise LayerfoldError(f"cannot write output directory {out}: {err.strerror or err}") from None
