@@ -146,10 +146,26 @@ def load_adapter(model: nn.Module, adapter: str, **options: Any) -> PeftModel:
     return PeftModel.from_pretrained(model, adapter, config=config, **options)
 
 
+def _folded_injection(inject_adapter):
+    """PEFT's ``inject_adapter``, which first registers the folded types with the adapter's config when the model
+    holds folded projections: PEFT saves no custom mappings (so an adapter reloaded by PEFT's own loaders has
+    none), and the store's shared weights carry the projections' names, so they must be excluded before PEFT
+    matches any module (PEFT 0.22 may reach the store first)."""
+
+    def inject(self, model, adapter_name, *args, **kwargs):
+        config = self.peft_config.get(adapter_name)
+        if isinstance(config, LoraConfig) and any(isinstance(m, FoldedProjection) for m in model.modules()):
+            register(config)
+        return inject_adapter(self, model, adapter_name, *args, **kwargs)
+
+    inject.layerfold = True
+    return inject
+
+
 def _folded_dispatch(create_new_module):
-    """PEFT's ``LoraModel._create_new_module``, which for a folded projection first registers the folded types with
-    the adapter's config (PEFT saves no custom mappings, so an adapter reloaded by PEFT's own loaders has none) and
-    checks its rank against the projection. Other modules go to PEFT unchanged."""
+    """PEFT's ``LoraModel._create_new_module``, which checks an adapter's rank against the folded projection it
+    goes on before PEFT allocates the factors (a crafted ``r`` would allocate without bound). Other modules go to
+    PEFT unchanged."""
 
     def create(lora_config, adapter_name, target, **kwargs):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
@@ -169,12 +185,14 @@ def _folded_dispatch(create_new_module):
 
 def install_peft_dispatch() -> None:
     """Let PEFT's own loaders (``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM``, transformers'
-    ``load_adapter``) put an adapter on a fold's folded projections, which they refuse otherwise ("Target module
-    … is not supported"). Idempotent; done when this module is imported, which ``import layerfold`` and loading a
-    fold do whenever PEFT is imported."""
+    ``load_adapter``) and a plain ``LoraConfig`` put an adapter on a fold's folded projections, which PEFT refuses
+    otherwise ("Target module … is not supported"). Idempotent; done when this module is imported, which
+    ``import layerfold`` and loading a fold do whenever PEFT is imported."""
     current = LoraModel.__dict__.get("_create_new_module")
     if isinstance(current, staticmethod) and not getattr(current.__func__, "layerfold", False):
         LoraModel._create_new_module = _folded_dispatch(current.__func__)
+    if not getattr(LoraModel.inject_adapter, "layerfold", False):
+        LoraModel.inject_adapter = _folded_injection(LoraModel.inject_adapter)
 
 
 install_peft_dispatch()
