@@ -28,11 +28,9 @@ from .errors import LayerfoldError
 from .families import family_of
 from .operations import OPERATIONS, Drop, Factor, Merge, Operation, PruneChannels, PruneHeads, Rank, Tie
 from .operations.geometry import Prune
-from .operations.tie.spec import init_sources, kron_sizes
+from .operations.tie.spec import GROUP_FIT_CHOICES, init_sources, tie_fit
 
-# How a tie group's shared weights are fitted: the mean of its layers, one layer each (Relaxed Recursive
-# Transformers' Lower and Stepwise), or least squares on their calibration inputs.
-FIT_CHOICES = ("average", "stepwise", "lower", "lstsq")
+FIT_CHOICES = GROUP_FIT_CHOICES  # the plan-level name
 _LEGACY_FIELDS = ("groups", "drop", "share", "init", "rank", "share_bias", "merges", "factors", "whiten")
 
 
@@ -117,7 +115,7 @@ class FoldPlan:
         operations: list[Operation] = [
             Tie(layers=g, share=share, sources=s, rank=rank, share_bias=share_bias, whiten=whiten, relax=relax,
                 private=private, seed=seed, kron_factor=kron_factor, kron_terms=kron_terms,
-                mos_pool=mos_pool, mos_shard=mos_shard, **_tie_fit(fit))  # fmt: skip
+                mos_pool=mos_pool, mos_shard=mos_shard, **tie_fit(fit))  # fmt: skip
             for g, s in zip(tied, init_sources(tied, fit))
         ]
         if drop:
@@ -135,7 +133,7 @@ class FoldPlan:
             _check_fit(fit)
             for op, sources in zip(self.ties(), init_sources([op.layers for op in self.ties()], fit)):
                 op.sources = sources
-                for name, value in _tie_fit(fit).items():
+                for name, value in tie_fit(fit).items():
                     setattr(op, name, value)
 
     # ---- derived views ------------------------------------------------------------------------------
@@ -155,9 +153,9 @@ class FoldPlan:
         return [op for op in self.operations if isinstance(op, Prune)]
 
     def keeps_base_architecture(self) -> bool:
-        """Only drops, merges and width pruning: the fold is the base architecture with fewer layers or narrower
-        projections (exports as such)."""
-        return not self.ties() and not self.factors()
+        """Whether every operation keeps the base architecture (drops, merges, width pruning): the fold is the
+        base architecture with fewer layers or narrower projections (exports as such)."""
+        return all(op.keeps_architecture for op in self.operations)
 
     def dropped(self) -> list[int]:
         return sorted(i for op in self.of_kind(Drop) for i in op.layers)
@@ -183,24 +181,13 @@ class FoldPlan:
         raise LayerfoldError(f"plan: no operation {key}")
 
     def whitens(self) -> bool:
-        """Whether folding needs calibration statistics (a whitened factorisation, a least-squares or whitened
-        tie)."""
-        return (
-            any(op.whiten for op in self.factors())
-            or any(op.needs_calibration() for op in self.ties())
-            or any(op.compensate for op in self.prunes())
-        )
+        """Whether folding needs calibration statistics (an operation fits to calibration data)."""
+        return any(op.needs_calibration() for op in self.operations)
 
     def calibrated_steps(self) -> str:
         """What in the plan fits to calibration data, for messages."""
-        steps = ["whitened factorisations"] if any(op.whiten for op in self.factors()) else []
-        if any(op.fit == "lstsq" for op in self.ties()):
-            steps.append("least-squares ties")
-        if any(op.whiten for op in self.ties()):
-            steps.append("whitened tie relaxations")
-        if any(op.compensate for op in self.prunes()):
-            steps.append("compensated pruning")
-        return " and ".join(steps) or "this plan"
+        steps = [step for op in self.operations for step in op.calibration_steps()]
+        return " and ".join(dict.fromkeys(steps)) or "this plan"
 
     def unique_blocks(self) -> int:
         """How many distinct sets of shared projections the folded model has."""
@@ -208,56 +195,16 @@ class FoldPlan:
         return len(self.ties()) + sum(1 for i in self.kept_layers() if i not in grouped)
 
     def describe(self) -> str:
+        """One line: the layers kept and unique, then what each kind of operation does (each says, in the
+        registry's order), then the method."""
         parts = [f"{self.num_layers} layers -> {len(self.kept_layers())} kept, {self.unique_blocks()} unique blocks"]
-        ties = self.ties()
-        if ties:
-            shares = {t.share for t in ties}
-            ranks = {json.dumps(t.rank, sort_keys=True) for t in ties}
-            if len(shares) == 1 and len(ranks) == 1:
-                whitened = ", whitened relaxations" if all(t.whiten for t in ties) and ties[0].rank != 0 else ""
-                parts.append(f"share={ties[0].share}, fit={self._fit_name()}, rank={ties[0].rank}{whitened}")
-            else:
-                parts.append(f"{len(ties)} tie groups")
-            forms = {json.dumps(t.relax, sort_keys=True) for t in ties} - {'"lora"'}
-            if forms:
-                private = {t.private for t in ties} - {0}
-                kron = sorted({(t.kron_factor, t.kron_terms) for t in ties if "kronecker" in json.dumps(t.relax)})
-                mos = sorted({(t.mos_pool, t.mos_shard) for t in ties if "mos" in json.dumps(t.relax)} - {(0, 0)})
-                parts.append("relax=" + "; ".join(sorted(f.strip('"') for f in forms))
-                             + (f", private rank {min(private)}" if private else "")
-                             + "".join(f", MoS pool {p or 'of the rank'}, shards of {s or 1}" for p, s in mos)
-                             + "".join(f", Kronecker {_kron_text(*k)}" for k in kron))  # fmt: skip
-            if any("vera" in json.dumps(t.relax) for t in ties):
-                seeds = sorted({t.seed for t in ties})
-                parts.append(f"VeRA bases made from seed {', '.join(map(str, seeds))} on load, not stored")
-        if self.merges():
-            parts.append(f"{len(self.merges())} LaCo merges")
-        factors = self.factors()
-        if factors:
-            shared = sum(1 for f in factors if len(f.layers) > 1)
-            whitened = {f.whiten for f in factors}
-            note = ", whitened" if whitened == {True} else ", some whitened" if len(whitened) > 1 else ""
-            parts.append(
-                f"{len(factors)} low-rank factorisations ({shared} with a basis shared across layers{note})"
-            )
-        for kind, what in ((PruneChannels, "MLP channels"), (PruneHeads, "attention heads")):
-            kept = [len(k) for op in self.of_kind(kind) for k in op.keep]
-            if kept:
-                span = f"{min(kept)}" if min(kept) == max(kept) else f"{min(kept)} to {max(kept)}"
-                compensated = ", compensated" if all(op.compensate for op in self.of_kind(kind)) else ""
-                parts.append(f"{what} pruned in {len(kept)} layers ({span} kept{compensated})")
+        for kind in OPERATIONS.values():
+            of_kind = [op for op in self.operations if type(op) is kind]
+            if of_kind:
+                parts.extend(kind.describe(of_kind))
         if self.provenance.get("method"):
             parts.append(f"method={self.provenance['method']}")
         return "; ".join(parts)
-
-    def _fit_name(self) -> str:
-        ties = self.ties()
-        groups, sources = [t.layers for t in ties], [t.sources for t in ties]
-        settings = [{"fit": t.fit} for t in ties]
-        for fit in FIT_CHOICES:
-            if init_sources(groups, fit) == sources and all(s == _tie_fit(fit) for s in settings):
-                return fit
-        return "given sources"
 
     # ---- checks ------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -447,11 +394,6 @@ def _check_fit(fit: Any) -> None:
         raise LayerfoldError(f"plan.fit: must be one of {', '.join(FIT_CHOICES)}, got {fit!r}")
 
 
-def _tie_fit(fit: str) -> dict[str, Any]:
-    """The Tie fields a ``fit`` choice sets (besides the sources)."""
-    return {"fit": "lstsq" if fit == "lstsq" else "mean"}
-
-
 def _check_unique(num_layers: int, unique: int, minimum: int) -> None:
     if not minimum <= unique <= num_layers:
         raise LayerfoldError(f"unique: must be between {minimum} and the number of layers ({num_layers}), got {unique}")
@@ -515,8 +457,3 @@ def convert_legacy(data: dict) -> dict:
         operations.append({"op": "drop", "layers": list(data["drop"])})
     converted = {"num_layers": data.get("num_layers"), "operations": operations, "provenance": data.get("provenance", {})}
     return {k: v for k, v in converted.items() if v is not None}
-
-
-def _kron_text(factor: int, terms: int) -> str:
-    n, count = kron_sizes(factor, terms)
-    return f"{count} shared {n}x{n} slow matrices"

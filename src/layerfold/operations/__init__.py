@@ -14,6 +14,7 @@ from .prune_channels.spec import PruneChannels
 from .prune_heads.spec import PruneHeads
 from .tie.spec import Tie
 
-OPERATIONS: dict[str, type[Operation]] = {op.kind: op for op in (Merge, Tie, Factor, PruneChannels, PruneHeads, Drop)}
+# The order is the order a plan's description lists them in.
+OPERATIONS: dict[str, type[Operation]] = {op.kind: op for op in (Tie, Merge, Factor, PruneChannels, PruneHeads, Drop)}
 
 __all__ = ["OPERATIONS", "Drop", "Factor", "Merge", "Operation", "PruneChannels", "PruneHeads", "Rank", "Recipe", "Tie"]

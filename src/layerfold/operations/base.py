@@ -64,9 +64,26 @@ class Operation:
     held in the fold's store under its key ``<kind>_<n>``."""
 
     kind: ClassVar[str] = ""
+    # Whether a fold made only of operations like this one is the base architecture (fewer layers, narrower
+    # projections) that transformers loads without layerfold; False where the operation puts its own modules in.
+    keeps_architecture: ClassVar[bool] = True
 
     def check(self, num_layers: int, where: str) -> None:
         raise NotImplementedError
+
+    def calibration_steps(self) -> list[str]:
+        """What of this operation fits to calibration data, named for messages; empty when nothing does."""
+        return []
+
+    def needs_calibration(self) -> bool:
+        """Whether building this operation needs calibration statistics (its layers' Gram matrices)."""
+        return bool(self.calibration_steps())
+
+    @classmethod
+    def describe(cls, operations: list["Operation"]) -> list[str]:
+        """Phrases describing a plan's operations of this kind (all of them, in plan order), for summaries,
+        reports and model cards; none by default."""
+        return []
 
     def validate(self, family, layers, where: str) -> None:
         """Checks that need the model: ``family`` and its block list ``layers``."""

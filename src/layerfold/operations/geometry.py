@@ -125,6 +125,7 @@ class Prune(Operation):
     compensate: bool = True
 
     unit_name: ClassVar[str] = ""  # what an index counts, for messages
+    pruned_what: ClassVar[str] = ""  # what the layers lose, for descriptions
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, (list, tuple)) and isinstance(self.keep, (list, tuple)):
@@ -136,8 +137,15 @@ class Prune(Operation):
             else:
                 self.layers, self.keep = sorted_layers(self.layers), keep
 
-    def needs_calibration(self) -> bool:
-        return self.compensate
+    def calibration_steps(self) -> list[str]:
+        return ["compensated pruning"] if self.compensate else []
+
+    @classmethod
+    def describe(cls, operations: list["Prune"]) -> list[str]:
+        kept = [len(k) for op in operations for k in op.keep]
+        span = f"{min(kept)}" if min(kept) == max(kept) else f"{min(kept)} to {max(kept)}"
+        compensated = ", compensated" if all(op.compensate for op in operations) else ""
+        return [f"{cls.pruned_what} pruned in {len(kept)} layers ({span} kept{compensated})"]
 
     def kept(self, layer: int) -> list[int]:
         return self.keep[self.layers.index(layer)]

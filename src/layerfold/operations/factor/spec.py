@@ -26,6 +26,18 @@ class Factor(Operation):
     def __post_init__(self) -> None:
         self.layers = sorted_layers(self.layers)
 
+    keeps_architecture = False
+
+    def calibration_steps(self) -> list[str]:
+        return ["whitened factorisations"] if self.whiten else []
+
+    @classmethod
+    def describe(cls, operations: list["Factor"]) -> list[str]:
+        shared = sum(1 for f in operations if len(f.layers) > 1)
+        whitened = {f.whiten for f in operations}
+        note = ", whitened" if whitened == {True} else ", some whitened" if len(whitened) > 1 else ""
+        return [f"{len(operations)} low-rank factorisations ({shared} with a basis shared across layers{note})"]
+
     def check(self, num_layers: int, where: str) -> None:
         check_layer_list(self.layers, num_layers, f"{where}.layers")
         if not isinstance(self.projection, str) or not self.projection:

@@ -18,6 +18,10 @@ class Merge(Operation):
     into: int
     layers: list[int]
 
+    @classmethod
+    def describe(cls, operations: list["Merge"]) -> list[str]:
+        return [f"{len(operations)} LaCo merges"]
+
     def check(self, num_layers: int, where: str) -> None:
         check_layer(self.into, num_layers, f"{where}.into")
         check_layer_list(self.layers, num_layers, f"{where}.layers")

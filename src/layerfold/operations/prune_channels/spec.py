@@ -17,6 +17,7 @@ class PruneChannels(Prune):
 
     kind = "prune-channels"
     unit_name = "channel"
+    pruned_what = "MLP channels"
 
     def validate(self, family, layers, where: str) -> None:
         self.check_widths({i: channel_width(layers[i], family) for i in self.layers}, where)

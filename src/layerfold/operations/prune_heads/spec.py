@@ -16,6 +16,7 @@ class PruneHeads(Prune):
 
     kind = "prune-heads"
     unit_name = "head"
+    pruned_what = "attention heads"
 
     def validate(self, family, layers, where: str) -> None:
         layouts = {i: attention_layout(family, layers[i], where) for i in self.layers}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,9 @@ from ..base import Operation, Rank, check_bool, check_layer_list, check_rank, so
 
 SHARE_CHOICES = ("all", ATTENTION, MLP)
 FIT_CHOICES = ("mean", "lstsq")
+# How a plan fits its tie groups' shared weights: the mean of each group's layers, one layer each (Relaxed
+# Recursive Transformers' Lower and Stepwise), or least squares on their calibration inputs.
+GROUP_FIT_CHOICES = ("average", "stepwise", "lower", "lstsq")
 # The relaxation forms (``forms``: one file each; ``lora`` is TiedLinear's own).
 FORM_CHOICES = ("lora", "vera", "svfit", "mos", "kronecker")
 # Kronecker's slow matrices are n × n with this n unless the tie says otherwise (``factor``).
@@ -132,9 +136,32 @@ class Tie(Operation):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise LayerfoldError(f"{where}.{name}: must be a non-negative integer, got {value!r}")
 
-    def needs_calibration(self) -> bool:
-        """Whether computing this tie needs its layers' calibration Gram matrices."""
-        return self.fit == "lstsq" or self.whiten
+    keeps_architecture = False
+
+    def calibration_steps(self) -> list[str]:
+        return (["least-squares ties"] if self.fit == "lstsq" else []) + (["whitened tie relaxations"] if self.whiten else [])
+
+    @classmethod
+    def describe(cls, operations: list["Tie"]) -> list[str]:
+        ties, parts = operations, []
+        if len({t.share for t in ties}) == 1 and len({json.dumps(t.rank, sort_keys=True) for t in ties}) == 1:
+            whitened = ", whitened relaxations" if all(t.whiten for t in ties) and ties[0].rank != 0 else ""
+            parts.append(f"share={ties[0].share}, fit={group_fit_name(ties)}, rank={ties[0].rank}{whitened}")
+        else:
+            parts.append(f"{len(ties)} tie groups")
+        forms = {json.dumps(t.relax, sort_keys=True) for t in ties} - {'"lora"'}
+        if forms:
+            private = {t.private for t in ties} - {0}
+            kron = sorted({(t.kron_factor, t.kron_terms) for t in ties if "kronecker" in json.dumps(t.relax)})
+            mos = sorted({(t.mos_pool, t.mos_shard) for t in ties if "mos" in json.dumps(t.relax)} - {(0, 0)})
+            parts.append("relax=" + "; ".join(sorted(f.strip('"') for f in forms))
+                         + (f", private rank {min(private)}" if private else "")
+                         + "".join(f", MoS pool {p or 'of the rank'}, shards of {s or 1}" for p, s in mos)
+                         + "".join(f", Kronecker {kron_text(*k)}" for k in kron))  # fmt: skip
+        if any("vera" in json.dumps(t.relax) for t in ties):
+            seeds = sorted({t.seed for t in ties})
+            parts.append(f"VeRA bases made from seed {', '.join(map(str, seeds))} on load, not stored")
+        return parts
 
     def rank_for(self, projection: str, kind: str) -> Rank:
         """The relaxation rank of one projection (path relative to a block, e.g. ``self_attn.q_proj``)."""
@@ -215,3 +242,22 @@ def init_sources(groups: list[list[int]], init: str) -> list[list[int]]:
         position = position_in_order if init == "lower" else (position_in_order * len(pool)) // len(groups)
         sources[g] = [pool[position]]
     return sources
+
+
+def tie_fit(fit: str) -> dict[str, Any]:
+    """The Tie fields a plan's ``fit`` choice (``GROUP_FIT_CHOICES``) sets, besides the sources."""
+    return {"fit": "lstsq" if fit == "lstsq" else "mean"}
+
+
+def group_fit_name(ties: list[Tie]) -> str:
+    """The plan-level fit choice these ties were made with, or "given sources"."""
+    groups, sources = [t.layers for t in ties], [t.sources for t in ties]
+    for fit in GROUP_FIT_CHOICES:
+        if init_sources(groups, fit) == sources and all({"fit": t.fit} == tie_fit(fit) for t in ties):
+            return fit
+    return "given sources"
+
+
+def kron_text(factor: int, terms: int) -> str:
+    n, count = kron_sizes(factor, terms)
+    return f"{count} shared {n}x{n} slow matrices"
