@@ -16,7 +16,8 @@ _EXPORTS = {
     "FoldPlan": ".plan",
     "LayerfoldError": ".errors",
     "export": ".io",
-    "register": ".hub",
+    "register": ".hub",  # deprecated: register_auto_classes
+    "register_auto_classes": ".hub",
     "fold": ".folding",
     "load": ".io",
     "load_source": ".io",

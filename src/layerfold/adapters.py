@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import LayerfoldError, first_line
+from .errors import LayerfoldError, first_line, renamed
 from .operations.base import FoldedProjection
 from .store import STATE_ATTRIBUTE
 
@@ -87,7 +87,7 @@ class FoldedLoraLinear(LoraLinear):
                 base.remove_low_rank(self.lora_A[name].weight.shape[0])
 
 
-def register(config: LoraConfig) -> LoraConfig:
+def register_folded_types(config: LoraConfig) -> LoraConfig:
     """Let ``config`` put LoRA layers on folded projections (every type, plus whatever it handled before), and
     never on the shared weights themselves (the store, ``…layerfold_shared…``, whose entries carry the
     projections' names too)."""
@@ -106,7 +106,7 @@ def register(config: LoraConfig) -> LoraConfig:
 
 def lora_config(**options: Any) -> LoraConfig:
     """A ``peft.LoraConfig(**options)`` that can target folded projections."""
-    return register(LoraConfig(**options))
+    return register_folded_types(LoraConfig(**options))
 
 
 def _sides(module: nn.Module) -> tuple[int, int] | None:
@@ -142,7 +142,7 @@ def load_adapter(model: nn.Module, adapter: str, **options: Any) -> PeftModel:
         raise LayerfoldError(f"{adapter}: not a readable PEFT adapter ({first_line(err)})") from None
     check_adapter_sizes(model, config, adapter)
     if isinstance(config, LoraConfig):
-        register(config)
+        register_folded_types(config)
     return PeftModel.from_pretrained(model, adapter, config=config, **options)
 
 
@@ -155,7 +155,7 @@ def _folded_injection(inject_adapter):
     def inject(self, model, adapter_name, *args, **kwargs):
         config = self.peft_config.get(adapter_name)
         if isinstance(config, LoraConfig) and any(isinstance(m, FoldedProjection) for m in model.modules()):
-            register(config)
+            register_folded_types(config)
         return inject_adapter(self, model, adapter_name, *args, **kwargs)
 
     inject.layerfold = True
@@ -176,7 +176,7 @@ def _folded_dispatch(create_new_module):
                 raise LayerfoldError(f"adapter {adapter_name}: rank {rank} on a {base.out_features}x{base.in_features} "
                                      f"folded projection (at most {largest})")  # fmt: skip
             if type(base) not in (lora_config._custom_modules or {}):
-                register(lora_config)
+                register_folded_types(lora_config)
         return create_new_module(lora_config, adapter_name, target, **kwargs)
 
     create.layerfold = True
@@ -196,3 +196,5 @@ def install_peft_dispatch() -> None:
 
 
 install_peft_dispatch()
+
+register = renamed(register_folded_types, "layerfold.adapters.register")  # the old name, kept working

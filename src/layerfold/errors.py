@@ -9,3 +9,17 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message (libraries' messages run to many lines), or its type's name."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def renamed(function, old: str):
+    """``function`` under its old name ``old``, which still works and warns (a ``DeprecationWarning``) on use."""
+    import functools
+    import warnings
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        warnings.warn(f"{old} is renamed {function.__qualname__}; the old name will be removed", DeprecationWarning,
+                      stacklevel=2)  # fmt: skip
+        return function(*args, **kwargs)
+
+    return call

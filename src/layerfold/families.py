@@ -1,6 +1,6 @@
 """Where each supported architecture keeps its stack of blocks and the linear projections inside a block.
 
-Adding a family is one ``register(...)`` call: the ``model_type`` from its config, the path of the block
+Adding a family is one ``register_family(...)`` call: the ``model_type`` from its config, the path of the block
 list relative to ``model.base_model``, and the projection paths relative to one block, split into attention
 and MLP. Projections may be ``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored transposed).
 """
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .errors import LayerfoldError
+from .errors import LayerfoldError, renamed
 
 ATTENTION = "attention"
 MLP = "mlp"
@@ -49,7 +49,7 @@ class Family:
 FAMILIES: dict[str, Family] = {}
 
 
-def register(model_type: str, layers: str, attention: tuple[str, ...], mlp: tuple[str, ...]) -> Family:
+def register_family(model_type: str, layers: str, attention: tuple[str, ...], mlp: tuple[str, ...]) -> Family:
     family = Family(model_type, layers, tuple(attention), tuple(mlp))
     FAMILIES[model_type] = family
     return family
@@ -58,16 +58,16 @@ def register(model_type: str, layers: str, attention: tuple[str, ...], mlp: tupl
 _LLAMA_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 _LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 for _model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"):
-    register(_model_type, "layers", _LLAMA_ATTENTION, _LLAMA_MLP)
-register("phi3", "layers", ("self_attn.qkv_proj", "self_attn.o_proj"), ("mlp.gate_up_proj", "mlp.down_proj"))
-register("gpt2", "h", ("attn.c_attn", "attn.c_proj"), ("mlp.c_fc", "mlp.c_proj"))
-register(
+    register_family(_model_type, "layers", _LLAMA_ATTENTION, _LLAMA_MLP)
+register_family("phi3", "layers", ("self_attn.qkv_proj", "self_attn.o_proj"), ("mlp.gate_up_proj", "mlp.down_proj"))
+register_family("gpt2", "h", ("attn.c_attn", "attn.c_proj"), ("mlp.c_fc", "mlp.c_proj"))
+register_family(
     "gpt_neox",
     "layers",
     ("attention.query_key_value", "attention.dense"),
     ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
 )
-register(
+register_family(
     "opt",
     "decoder.layers",
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
@@ -81,10 +81,10 @@ _BERT_ATTENTION = (
 )
 _BERT_MLP = ("intermediate.dense", "output.dense")
 for _model_type in ("bert", "roberta"):
-    register(_model_type, "encoder.layer", _BERT_ATTENTION, _BERT_MLP)
+    register_family(_model_type, "encoder.layer", _BERT_ATTENTION, _BERT_MLP)
 # MPNet (all-mpnet-base-v2): BERT's block with the attention projections under attention.attn; the relative
 # position bias is one table for the whole encoder, outside the blocks.
-register("mpnet", "encoder.layer", ("attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o"),
+register_family("mpnet", "encoder.layer", ("attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o"),
          _BERT_MLP)  # fmt: skip
 
 
@@ -137,3 +137,5 @@ def plain_projection(weight: torch.Tensor, bias: torch.Tensor | None, *, transpo
 def projection_shape(module: nn.Module) -> tuple[int, int]:
     out_features, in_features = linear_weight(module).shape
     return out_features, in_features
+
+register = renamed(register_family, "layerfold.families.register")  # the old name, kept working

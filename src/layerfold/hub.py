@@ -3,7 +3,7 @@
 fold with no ``trust_remote_code``.
 
 A folded checkpoint's config has model type ``layerfold``, so a transformers without layerfold refuses the folder
-instead of loading a model with missing weights. ``register`` (run by ``import layerfold``) adds that model type
+instead of loading a model with missing weights. ``register_auto_classes`` (run by ``import layerfold``) adds that model type
 to ``AutoConfig`` and a loader class to each Auto model class. The loader validates the folder
 (``io.check_checkpoint``), builds the base architecture's own config (with the caller's config overrides), and
 hands loading to the base class's own ``from_pretrained`` with a *fold quantizer*: transformers' extension point
@@ -31,7 +31,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .engine import apply_structure
-from .errors import LayerfoldError, first_line
+from .errors import LayerfoldError, first_line, renamed
 from .io import CONFIG_NAME, NOT_WITHOUT_LAYERFOLD, check_checkpoint, install_save_hook, load, peft_dispatch, unguarded
 from .plan import FoldPlan
 from .store import STATE_ATTRIBUTE
@@ -310,7 +310,7 @@ LayerfoldForMaskedLM = LOADERS["AutoModelForMaskedLM"]
 LayerfoldForSequenceClassification = LOADERS["AutoModelForSequenceClassification"]
 
 
-def register() -> None:
+def register_auto_classes() -> None:
     """Make transformers' Auto classes load folded checkpoints (``import layerfold`` does this). Idempotent."""
     peft_dispatch()
     AutoConfig.register(LayerfoldConfig.model_type, LayerfoldConfig, exist_ok=True)
@@ -322,4 +322,6 @@ def register() -> None:
         register_quantizer(FOLD_METHOD)(FoldQuantizer)
 
 
-register()
+register_auto_classes()
+
+register = renamed(register_auto_classes, "layerfold.register")  # the old name, kept working

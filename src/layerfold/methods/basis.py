@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .factorize import ENDS_WHOLE, factor_candidates, factor_plan
-from .registry import Method, register
+from .registry import Method, register_method
 
 
 @dataclass
@@ -50,7 +50,7 @@ def _variants(quick: bool) -> list[dict[str, Any]]:
     return [{"allocation": "uniform"}] if quick else [{"allocation": "uniform"}, dict(ENDS_WHOLE)]
 
 
-METHOD = register(
+METHOD = register_method(
     Method(
         "basis",
         "Basis Sharing: whitened SVD basis shared by groups of adjacent layers (q, k, v, gate, up), per-layer "

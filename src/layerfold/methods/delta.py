@@ -13,7 +13,7 @@ from ..errors import LayerfoldError
 from ..families import family_of, projection_shape
 from ..plan import FoldPlan
 from ..report import parameter_breakdown
-from .registry import Candidate, Method, num_layers, register
+from .registry import Candidate, Method, num_layers, register_method
 
 # The automatic group size leaves at least this share of the kept projection parameters to the deltas: with
 # groups so large that the shared weights take all of it, the deltas get no rank.
@@ -105,7 +105,7 @@ def _variants(quick: bool) -> list[dict[str, Any]]:
     return [{}] if quick else [{}, {"group": 2}, {"group": 3}]
 
 
-METHOD = register(
+METHOD = register_method(
     Method(
         "delta",
         "DeltaLLM: adjacent layers share one least-squares weight, each keeps a whitened low-rank delta that "

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from .registry import Candidate, Method, drop_plan, evenly_spaced, num_layers, register, unique_blocks_for
+from .registry import Candidate, Method, drop_plan, evenly_spaced, num_layers, register_method, unique_blocks_for
 
 
 def plan(model, budget, calibration, options):
     return drop_plan(model, evenly_spaced(num_layers(model), unique_blocks_for(model, budget)))
 
 
-METHOD = register(
+METHOD = register_method(
     Method(
         "drop-even",
         "keep K evenly spaced blocks (first and last included), remove the rest",

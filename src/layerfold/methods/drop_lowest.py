@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import LayerfoldError
-from .registry import Candidate, Method, drop_plan, lowest, num_layers, register, unique_blocks_for
+from .registry import Candidate, Method, drop_plan, lowest, num_layers, register_method, unique_blocks_for
 
 SCORES = {"gate": "smallest gates", "influence": "lowest Block Influence", "angular": "lowest angular distance"}
 
@@ -48,7 +48,7 @@ def candidates(analysis) -> list[Candidate]:
     ]
 
 
-METHOD = register(
+METHOD = register_method(
     Method(
         "drop-lowest",
         "remove the K blocks with the smallest FoldGPT gates (or lowest Block Influence, angular distance)",

@@ -10,7 +10,7 @@ from typing import Optional
 
 from ..analysis import check_similarity, cluster
 from ..plan import FoldPlan
-from .registry import Candidate, Method, lowest, num_layers, register, unique_blocks_for
+from .registry import Candidate, Method, lowest, num_layers, register_method, unique_blocks_for
 from .tying import TieOptions
 
 
@@ -41,7 +41,7 @@ def plan(model, budget, calibration, options: FoldGPTOptions, analysis) -> FoldP
     return FoldPlan.from_groups(groups, drop=drop, num_layers=layers, **options.tie_options(calibration))
 
 
-METHOD = register(
+METHOD = register_method(
     Method(
         "foldgpt",
         "FoldGPT: remove the blocks with the smallest gates for half the saving, tie the rest into groups of "

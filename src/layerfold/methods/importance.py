@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibrate import BlockWalk, Calibration
-from ..errors import LayerfoldError
+from ..errors import LayerfoldError, renamed
 from ..evaluate import is_causal_lm
 from ..families import family_of, linear_weight
 
@@ -53,7 +53,7 @@ Score = Callable[[nn.Module, Calibration, Units], dict[int, torch.Tensor]]
 SCORES: dict[str, Score] = {}
 
 
-def register(name: str) -> Callable[[Score], Score]:
+def register_score(name: str) -> Callable[[Score], Score]:
     def add(score: Score) -> Score:
         SCORES[name] = score
         return score
@@ -66,7 +66,7 @@ def _pieces(values: torch.Tensor, size: int) -> torch.Tensor:
     return values.reshape(-1, size).sum(-1)
 
 
-@register("magnitude")
+@register_score("magnitude")
 def magnitude(model: nn.Module, calibration: Calibration, units: Units) -> dict[int, torch.Tensor]:
     blocks = family_of(model).layer_list(model)
     scores = {}
@@ -81,7 +81,7 @@ def magnitude(model: nn.Module, calibration: Calibration, units: Units) -> dict[
     return scores
 
 
-@register("activation")
+@register_score("activation")
 def activation(model: nn.Module, calibration: Calibration, units: Units) -> dict[int, torch.Tensor]:
     blocks = family_of(model).layer_list(model)
     statistics = calibration.statistics()
@@ -97,7 +97,7 @@ def activation(model: nn.Module, calibration: Calibration, units: Units) -> dict
     return scores
 
 
-@register("fisher")
+@register_score("fisher")
 def fisher(model: nn.Module, calibration: Calibration, units: Units) -> dict[int, torch.Tensor]:
     sensitivity = calibration.statistics().sensitivity
     return {i: score * sensitivity.get((i, units.path), 1.0) for i, score in activation(model, calibration, units).items()}
@@ -126,7 +126,7 @@ def input_moments(calibration: Calibration, paths: set[tuple[int, str]]) -> dict
     return {key: cache[key] for key in paths}
 
 
-@register("fluctuation")
+@register_score("fluctuation")
 def fluctuation(model: nn.Module, calibration: Calibration, units: Units) -> dict[int, torch.Tensor]:
     blocks = family_of(model).layer_list(model)
     statistics = calibration.statistics()
@@ -213,11 +213,13 @@ def _taylor(model: nn.Module, calibration: Calibration, units: Units, *, per_sen
     return scores
 
 
-@register("taylor")
+@register_score("taylor")
 def taylor(model: nn.Module, calibration: Calibration, units: Units) -> dict[int, torch.Tensor]:
     return _taylor(model, calibration, units, per_sentence=False)
 
 
-@register("self-supervised")
+@register_score("self-supervised")
 def self_supervised(model: nn.Module, calibration: Calibration, units: Units) -> dict[int, torch.Tensor]:
     return _taylor(model, calibration, units, per_sentence=True)
+
+register = renamed(register_score, "layerfold.methods.importance.register")  # the old name, kept working

@@ -26,7 +26,7 @@ from ..families import family_of
 from ..operations import Drop, Merge
 from ..operations.merge.build import merge_blocks
 from ..plan import FoldPlan
-from .registry import Candidate, Method, register
+from .registry import Candidate, Method, register_method
 from .shortgpt import block_parameters
 
 
@@ -159,7 +159,7 @@ def _plan(model, budget, calibration, options: LacoOptions) -> FoldPlan:
     )
 
 
-METHOD = register(
+METHOD = register_method(
     Method(
         "laco",
         "LaCo: collapse adjacent blocks into one (θ_l + Σ(θ_k − θ_l)) while the last hidden state stays similar",

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .registry import Method, register
+from .registry import Method, register_method
 
 
 def plan(model, budget, calibration, options) -> None:
     return None
 
 
-METHOD = register(Method("original", "the model as it is", plan))
+METHOD = register_method(Method("original", "the model as it is", plan))

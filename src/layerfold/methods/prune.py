@@ -29,7 +29,7 @@ from ..operations import Drop, PruneChannels, PruneHeads
 from ..operations.geometry import NO_HEAD_PRUNING, attention_layout, channel_width, mlp_paths
 from ..plan import FoldPlan
 from .importance import SCORES, Units
-from .registry import Candidate, Method, register
+from .registry import Candidate, Method, register_method
 from .shortgpt import block_parameters, removal_order
 
 TARGETS = ("mlp", "attention", "both")
@@ -263,7 +263,7 @@ def _candidates(analysis) -> list[Candidate]:
     ]
 
 
-METHOD = register(
+METHOD = register_method(
     Method(
         "prune",
         "structured width pruning of MLP channels and attention heads, least-squares compensated",

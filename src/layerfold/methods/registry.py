@@ -4,7 +4,7 @@ method without knowing it.
 A method is one file in ``layerfold/methods/`` (listed in ``methods/__init__.py``): an options dataclass (its
 docstring documents each field as ``name: help``), a ``plan(model, budget, calibration, options)`` function
 that turns an original model, a parameter budget and (if it needs one) a calibration set into a FoldPlan,
-and a ``register(Method(...))`` call. Registering it is all it takes: its options become ``layerfold fold
+and a ``register_method(Method(...))`` call. Registering it is all it takes: its options become ``layerfold fold
 --method`` flags, ``variants`` lists the option sets the benchmark sweep runs, ``streams`` says whether (and
 with which options) its plan follows from the shapes alone so that ``fold --stream`` can use it, and the
 common tests run it on every family. ``candidates`` are the option sets the planner (``layerfold.planner``)
@@ -25,7 +25,7 @@ from torch import nn
 from ..analysis import Analysis, analysis_of
 from ..budget import Budget
 from ..calibrate import Calibration
-from ..errors import LayerfoldError
+from ..errors import LayerfoldError, renamed
 from ..families import family_of
 from ..folding import fold
 from ..plan import FoldPlan
@@ -128,7 +128,7 @@ class Method:
 REGISTRY: dict[str, Method] = {}
 
 
-def register(method: Method) -> Method:
+def register_method(method: Method) -> Method:
     REGISTRY[method.name] = method
     return method
 
@@ -233,3 +233,5 @@ def lowest(scores: list[float], count: int) -> list[int]:
 def drop_plan(model: nn.Module, kept: list[int]) -> FoldPlan:
     layers = num_layers(model)
     return FoldPlan.from_groups([], drop=sorted(set(range(layers)) - set(kept)), num_layers=layers)
+
+register = renamed(register_method, "layerfold.methods.registry.register")  # the old name, kept working

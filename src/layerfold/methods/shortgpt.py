@@ -17,7 +17,7 @@ from ..errors import LayerfoldError
 from ..families import family_of
 from ..operations import Drop
 from ..plan import FoldPlan
-from .registry import Method, register
+from .registry import Method, register_method
 
 SCORES = ("influence", "angular")
 
@@ -82,7 +82,7 @@ def _plan(model, budget, calibration, options: ShortGPTOptions) -> FoldPlan:
     return shortgpt_plan(model, calibration.statistics(grams=False), budget, score=options.score)
 
 
-METHOD = register(
+METHOD = register_method(
     Method(
         "shortgpt",
         "ShortGPT: remove the blocks with the lowest Block Influence (or angular distance)",

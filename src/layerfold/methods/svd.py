@@ -8,7 +8,7 @@ from typing import Any
 
 from .basis import uniform_only
 from .factorize import ENDS_WHOLE, factor_candidates, factor_plan
-from .registry import Method, register
+from .registry import Method, register_method
 
 
 @dataclass
@@ -35,7 +35,7 @@ def _variants(quick: bool) -> list[dict[str, Any]]:
     return [dict(ENDS_WHOLE)] if quick else [{"allocation": "uniform"}, {"allocation": "sensitivity"}, dict(ENDS_WHOLE)]
 
 
-METHOD = register(
+METHOD = register_method(
     Method(
         "svd",
         "whitened per-layer SVD truncation of every projection (SVD-LLM's truncation; no sharing)",

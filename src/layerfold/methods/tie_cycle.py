@@ -4,7 +4,7 @@ layer i uses block i mod K; every tied layer may get an SVD-initialised LoRA rel
 from __future__ import annotations
 
 from ..plan import FoldPlan
-from .registry import Candidate, Method, num_layers, register, unique_blocks_for
+from .registry import Candidate, Method, num_layers, register_method, unique_blocks_for
 from .tying import TieOptions, tie_variants
 
 
@@ -20,7 +20,7 @@ def candidates(analysis) -> list[Candidate]:
             Candidate("tie + Kronecker: cycle", "lora", {"relax": "kronecker"})]  # fmt: skip
 
 
-METHOD = register(
+METHOD = register_method(
     Method(
         "tie-cycle",
         "Relaxed Recursive Transformers tying: layer i uses block i mod K; per-layer SVD-initialised LoRA of the "

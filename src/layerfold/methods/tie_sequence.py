@@ -4,7 +4,7 @@ every tied layer may get an SVD-initialised LoRA relaxation (``--rank``)."""
 from __future__ import annotations
 
 from ..plan import FoldPlan
-from .registry import Candidate, Method, num_layers, register, unique_blocks_for
+from .registry import Candidate, Method, num_layers, register_method, unique_blocks_for
 from .tying import TieOptions, tie_variants
 
 
@@ -12,7 +12,7 @@ def plan(model, budget, calibration, options: TieOptions) -> FoldPlan:
     return FoldPlan.sequence(num_layers(model), unique_blocks_for(model, budget), **options.tie_options(calibration))
 
 
-METHOD = register(
+METHOD = register_method(
     Method(
         "tie-sequence",
         "Relaxed Recursive Transformers tying: consecutive layers share a block; per-layer SVD-initialised LoRA "

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..analysis import check_similarity, cluster
 from ..plan import FoldPlan
-from .registry import Candidate, Method, num_layers, register, unique_blocks_for
+from .registry import Candidate, Method, num_layers, register_method, unique_blocks_for
 from .tying import TieOptions, tie_variants
 
 
@@ -48,7 +48,7 @@ def _variants(quick: bool) -> list[dict]:
     return [{"similarity": s, **v} for s in ("weights", "outputs", "gradients") for v in tie_variants(False)[:2]]
 
 
-METHOD = register(
+METHOD = register_method(
     Method(
         "tie-similar",
         "tie the layers into K groups of the most alike (weights, outputs or gradients; average linkage); "
