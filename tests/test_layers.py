@@ -29,7 +29,7 @@ LAYERS = {
     ],
     "methods": ["layerfold.methods", "layerfold.methods.*"],
     "heal, analysis, planning": ["layerfold.planner", "layerfold.heal", "layerfold.heal.*",
-        "layerfold.stream", "layerfold.lm_eval_tasks"],
+        "layerfold.stream", "layerfold.lm_eval_tasks", "layerfold.eval_tasks"],
     "jobs": ["layerfold.api", "layerfold.compress", "layerfold.demo"],
     "cli": ["layerfold.cli", "layerfold._entry", "layerfold.__main__"],
 }  # fmt: skip

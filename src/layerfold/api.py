@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from . import data as datasets
+from . import eval_tasks
 from . import evaluate as ev
 from .budget import Budget, kept_fractions
 from .calibrate import Calibration, calibration_batches
@@ -471,22 +472,6 @@ def _plain_info(path: Path) -> InfoReport:
     )
 
 
-def _lm_eval(model_path, data, tasks: str | None, limit: int | None) -> "EvalReport":
-    import transformers
-
-    from . import lm_eval_tasks
-
-    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(lm_eval_tasks.shipped_tasks())
-    lm_eval_tasks.check_tasks(names, Path(data) if data is not None else None)  # before the model loads
-    model_class = model_class_of(model_path)
-    if model_class is not None and model_class is not transformers.AutoModelForCausalLM:
-        ev.require_kind(model_class, "lm-eval", causal=True)
-    model = load_any(model_path)
-    ev.require_kind(model, "lm-eval", causal=True)
-    result = lm_eval_tasks.evaluate(model, load_tokenizer(model_path), names, Path(data), limit=limit)
-    return EvalReport(model=str(model_path), data=str(data), result=result)
-
-
 @dataclass(eq=False)
 class EvalReport(Report):
     """``layerfold eval``: one measurement (``result``: task, metric, value, settings and the task's own keys)."""
@@ -525,61 +510,30 @@ def evaluate_path(
     progress: bool = True,
     tasks: str | None = None,
 ) -> EvalReport:
-    """One measurement of a model (original or folded) on a data file; see ``layerfold eval --help``."""
+    """One measurement of a model (original or folded) by a registered task (``eval_tasks.TASKS``); see
+    ``layerfold eval --help``. Every input is checked before the model loads."""
     import transformers
 
-    if task not in ev.TASKS:
-        raise LayerfoldError(f"unknown task '{task}' (choose from {', '.join(ev.TASKS)})")
-    if tasks is not None and task != "lm-eval":
-        raise LayerfoldError("--tasks goes with --task lm-eval")
-    if task == "lm-eval":
-        return _lm_eval(model_path, data, tasks, limit)
-    if task in ("ppl", "sts", "fidelity") and data is None:
+    measure = eval_tasks.get(task)
+    if tasks is not None and not measure.takes_tasks:
+        raise LayerfoldError(f"--tasks goes with --task {', '.join(t.name for t in eval_tasks.TASKS.values() if t.takes_tasks)}")
+    if measure.needs_data and data is None:
         raise LayerfoldError(f"task {task} needs --data PATH")
-    if task == "fidelity" and reference is None:
-        raise LayerfoldError("task fidelity needs --reference MODEL_DIR")
+    if measure.needs_reference and reference is None:
+        raise LayerfoldError(f"task {task} needs --reference MODEL_DIR")
     if max_tokens is not None and max_tokens < 2:
         raise LayerfoldError(f"--max-tokens must be at least 2, got {max_tokens}")
-    if data is not None:
-        datasets.read_text(data)  # a missing, empty or non-UTF-8 file fails here, before a model loads
+    settings = eval_tasks.Measurement(
+        Path(model_path), Path(data) if data is not None else None, Path(reference) if reference is not None else None,
+        tasks, max_tokens, limit, max_length, stride, progress,
+    )  # fmt: skip
     model_class = model_class_of(model_path)  # a wrong kind of model fails before it loads
-    if model_class is not None and model_class is not transformers.AutoModelForCausalLM and task in ("ppl", "sts"):
-        ev.require_kind(model_class, task, causal=task == "ppl")
-    if task == "sts" and not datasets.is_sts_file(data):
-        raise LayerfoldError(f"{data}: not an STS-B file (tab-separated; score in column 5, sentences in 6 and 7)")
+    if measure.causal is not None and model_class not in (None, transformers.AutoModelForCausalLM):
+        ev.require_kind(model_class, task, causal=measure.causal)
+    if measure.check is not None:
+        measure.check(settings)
     model = load_any(model_path)
-    if task == "ppl":
-        ev.require_kind(model, task, causal=True)
-        ids = ev.tokenize_text(load_tokenizer(model_path), datasets.read_text(data), max_tokens)
-        result = ev.perplexity(model, ids, max_length=max_length, stride=stride, progress=progress)
-    elif task == "sts":
-        ev.require_kind(model, task, causal=False)
-        result = ev.sts_spearman(model, load_tokenizer(model_path), datasets.read_sts(data, limit))
-    elif task == "fidelity":
-        reference_model = load_any(reference)
-        tokenizer = load_tokenizer(reference)
-        if ev.is_causal_lm(reference_model) != ev.is_causal_lm(model):
-            raise LayerfoldError("task fidelity needs the model and --reference to be of the same kind")
-        if ev.is_causal_lm(model):
-            ids = ev.tokenize_text(tokenizer, datasets.read_text(data), max_tokens or 4096)
-            result = ev.next_token_fidelity(reference_model, model, ids, max_length=max_length)
-        else:
-            texts = datasets.text_units(data, limit or 512)
-            cosine = ev.embedding_fidelity(
-                ev.sentence_embeddings(reference_model, tokenizer, texts),
-                ev.sentence_embeddings(model, tokenizer, texts),
-            )
-            result = {
-                "task": "fidelity",
-                "metric": "cosine",
-                "value": cosine["mean"],
-                "min": cosine["min"],
-                "settings": {"texts": cosine["count"], "pooling": "mean"},
-            }
-        result["reference"] = str(reference)
-    elif task == "size":
-        result = ev.size(model, model_path)
-    else:
-        texts = datasets.text_units(data, limit) if data is not None else datasets.pydoc_paragraphs()
-        result = ev.speed(model, load_tokenizer(model_path), texts)
+    if measure.causal is not None:
+        ev.require_kind(model, task, causal=measure.causal)
+    result = measure.run(model, settings)
     return EvalReport(model=str(model_path), data=str(data) if data is not None else None, result=result)

@@ -18,6 +18,7 @@ import typer
 from ._entry import stop
 from .data import single_source
 from .errors import LayerfoldError
+from .eval_tasks import TASKS
 
 app = typer.Typer(
     help="Make pretrained transformers smaller by sharing parameters across layers.",
@@ -411,19 +412,15 @@ def export_command(
     _emit(as_json, export_model_dir(folded_dir, out, dtype=dtype, overwrite=overwrite))
 
 
-class Task(str, Enum):
-    ppl = "ppl"
-    sts = "sts"
-    fidelity = "fidelity"
-    size = "size"
-    speed = "speed"
-    lm_eval = "lm-eval"
+Task = Enum("Task", {name: name for name in TASKS}, type=str)  # the registered measurements
 
 
 @app.command("eval")
 def eval_command(
     model: Path = typer.Argument(..., help="A model folder (original or folded) or a .gguf file."),
-    task: Task = typer.Option(..., "--task", help="What to measure."),
+    task: Task = typer.Option(
+        ..., "--task", help="What to measure: " + "; ".join(f"{t.name}, {t.summary}" for t in TASKS.values()) + "."
+    ),
     data: Optional[Path] = typer.Option(
         None, "--data", help="Text, WikiText raw, or STS-B tsv file; for lm-eval a GLUE-layout folder."
     ),

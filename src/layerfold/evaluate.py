@@ -24,9 +24,6 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from .errors import LayerfoldError
 from .report import parameter_breakdown, weight_bytes
 
-TASKS = ("ppl", "sts", "fidelity", "size", "speed", "lm-eval")
-
-
 def is_causal_lm(model: nn.Module) -> bool:
     return is_causal_lm_class(type(model))
 
