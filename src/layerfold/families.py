@@ -21,10 +21,15 @@ MLP = "mlp"
 
 @dataclass(frozen=True)
 class Family:
+    """What layerfold knows of one architecture; every fact about a family is here."""
+
     model_type: str
     layers: str  # path of the nn.ModuleList of blocks, relative to model.base_model
     attention: tuple[str, ...]  # projection paths relative to a block
     mlp: tuple[str, ...]
+    final_norm: str = ""  # a causal LM's norm after the last block, relative to model.base_model
+    no_head_pruning: str = ""  # why prune-heads cannot cut this family's heads ("" when it can)
+    head_size_in_config: bool = False  # the config states head_dim (attention and rotary embeddings read it)
 
     @property
     def projections(self) -> tuple[str, ...]:
@@ -49,8 +54,9 @@ class Family:
 FAMILIES: dict[str, Family] = {}
 
 
-def register_family(model_type: str, layers: str, attention: tuple[str, ...], mlp: tuple[str, ...]) -> Family:
-    family = Family(model_type, layers, tuple(attention), tuple(mlp))
+def register_family(model_type: str, layers: str, attention: tuple[str, ...], mlp: tuple[str, ...], **facts) -> Family:
+    """Add a family: its blocks, its projections and the other ``Family`` facts by keyword."""
+    family = Family(model_type, layers, tuple(attention), tuple(mlp), **facts)
     FAMILIES[model_type] = family
     return family
 
@@ -58,20 +64,25 @@ def register_family(model_type: str, layers: str, attention: tuple[str, ...], ml
 _LLAMA_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 _LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 for _model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"):
-    register_family(_model_type, "layers", _LLAMA_ATTENTION, _LLAMA_MLP)
-register_family("phi3", "layers", ("self_attn.qkv_proj", "self_attn.o_proj"), ("mlp.gate_up_proj", "mlp.down_proj"))
-register_family("gpt2", "h", ("attn.c_attn", "attn.c_proj"), ("mlp.c_fc", "mlp.c_proj"))
+    register_family(_model_type, "layers", _LLAMA_ATTENTION, _LLAMA_MLP, final_norm="norm", head_size_in_config=True)
+register_family("phi3", "layers", ("self_attn.qkv_proj", "self_attn.o_proj"), ("mlp.gate_up_proj", "mlp.down_proj"),
+                final_norm="norm", no_head_pruning="Phi-3 fuses q, k and v in one projection (qkv_proj)")  # fmt: skip
+register_family("gpt2", "h", ("attn.c_attn", "attn.c_proj"), ("mlp.c_fc", "mlp.c_proj"), final_norm="ln_f",
+                no_head_pruning="GPT-2 fuses q, k and v in one projection (c_attn)")  # fmt: skip
 register_family(
     "gpt_neox",
     "layers",
     ("attention.query_key_value", "attention.dense"),
     ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    final_norm="final_layer_norm",
+    no_head_pruning="GPT-NeoX fuses q, k and v in one projection (query_key_value)",
 )
 register_family(
     "opt",
     "decoder.layers",
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
     ("fc1", "fc2"),
+    final_norm="decoder.final_layer_norm",
 )
 _BERT_ATTENTION = (
     "attention.self.query",
@@ -85,7 +96,7 @@ for _model_type in ("bert", "roberta"):
 # MPNet (all-mpnet-base-v2): BERT's block with the attention projections under attention.attn; the relative
 # position bias is one table for the whole encoder, outside the blocks.
 register_family("mpnet", "encoder.layer", ("attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o"),
-         _BERT_MLP)  # fmt: skip
+                _BERT_MLP, no_head_pruning="MPNet's relative-position bias has one slice per head, shared by every layer")  # fmt: skip
 
 
 def supported_model_types() -> list[str]:

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..errors import LayerfoldError
 from ..evaluate import mean_pool
+from ..families import family_of
 from .settings import LossWeights
 
 
@@ -44,15 +45,14 @@ def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 def logits_from_block_output(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """A causal LM's logits from its last block's output: the final norm, then ``logits_from_hidden``."""
-    base = model.base_model
-    base = getattr(base, "decoder", base)  # OPT keeps its stack and final norm one level down
-    for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):  # Llama-like, GPT-2, Phi, NeoX and OPT
-        if isinstance(getattr(base, name, None), nn.Module):
-            hidden = getattr(base, name)(hidden)
-            if getattr(base, "project_out", None) is not None:  # OPT with a narrower embedding
-                hidden = base.project_out(hidden)
-            return logits_from_hidden(model, hidden)
-    raise LayerfoldError(f"--block-kl: no final norm found in {type(base).__name__}")
+    path = family_of(model).final_norm
+    if not path:
+        raise LayerfoldError(f"--block-kl: no final norm known for {type(model.base_model).__name__}")
+    hidden = model.base_model.get_submodule(path)(hidden)
+    owner = model.base_model.get_submodule(path.rpartition(".")[0]) if "." in path else model.base_model
+    if getattr(owner, "project_out", None) is not None:  # OPT with a narrower embedding
+        hidden = owner.project_out(hidden)
+    return logits_from_hidden(model, hidden)
 
 
 def head_kl(model: nn.Module, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from ..calibrate import Calibration
 from ..errors import LayerfoldError
 from ..families import family_of, projection_shape
 from ..operations import Drop, PruneChannels, PruneHeads
-from ..operations.geometry import NO_HEAD_PRUNING, attention_layout, channel_width, mlp_paths
+from ..operations.geometry import attention_layout, channel_width, mlp_paths
 from ..plan import FoldPlan
 from .importance import SCORES, Units
 from .registry import Candidate, Method, register_method
@@ -100,9 +100,9 @@ def _kinds(model: nn.Module, layers: list[int], target: str) -> list[_Kind]:
                 cost += (out_features // width) * (in_features + (module.bias is not None))
             found.append(_Kind(i, "channels", width, cost))
         if target in ("attention", "both"):
-            if family.model_type in NO_HEAD_PRUNING:
+            if family.no_head_pruning:
                 if target == "attention":
-                    raise LayerfoldError(f"--target attention: {NO_HEAD_PRUNING[family.model_type]}; prune --target mlp")
+                    raise LayerfoldError(f"--target attention: {family.no_head_pruning}; prune --target mlp")
                 continue
             layout = attention_layout(family, block, "prune")
             g, d = layout.group_size, layout.head_dim

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import LayerfoldError
-from ..families import Family, projection_shape
+from ..families import FAMILIES, Family, projection_shape
 from .base import Operation, check_bool, check_layer_list, sorted_layers
 
 
@@ -33,20 +33,10 @@ def channel_rows(keep: list[int], width: int, fused: int) -> torch.Tensor:
     return torch.cat([kept + k * width for k in range(fused)])
 
 
-# Families whose attention can lose heads: separate q, k, v and o projections and no per-head tensor outside
-# the block. GPT-2, GPT-NeoX and Phi-3 fuse q, k and v; MPNet adds one relative-position bias per head,
-# computed once for the whole encoder.
-NO_HEAD_PRUNING = {
-    "gpt2": "GPT-2 fuses q, k and v in one projection (c_attn)",
-    "gpt_neox": "GPT-NeoX fuses q, k and v in one projection (query_key_value)",
-    "phi3": "Phi-3 fuses q, k and v in one projection (qkv_proj)",
-    "mpnet": "MPNet's relative-position bias has one slice per head, shared by every layer",
-}
-
-
-# Families whose config states the head size (``head_dim``, read by attention and rotary embeddings): a plain
-# config of theirs can have fewer heads of the same size. BERT, RoBERTa and OPT derive it from the hidden size.
-HEAD_SIZE_IN_CONFIG = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
+# Which families' attention can lose heads and which configs state the head size are family facts
+# (``Family.no_head_pruning``, ``Family.head_size_in_config``); these views by model type are kept for callers.
+NO_HEAD_PRUNING = {name: family.no_head_pruning for name, family in FAMILIES.items() if family.no_head_pruning}
+HEAD_SIZE_IN_CONFIG = {name for name, family in FAMILIES.items() if family.head_size_in_config}
 
 
 @dataclass(frozen=True)
@@ -69,8 +59,8 @@ class AttentionLayout:
 
 
 def attention_layout(family: Family, block: nn.Module, where: str) -> AttentionLayout:
-    if family.model_type in NO_HEAD_PRUNING:
-        raise LayerfoldError(f"{where}: prune-heads cannot prune {family.model_type}: {NO_HEAD_PRUNING[family.model_type]}")
+    if family.no_head_pruning:
+        raise LayerfoldError(f"{where}: prune-heads cannot prune {family.model_type}: {family.no_head_pruning}")
     q, k, v, o = family.attention
     module = block.get_submodule(q.rpartition(".")[0])
     head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)

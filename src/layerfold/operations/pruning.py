@@ -21,8 +21,6 @@ from ..errors import LayerfoldError
 from ..families import Family, is_transposed, linear_weight, plain_projection
 from .base import Recipe
 from .geometry import (
-    HEAD_SIZE_IN_CONFIG,
-    NO_HEAD_PRUNING,
     attention_layout,
     channel_width,
     mlp_paths,
@@ -181,14 +179,14 @@ def plain_widths(model: nn.Module, family: Family) -> None:
         setattr(config, field, width)
     elif family.model_type == "gpt2" and width != 4 * config.n_embd:
         config.n_inner = width
-    if family.model_type in NO_HEAD_PRUNING:
+    if family.no_head_pruning:
         return
     layouts = [attention_layout(family, b, "export") for b in blocks]
     original_heads = config.num_attention_heads
     original_kv = getattr(config, "num_key_value_heads", None) or original_heads
     widest = max(layouts, key=lambda lay: lay.heads)
     heads, kv_heads = widest.heads, widest.kv_heads
-    if family.model_type not in HEAD_SIZE_IN_CONFIG:
+    if not family.head_size_in_config:
         heads, kv_heads = original_heads, original_kv  # the config cannot state fewer heads of the same size
     for block in blocks:
         _pad_heads(block, family, heads, kv_heads)
