@@ -197,4 +197,5 @@ def install_peft_dispatch() -> None:
 
 install_peft_dispatch()
 
+
 register = renamed(register_folded_types, "layerfold.adapters.register")  # the old name, kept working

@@ -149,4 +149,5 @@ def projection_shape(module: nn.Module) -> tuple[int, int]:
     out_features, in_features = linear_weight(module).shape
     return out_features, in_features
 
+
 register = renamed(register_family, "layerfold.families.register")  # the old name, kept working

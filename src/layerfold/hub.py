@@ -324,4 +324,5 @@ def register_auto_classes() -> None:
 
 register_auto_classes()
 
+
 register = renamed(register_auto_classes, "layerfold.register")  # the old name, kept working

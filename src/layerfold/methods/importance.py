@@ -222,4 +222,5 @@ def taylor(model: nn.Module, calibration: Calibration, units: Units) -> dict[int
 def self_supervised(model: nn.Module, calibration: Calibration, units: Units) -> dict[int, torch.Tensor]:
     return _taylor(model, calibration, units, per_sentence=True)
 
+
 register = renamed(register_score, "layerfold.methods.importance.register")  # the old name, kept working

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,7 +39,7 @@ TARGETS = ("mlp", "attention", "both")
 class PruneOptions:
     """Options of width pruning.
 
-    importance: how units are ranked: magnitude, activation, fisher, fluctuation, taylor or self-supervised.
+    importance: how units are ranked, by a registered importance score (methods/importance.py).
     target: what loses width: mlp (channels), attention (heads) or both.
     uniform: the same width in every layer (exports as the plain architecture); else ranked across layers.
     compensate: refit the projection reading a pruned width by least squares on calibration inputs.
@@ -49,7 +49,7 @@ class PruneOptions:
     depth: the share of the saving taken by dropping whole blocks first (lowest Block Influence), 0 to 0.9.
     """
 
-    importance: str = "activation"
+    importance: str = field(default="activation", metadata={"choices": SCORES})
     target: str = "both"
     uniform: bool = False
     compensate: bool = True

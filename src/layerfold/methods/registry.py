@@ -186,6 +186,9 @@ def option_help(options: type) -> dict[str, str]:
                 helps[current] += " " + line.strip()
             else:
                 current = None
+    for f in dataclasses.fields(options):  # a field drawn from a registry lists what is registered now
+        if "choices" in f.metadata and f.name in helps:
+            helps[f.name] = helps[f.name].rstrip(".") + f" (one of: {', '.join(f.metadata['choices'])})."
     return helps
 
 
@@ -233,5 +236,6 @@ def lowest(scores: list[float], count: int) -> list[int]:
 def drop_plan(model: nn.Module, kept: list[int]) -> FoldPlan:
     layers = num_layers(model)
     return FoldPlan.from_groups([], drop=sorted(set(range(layers)) - set(kept)), num_layers=layers)
+
 
 register = renamed(register_method, "layerfold.methods.registry.register")  # the old name, kept working
