@@ -1,6 +1,11 @@
-"""The distillation losses (KL, LM, hidden states, embedding cosine), reusable pieces of one recipe."""
+"""The distillation losses, one registered ``Loss`` each (``LOSSES``): what it measures, which models it suits,
+what it reads of the teacher, and its computation. ``LossWeights``, ``--loss``, the settings' checks and the
+trainer read the registry, so a new loss is one ``register_loss(Loss(...))`` here."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +14,47 @@ from torch import nn
 from ..errors import LayerfoldError
 from ..evaluate import mean_pool
 from ..families import family_of
-from .settings import LossWeights
+
+if TYPE_CHECKING:
+    from .settings import LossWeights
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One distillation loss. ``compute(student_out, teacher_out, batch, context)`` returns its unweighted value
+    for a batch (``context``: ``LossContext``); ``None`` marks a token loss (kl, lm), which ``token_losses``
+    computes with the others a chunk of tokens at a time, so that no (tokens x vocabulary) tensor is built whole.
+    ``models``: "decoders", "encoders" or "both"; ``reads_teacher``: it needs the teacher's forward pass, unless
+    ``in_teacher_cache`` (what it reads, the teacher's top-k logits, is in ``--teacher-cache``)."""
+
+    name: str
+    summary: str
+    models: str = "both"
+    reads_teacher: bool = True
+    in_teacher_cache: bool = False
+    compute: Callable[..., torch.Tensor] | None = None
+
+    def suits(self, causal: bool) -> bool:
+        return self.models == "both" or self.models == ("decoders" if causal else "encoders")
+
+
+@dataclass
+class LossContext:
+    """What a loss may read besides the two outputs and the batch."""
+
+    hidden_pairs: list[tuple[int, int]]
+    student_head: Any = None
+    teacher_head: Any = None
+    temperature: float = 1.0
+    cached: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+LOSSES: dict[str, Loss] = {}
+
+
+def register_loss(loss: Loss) -> Loss:
+    LOSSES[loss.name] = loss
+    return loss
 
 
 def teacher_layer_map(plan) -> list[int]:
@@ -160,12 +205,13 @@ def distillation_losses(
     hidden_pairs: list[tuple[int, int]] = (),
     cached: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Each active loss (unweighted) for one batch. Both outputs carry ``hidden_states``; ``hidden_pairs`` are
-    (student, teacher) indices into them. ``student_head``/``teacher_head`` turn last hidden states into logits
-    (decoders); ``cached`` is the teacher's (top-k logits, their token ids), used instead of its logits."""
-    mask = batch["attention_mask"].bool()
+    """Each active loss (unweighted) for one batch, in the registry's order. Both outputs carry
+    ``hidden_states``; ``hidden_pairs`` are (student, teacher) indices into them. ``student_head``/``teacher_head``
+    turn last hidden states into logits (decoders); ``cached`` is the teacher's (top-k logits, their token ids),
+    used instead of its logits."""
+    active = weights.active()
     parts: dict[str, torch.Tensor] = {}
-    if weights.kl or weights.lm:
+    if any(LOSSES[name].compute is None for name in active):
         parts.update(
             token_losses(
                 student_out.hidden_states[-1],
@@ -178,14 +224,37 @@ def distillation_losses(
                 cached=cached,
             )
         )
-    if weights.hidden:
-        errors = []
-        for s, t in hidden_pairs:
-            hs, ht = student_out.hidden_states[s][mask].float(), teacher_out.hidden_states[t][mask].float()
-            errors.append((hs - ht).pow(2).sum() / ht.pow(2).sum().clamp(min=1e-12))
-        parts["hidden"] = torch.stack(errors).mean()
-    if weights.cosine:
-        student = mean_pool(student_out.hidden_states[-1].float(), batch["attention_mask"])
-        teacher = mean_pool(teacher_out.hidden_states[-1].float(), batch["attention_mask"])
-        parts["cosine"] = (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    context = LossContext(list(hidden_pairs), student_head, teacher_head, temperature, cached)
+    for name in active:
+        if LOSSES[name].compute is not None:
+            parts[name] = LOSSES[name].compute(student_out, teacher_out, batch, context)
     return parts
+
+
+def needs_teacher_pass(weights: LossWeights, cached: bool) -> bool:
+    """Whether a batch needs the teacher's forward pass: some active loss reads the teacher, and not only what
+    the teacher cache (``cached``) holds."""
+    return any(LOSSES[n].reads_teacher and not (cached and LOSSES[n].in_teacher_cache) for n in weights.active())
+
+
+def hidden_loss(student_out, teacher_out, batch, context: LossContext) -> torch.Tensor:
+    mask = batch["attention_mask"].bool()
+    errors = []
+    for s, t in context.hidden_pairs:
+        hs, ht = student_out.hidden_states[s][mask].float(), teacher_out.hidden_states[t][mask].float()
+        errors.append((hs - ht).pow(2).sum() / ht.pow(2).sum().clamp(min=1e-12))
+    return torch.stack(errors).mean()
+
+
+def cosine_loss(student_out, teacher_out, batch, context: LossContext) -> torch.Tensor:
+    student = mean_pool(student_out.hidden_states[-1].float(), batch["attention_mask"])
+    teacher = mean_pool(teacher_out.hidden_states[-1].float(), batch["attention_mask"])
+    return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+
+
+register_loss(Loss("kl", "forward KL(teacher ‖ student) of next-token distributions at --temperature", "decoders",
+                   in_teacher_cache=True))  # fmt: skip
+register_loss(Loss("lm", "the student's own next-token cross-entropy on the data", "decoders", reads_teacher=False))
+register_loss(Loss("hidden", "relative squared error ‖h_s − h_t‖² / ‖h_t‖² of hidden states at --hidden-layers "
+                   "(FoldGPT's tail-layer distillation when those are the last few layers)", compute=hidden_loss))  # fmt: skip
+register_loss(Loss("cosine", "1 − cosine of mean-pooled sentence embeddings", "encoders", compute=cosine_loss))

@@ -8,32 +8,40 @@ from typing import Any
 
 from ..errors import LayerfoldError
 from ..outputs import HEAL_SETTINGS_NAME
+from .losses import LOSSES
 
 TRAIN_CHOICES = ("relax", "relax+shared", "all")
 STAGES = ("blockwise", "e2e", "both")
-LOSS_NAMES = ("kl", "lm", "hidden", "cosine")
 CHECKPOINT_PREFIX = "checkpoint-"
 SETTINGS_NAME = HEAL_SETTINGS_NAME
+LOSS_NAMES = tuple(LOSSES)  # the losses registered with layerfold itself
 REPORT_JSON = "heal.json"
 REPORT_MD = "heal.md"
 
 
 # ---- settings ---------------------------------------------------------------------------------------------
-@dataclass
 class LossWeights:
-    """Weights of the distillation losses; a zero weight turns a loss off.
+    """Weights of the registered distillation losses (``heal.losses.LOSSES``: kl, lm, hidden, cosine, ...) by
+    name, e.g. ``LossWeights(kl=1, hidden=0.5)``; a zero weight turns a loss off. Read as attributes
+    (``weights.kl``); ``to_dict`` gives every registered loss's weight."""
 
-    - ``kl``: forward KL(teacher ‖ student) of next-token distributions at ``temperature`` (decoders).
-    - ``lm``: the student's own next-token cross-entropy on the data (decoders).
-    - ``hidden``: relative squared error ‖h_s − h_t‖² / ‖h_t‖² of hidden states at ``hidden_layers``
-      (FoldGPT's tail-layer distillation when those are the last few layers).
-    - ``cosine``: 1 − cosine of mean-pooled sentence embeddings (encoders).
-    """
+    def __init__(self, **weights: float) -> None:
+        unknown = sorted(set(weights) - set(LOSSES))
+        if unknown:
+            raise LayerfoldError(f"--loss: unknown loss '{unknown[0]}' (choose from {', '.join(LOSSES)})")
+        self._weights = {name: float(weights.get(name, 0.0)) for name in LOSSES}
 
-    kl: float = 0.0
-    lm: float = 0.0
-    hidden: float = 0.0
-    cosine: float = 0.0
+    def __getattr__(self, name: str) -> float:
+        weights = self.__dict__.get("_weights", {})
+        if name in weights:
+            return weights[name]
+        raise AttributeError(f"no loss {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LossWeights) and self._weights == other._weights
+
+    def __repr__(self) -> str:
+        return f"LossWeights({', '.join(f'{k}={v:g}' for k, v in self.active().items())})"
 
     @classmethod
     def default(cls, causal: bool) -> "LossWeights":
@@ -45,26 +53,46 @@ class LossWeights:
     @classmethod
     def parse(cls, text: str) -> "LossWeights":
         """``kl=1,hidden=0.5``; a bare name means weight 1."""
-        weights = cls()
+        weights: dict[str, float] = {}
         for item in text.split(","):
             name, sep, value = item.strip().partition("=")
             if not name:
                 continue
-            if name not in LOSS_NAMES:
-                raise LayerfoldError(f"--loss: unknown loss '{name}' (choose from {', '.join(LOSS_NAMES)})")
+            if name not in LOSSES:
+                raise LayerfoldError(f"--loss: unknown loss '{name}' (choose from {', '.join(LOSSES)})")
             try:
                 weight = float(value) if sep else 1.0
             except ValueError:
                 raise LayerfoldError(f"--loss: weight of {name} must be a number, got '{value}'") from None
             if weight < 0 or not math.isfinite(weight):
                 raise LayerfoldError(f"--loss: weight of {name} must be a finite number ≥ 0, got {value}")
-            setattr(weights, name, weight)
-        if not any(getattr(weights, n) for n in LOSS_NAMES):
+            weights[name] = weight
+        if not any(weights.values()):
             raise LayerfoldError(f"--loss: no loss has a positive weight in '{text}'")
-        return weights
+        return cls(**weights)
 
     def active(self) -> dict[str, float]:
-        return {n: getattr(self, n) for n in LOSS_NAMES if getattr(self, n) > 0}
+        return {n: w for n, w in self._weights.items() if w > 0}
+
+    def to_dict(self) -> dict[str, float]:
+        return dict(self._weights)
+
+    def check(self, causal: bool, teacher_cache: bool) -> None:
+        """The active losses suit the model, and the teacher cache holds all they read of the teacher."""
+        kind = "decoders" if causal else "encoders"
+        unsuited = [n for n in self.active() if not LOSSES[n].suits(causal)]
+        if unsuited:
+            others = "/".join(n for n, loss in LOSSES.items() if loss.suits(causal))
+            only = sorted({LOSSES[n].models for n in unsuited})[0]
+            raise LayerfoldError(f"the {' and '.join(unsuited)} loss{'es' if len(unsuited) > 1 else ''} "
+                                 f"{'are' if len(unsuited) > 1 else 'is'} for {only} only"
+                                 f"{' (causal language models)' if only == 'decoders' else ''}; {kind} heal with {others}")  # fmt: skip
+        if teacher_cache:
+            cached = [n for n, loss in LOSSES.items() if loss.in_teacher_cache]
+            active = self.active()
+            if not any(n in cached for n in active) or any(LOSSES[n].reads_teacher and n not in cached for n in active):
+                raise LayerfoldError(f"--teacher-cache holds the teacher's top-k logits: use it with the "
+                                     f"{'/'.join(cached)} loss only")  # fmt: skip
 
 
 @dataclass
@@ -129,12 +157,7 @@ class HealConfig:
         if self.train not in TRAIN_CHOICES:
             raise LayerfoldError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, got '{self.train}'")
         loss = self.loss or LossWeights.default(causal)
-        if not causal and (loss.kl or loss.lm):
-            raise LayerfoldError("the kl and lm losses need a causal language model; encoders heal with cosine/hidden")
-        if causal and loss.cosine:
-            raise LayerfoldError("the cosine loss is for encoders (sentence embeddings); decoders heal with kl/lm")
-        if self.teacher_cache and (loss.hidden or loss.cosine or not loss.kl):
-            raise LayerfoldError("--teacher-cache holds the teacher's top-k logits: use it with the kl loss only")
+        loss.check(causal, bool(self.teacher_cache))
         seq_len = self.seq_len or (512 if causal else 128)
         if seq_len < 2:
             raise LayerfoldError(f"--seq-len must be at least 2, got {seq_len}")
@@ -154,5 +177,5 @@ class HealConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            f.name: asdict(self.loss) if f.name == "loss" and self.loss else getattr(self, f.name) for f in fields(self)
+            f.name: self.loss.to_dict() if f.name == "loss" and self.loss else getattr(self, f.name) for f in fields(self)
         }

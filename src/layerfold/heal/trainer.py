@@ -11,7 +11,7 @@ import torch
 from ..evaluate import embedding_fidelity, is_causal_lm, next_token_fidelity, sentence_embeddings
 from ..io import read_weights, write_folded
 from ..store import fold_state
-from .losses import distillation_losses, logits_from_hidden
+from .losses import distillation_losses, logits_from_hidden, needs_teacher_pass
 from .settings import HealConfig
 
 
@@ -91,7 +91,7 @@ def make_trainer_class():
             teacher_out, cached = None, None
             if self.cache is not None:
                 cached = tuple(t[index.cpu()].to(inputs["input_ids"].device) for t in self.cache)
-            if (self.heal.loss.kl and self.cache is None) or self.heal.loss.hidden or self.heal.loss.cosine:
+            if needs_teacher_pass(self.heal.loss, cached=self.cache is not None):
                 with torch.no_grad():
                     teacher_out = self.teacher(**inputs, **kwargs)
             student = self.accelerator.unwrap_model(model)
