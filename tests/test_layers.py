@@ -25,7 +25,7 @@ LAYERS = {
     "engine and calibration": [
         "layerfold.engine", "layerfold.calibrate", "layerfold.evaluate", "layerfold.outputs", "layerfold.folding",
         "layerfold.io", "layerfold.hub", "layerfold.progress", "layerfold.adapters", "layerfold.sources",
-        "layerfold.analysis", "layerfold.sequential",
+        "layerfold.analysis", "layerfold.gates", "layerfold.sequential",
     ],
     "methods": ["layerfold.methods", "layerfold.methods.*"],
     "heal, analysis, planning": ["layerfold.planner", "layerfold.heal", "layerfold.heal.*",
@@ -107,3 +107,30 @@ print("\\n" + json.dumps(failed))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=SOURCE, timeout=600)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {}, result.stdout[-2000:]
+
+
+# Modules over 500 lines, each with its size now as a ceiling and why: they may shrink, never grow (issue 39
+# splits them: the CLI generated from the jobs' settings, the jobs one per command).
+LONG_MODULES = {
+    "cli.py": (748, "every command's options are written by hand"),
+    "io.py": (611, "folded checkpoints: save, check, load, export and the guard in one module"),
+    "api.py": (539, "the fold, export, info and eval jobs in one module"),
+}
+
+
+def test_no_module_over_500_lines_and_no_function_over_80_without_a_reason():
+    """A function over 80 lines says why in its docstring or in a comment just above it."""
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        lines = path.read_text(encoding="utf-8").splitlines()
+        ceiling = LONG_MODULES.get(relative, (500, ""))[0]
+        if len(lines) > ceiling:
+            too_long.append(f"{relative}: {len(lines)} lines (at most {ceiling})")
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                said = (ast.get_docstring(node) or "") + " ".join(lines[max(0, first - 3) : first - 1])
+                if "over 80 lines" not in said.lower():
+                    too_long.append(f"{relative}: {node.name} is {node.end_lineno - node.lineno + 1} lines, and says not why")
+    assert not too_long, "\n".join(too_long)

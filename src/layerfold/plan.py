@@ -26,7 +26,7 @@ import yaml
 
 from .errors import LayerfoldError
 from .families import family_of
-from .operations import OPERATIONS, Drop, Factor, Merge, Operation, PruneChannels, PruneHeads, Rank, Tie
+from .operations import OPERATIONS, Drop, Factor, Merge, Operation, PruneHeads, Rank, Tie
 from .operations.geometry import Prune
 from .operations.tie.spec import GROUP_FIT_CHOICES, init_sources, tie_fit
 

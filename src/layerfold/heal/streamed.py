@@ -111,7 +111,10 @@ def heal_streamed(
     progress: bool = True,
 ) -> "StreamedHealReport":
     """Block-wise heal of the folded checkpoint ``student_dir`` against the original checkpoint folder
-    ``teacher_path`` without loading either whole (see the module docstring); written to ``out`` atomically."""
+    ``teacher_path`` without loading either whole (see the module docstring); written to ``out`` atomically.
+
+    Over 80 lines: the job's steps in order (checks, data, the streamed blocks, the units, the report), each a
+    call into the modules below."""
     started = time.perf_counter()
     student_dir, teacher_path, out = Path(student_dir), Path(teacher_path), Path(out)
     config = config or HealConfig(stage="blockwise")

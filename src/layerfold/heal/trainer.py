@@ -48,7 +48,7 @@ def training_arguments(config, output_dir: Path):
 
 def make_trainer_class():
     """The DistillationTrainer class, defined on first use so that transformers' Trainer (seconds to import)
-    loads only when healing; it is long because the class's methods are its body."""
+    loads only when healing; over 80 lines because the class's methods are its body."""
     from transformers import Trainer
 
     class DistillationTrainer(Trainer):
