@@ -516,7 +516,8 @@ def evaluate_path(
 
     measure = eval_tasks.get(task)
     if tasks is not None and not measure.takes_tasks:
-        raise LayerfoldError(f"--tasks goes with --task {', '.join(t.name for t in eval_tasks.TASKS.values() if t.takes_tasks)}")
+        takers = ", ".join(t.name for t in eval_tasks.TASKS.values() if t.takes_tasks)
+        raise LayerfoldError(f"--tasks goes with --task {takers}")
     if measure.needs_data and data is None:
         raise LayerfoldError(f"task {task} needs --data PATH")
     if measure.needs_reference and reference is None:

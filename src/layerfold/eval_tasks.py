@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import LayerfoldError
+from .errors import LayerfoldError, Registry
 
 
 @dataclass(frozen=True)
@@ -46,18 +46,9 @@ class EvalTask:
     takes_tasks: bool = False  # reads --tasks (a list of sub-tasks)
 
 
-TASKS: dict[str, EvalTask] = {}
-
-
-def register_task(task: EvalTask) -> EvalTask:
-    TASKS[task.name] = task
-    return task
-
-
-def get(name: str) -> EvalTask:
-    if name not in TASKS:
-        raise LayerfoldError(f"unknown task '{name}' (choose from {', '.join(TASKS)})")
-    return TASKS[name]
+TASKS: Registry = Registry("task")
+register_task = TASKS.add
+get = TASKS.require
 
 
 # ---- the tasks ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import LayerfoldError
+from ..errors import LayerfoldError, Registry
 from ..evaluate import mean_pool
 from ..families import family_of
 
@@ -49,12 +49,8 @@ class LossContext:
     cached: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-LOSSES: dict[str, Loss] = {}
-
-
-def register_loss(loss: Loss) -> Loss:
-    LOSSES[loss.name] = loss
-    return loss
+LOSSES: Registry = Registry("loss")
+register_loss = LOSSES.add
 
 
 def teacher_layer_map(plan) -> list[int]:

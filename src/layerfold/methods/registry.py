@@ -25,7 +25,7 @@ from torch import nn
 from ..analysis import Analysis, analysis_of
 from ..budget import Budget
 from ..calibrate import Calibration
-from ..errors import LayerfoldError, renamed
+from ..errors import LayerfoldError, Registry, renamed
 from ..families import family_of
 from ..folding import fold
 from ..plan import FoldPlan
@@ -125,18 +125,9 @@ class Method:
         return self.planner(model, budget, None, chosen)
 
 
-REGISTRY: dict[str, Method] = {}
-
-
-def register_method(method: Method) -> Method:
-    REGISTRY[method.name] = method
-    return method
-
-
-def get(name: str) -> Method:
-    if name not in REGISTRY:
-        raise LayerfoldError(f"unknown method '{name}' (choose from {', '.join(REGISTRY)})")
-    return REGISTRY[name]
+REGISTRY: Registry = Registry("method")
+register_method = REGISTRY.add
+get = REGISTRY.require
 
 
 def streamable() -> list[str]:
@@ -238,4 +229,4 @@ def drop_plan(model: nn.Module, kept: list[int]) -> FoldPlan:
     return FoldPlan.from_groups([], drop=sorted(set(range(layers)) - set(kept)), num_layers=layers)
 
 
-register = renamed(register_method, "layerfold.methods.registry.register")  # the old name, kept working
+register = renamed(register_method, "layerfold.methods.registry.register", "register_method")  # the old name, kept working
