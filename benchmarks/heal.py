@@ -113,8 +113,8 @@ def minilm(quick: bool, work: Path, one_domain: bool = False) -> HealTask:
         what,
         8192 if quick else 32768,
         # --quick (CI's smoke test) trains fewer block-wise steps and cuts the mix's pydoc paragraphs at 64 tokens.
-        HealConfig(steps=20 if quick else 150, batch=64, lr=2e-4, eval_every=10 if quick else 50, seed=0,
-                   **({"block_steps": 40, "seq_len": 64} if quick else {})),  # fmt: skip
+        HealConfig(steps=10 if quick else 150, batch=64, lr=2e-4, eval_every=5 if quick else 50, seed=0,
+                   **({"block_steps": 20, "seq_len": 64} if quick else {})),  # fmt: skip
         QUICK_METHODS if quick else METHODS,
         {"texts": [s for p in pairs for s in (p.first, p.second)]},
         quick,
