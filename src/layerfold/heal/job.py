@@ -76,7 +76,8 @@ def heal(
     and are removed at the end unless ``keep_checkpoints``. Returns the report.
 
     This is the recipe, step by step (check, load, data, checkpoints, train, report, save); each step's work is
-    in the modules of this package, which is why it reads as one function of about 100 lines (over 80 lines: the job's steps in order)."""
+    in the modules of this package, which is why it reads as one function of about 100 lines (over 80 lines:
+    the job's steps in order)."""
     student_dir, teacher_path, out = Path(student_dir), Path(teacher_path), Path(out)
     config, checkpoints, mapping = _checked_arguments(student_dir, teacher_path, data, out, config, overwrite)
 
