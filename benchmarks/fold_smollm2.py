@@ -17,9 +17,9 @@ from common import smollm2_dir, wikitext_test, write_results
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import layerfold
-from layerfold.api import fold_model_dir
-from layerfold.cli import parse_rank
-from layerfold.report import human_bytes, human_count, markdown_table
+from layerfold.jobs.fold import fold_model_dir
+from layerfold.cli.commands import parse_rank
+from layerfold.core.report import human_bytes, human_count, markdown_table
 
 
 def main() -> None:

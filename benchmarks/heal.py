@@ -44,19 +44,19 @@ from common import (
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
-from layerfold.budget import Budget, kept_fractions
-from layerfold.calibrate import Calibration, calibration_batches
-from layerfold.data import DataSource, read_sts, wikitext_half
-from layerfold.demo import default_model_path
-from layerfold.evaluate import (
+from layerfold.core.budget import Budget, kept_fractions
+from layerfold.engine.calibrate import Calibration, calibration_batches
+from layerfold.core.texts import DataSource, read_sts, wikitext_half
+from layerfold.jobs.demo import default_model_path
+from layerfold.evaluation.metrics import (
     perplexity,
     runtime_cost,
     sts_spearman,
     tokenize_text,
 )
 from layerfold.heal import HealConfig, heal
-from layerfold.io import load, load_source, load_tokenizer, save
-from layerfold.report import markdown_table, parameter_breakdown
+from layerfold.checkpoints.folded import load, load_source, load_tokenizer, save
+from layerfold.core.report import markdown_table, parameter_breakdown
 
 ENDS_WHOLE = {"allocation": "sensitivity", "whole": [0, -1]}
 # Every tie, removal and basis method, with the options that did best training-free in the sweep.

@@ -29,15 +29,15 @@ from common import DATA, model_tasks, smollm2_dir, write_results
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
-from layerfold.budget import Budget
-from layerfold.calibrate import Calibration, calibration_batches
-from layerfold.data import read_sts, text_lines, wikitext_half
-from layerfold.demo import default_model_path
-from layerfold.evaluate import embedding_fidelity, perplexity, sentence_embeddings, sts_spearman
+from layerfold.core.budget import Budget
+from layerfold.engine.calibrate import Calibration, calibration_batches
+from layerfold.core.texts import read_sts, text_lines, wikitext_half
+from layerfold.jobs.demo import default_model_path
+from layerfold.evaluation.metrics import embedding_fidelity, perplexity, sentence_embeddings, sts_spearman
 from layerfold.heal import HealConfig, heal
 from layerfold.heal.settings import LossWeights
-from layerfold.io import load, load_source, load_tokenizer, save
-from layerfold.report import markdown_table
+from layerfold.checkpoints.folded import load, load_source, load_tokenizer, save
+from layerfold.core.report import markdown_table
 
 FOLD = ("svd", {"allocation": "sensitivity", "whole": [0, -1]})
 DEV_CHARS = 30_000

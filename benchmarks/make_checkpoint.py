@@ -22,9 +22,9 @@ from accelerate import init_empty_weights
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from layerfold.checkpoint import ShardWriter, parse_size
-from layerfold.demo import default_model_path
-from layerfold.io import TOKENIZER_FILES
+from layerfold.core.tensor_files import ShardWriter, parse_size
+from layerfold.jobs.demo import default_model_path
+from layerfold.checkpoints.folded import TOKENIZER_FILES
 
 SHAPES = {
     "1b": dict(

@@ -42,19 +42,19 @@ from common import DATA, RESULTS, calibration_data, smollm2_dir, write_results, 
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
-from layerfold.budget import Budget
-from layerfold.calibrate import Calibration, calibration_batches
-from layerfold.data import read_sts, text_lines, wikitext_half
-from layerfold.demo import default_model_path
-from layerfold.errors import LayerfoldError
-from layerfold.evaluate import embedding_fidelity, perplexity, sentence_embeddings, sts_spearman
-from layerfold.folding import fold
+from layerfold.core.budget import Budget
+from layerfold.engine.calibrate import Calibration, calibration_batches
+from layerfold.core.texts import read_sts, text_lines, wikitext_half
+from layerfold.jobs.demo import default_model_path
+from layerfold.core.errors import LayerfoldError
+from layerfold.evaluation.metrics import embedding_fidelity, perplexity, sentence_embeddings, sts_spearman
+from layerfold.folding.in_memory import fold
 from layerfold.heal import HealConfig, heal
-from layerfold.io import load, load_source, load_tokenizer, save
+from layerfold.checkpoints.folded import load, load_source, load_tokenizer, save
 from layerfold.methods.delta import adjacent_groups, pick_group
-from layerfold.planner import filling_rank, largest_rank, relaxation_size
-from layerfold.plan import FoldPlan
-from layerfold.report import markdown_table, parameter_breakdown
+from layerfold.methods.planner import filling_rank, largest_rank, relaxation_size
+from layerfold.operations.plan import FoldPlan
+from layerfold.core.report import markdown_table, parameter_breakdown
 
 FORMS = ("lora", "mos", "vera", "svfit", "kronecker")
 # MoS's claim (about 1/4 to 1/8 of LoRA's parameters at equal quality): these forms also at a quarter of what the

@@ -32,8 +32,8 @@ from pathlib import Path
 from common import DATA, RESULTS, write_results
 from make_checkpoint import SHAPES, make_checkpoint
 
-from layerfold.data import wikitext_half
-from layerfold.report import markdown_table
+from layerfold.core.texts import wikitext_half
+from layerfold.core.report import markdown_table
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 RANK = 64

@@ -47,14 +47,14 @@ from common import (
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
-from layerfold.budget import Budget, kept_fractions
-from layerfold.calibrate import Calibration, calibration_batches
-from layerfold.data import DataSource, read_sts, wikitext_half
-from layerfold.demo import default_model_path
-from layerfold.errors import LayerfoldError
-from layerfold.evaluate import perplexity, sts_spearman, tokenize_text
-from layerfold.io import load_source, load_tokenizer
-from layerfold.report import markdown_table, parameter_breakdown
+from layerfold.core.budget import Budget, kept_fractions
+from layerfold.engine.calibrate import Calibration, calibration_batches
+from layerfold.core.texts import DataSource, read_sts, wikitext_half
+from layerfold.jobs.demo import default_model_path
+from layerfold.core.errors import LayerfoldError
+from layerfold.evaluation.metrics import perplexity, sts_spearman, tokenize_text
+from layerfold.checkpoints.folded import load_source, load_tokenizer
+from layerfold.core.report import markdown_table, parameter_breakdown
 
 BLOCK_BUDGETS = (1.0, 0.83, 0.67, 0.5)
 QUICK_BLOCK_BUDGETS = (1.0, 0.5)
@@ -181,7 +181,7 @@ LM_EVAL_LIMIT = {True: 64, False: 200}  # examples per task (the first ones of e
 
 def lm_eval_accuracies(model, tokenizer, quick: bool) -> dict:
     """Zero-shot accuracy on GLUE SST-2 dev and RTE dev by lm-evaluation-harness (layerfold eval --task lm-eval)."""
-    from layerfold import lm_eval_tasks
+    from layerfold.evaluation import lm_eval_tasks
 
     result = lm_eval_tasks.evaluate(model, tokenizer, LM_EVAL_TASKS, DATA / "glue", limit=LM_EVAL_LIMIT[quick])
     return {"accuracies": result["accuracies"], "examples": result["examples"]}
@@ -445,7 +445,7 @@ def chart(rows: list[dict], path: Path) -> None:
 
 
 def runtime_protocol_text(quick: bool) -> str:
-    from layerfold.evaluate import QUICK_RUNTIME_PROTOCOL, RUNTIME_PROTOCOL
+    from layerfold.evaluation.metrics import QUICK_RUNTIME_PROTOCOL, RUNTIME_PROTOCOL
 
     p = QUICK_RUNTIME_PROTOCOL if quick else RUNTIME_PROTOCOL
     return (f"decoders: batch 1, greedy, KV cache, {p['new_tokens']} new tokens after a {p['prompt']}-token prompt, "

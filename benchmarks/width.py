@@ -28,7 +28,7 @@ Figures: MiniLM STS-B dev (development) and test Spearman, and the cosine to the
 WikiText-2 paragraphs (second half; off-domain); SmolLM2 perplexity on the 30,000 dev characters, on the
 second half of WikiText-2 test (first 4,096 tokens) and on the second half of Tiny Shakespeare (first 4,096
 tokens; off-domain). Uniform rows are also exported to the plain architecture and their run-time cost measured
-beside the original's (layerfold.evaluate.runtime_cost, a fresh process each, the best of three for each, the
+beside the original's (layerfold.evaluation.metrics.runtime_cost, a fresh process each, the best of three for each, the
 original measured again right after each export). Options were chosen on the dev
 figures only. Writes benchmarks/results/width.{json,md} and a dated copy.
 """
@@ -62,15 +62,15 @@ from tqdm.auto import tqdm
 
 import layerfold
 import layerfold.methods.registry as registry
-from layerfold.budget import Budget, kept_fractions
-from layerfold.calibrate import Calibration, calibration_batches
-from layerfold.compress import plan_for_budget, planning_analysis, prepare
-from layerfold.data import read_sts
-from layerfold.errors import LayerfoldError
-from layerfold.evaluate import runtime_cost
-from layerfold.io import load_source, load_tokenizer
-from layerfold.planner import Proxy
-from layerfold.report import markdown_table, parameter_breakdown
+from layerfold.core.budget import Budget, kept_fractions
+from layerfold.engine.calibrate import Calibration, calibration_batches
+from layerfold.jobs.compress import plan_for_budget, planning_analysis, prepare
+from layerfold.core.texts import read_sts
+from layerfold.core.errors import LayerfoldError
+from layerfold.evaluation.metrics import runtime_cost
+from layerfold.checkpoints.folded import load_source, load_tokenizer
+from layerfold.methods.planner import Proxy
+from layerfold.core.report import markdown_table, parameter_breakdown
 
 MLP = {"target": "mlp", "min_keep": 0.1}
 PRUNE_ROWS = {  # the method's defaults: activation, heads and channels, min_keep 0.25 (chosen on STS-B dev)
@@ -217,8 +217,8 @@ def runtime_inputs(name: str, task: dict) -> dict:
     if name == "minilm":
         test = read_sts(DATA / "stsbenchmark" / "sts-test.csv")
         return {"texts": [s for p in test for s in (p.first, p.second)]}
-    from layerfold.data import wikitext_half
-    from layerfold.evaluate import tokenize_text
+    from layerfold.core.texts import wikitext_half
+    from layerfold.evaluation.metrics import tokenize_text
 
     second = wikitext_half(DATA / "wikitext-2-raw" / "wiki.test.raw", "second")
     return {"token_ids": tokenize_text(task["tokenizer"], second, 1024).flatten().tolist()}

@@ -123,7 +123,7 @@ def save_tiny_with_tokenizer(root, names=("llama", "bert")):
     """Save tiny models with a real tokenizer (all-MiniLM-L6-v2's 30k WordPiece) under ``root/<family>``."""
     from transformers import AutoTokenizer
 
-    from layerfold.demo import default_model_path
+    from layerfold.jobs.demo import default_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     for name in names:
@@ -137,7 +137,7 @@ def save_tiny_with_tokenizer(root, names=("llama", "bert")):
 # ---- comparing a streamed fold with the in-memory fold ---------------------------------------------------------
 def assert_same_checkpoint(streamed, in_memory) -> None:
     """Two folded checkpoints hold the same tensors bit for bit, the same aliases and the same plan."""
-    from layerfold.io import _aliases, read_weights
+    from layerfold.checkpoints.folded import _aliases, read_weights
 
     a, b = read_weights(streamed), read_weights(in_memory)
     assert sorted(a) == sorted(b)
@@ -153,10 +153,10 @@ def assert_same_checkpoint(streamed, in_memory) -> None:
 
 def in_memory_fold(source, plan, out, statistics_batches=None):
     """Fold the original at ``source`` in memory with ``plan`` and save it to ``out``."""
-    from layerfold.calibrate import Calibration
-    from layerfold.folding import fold
-    from layerfold.io import load_source, save
-    from layerfold.plan import FoldPlan
+    from layerfold.engine.calibrate import Calibration
+    from layerfold.folding.in_memory import fold
+    from layerfold.checkpoints.folded import load_source, save
+    from layerfold.operations.plan import FoldPlan
 
     model = load_source(source)
     statistics = None

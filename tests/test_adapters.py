@@ -1,4 +1,4 @@
-"""PEFT LoRA on folds (layerfold.adapters): attaches to tied and factorised projections, trains (the shared
+"""PEFT LoRA on folds (layerfold.checkpoints.adapters): attaches to tied and factorised projections, trains (the shared
 weights stay frozen), saves and reloads, and merges into a tie fold exactly, which saves and reloads as a fold."""
 
 import pytest
@@ -10,7 +10,7 @@ import layerfold
 from layerfold import FoldPlan, LayerfoldError
 
 peft = pytest.importorskip("peft")
-from layerfold.adapters import lora_config, load_adapter  # noqa: E402
+from layerfold.checkpoints.adapters import lora_config, load_adapter  # noqa: E402
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value"]}
 AUTO = {"llama": T.AutoModelForCausalLM, "gpt2": T.AutoModelForCausalLM, "bert": T.AutoModel}

@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import layerfold
-from layerfold.cli import main
-from layerfold.demo import pydoc_paragraphs
+from layerfold.cli.commands import main
+from layerfold.jobs.demo import pydoc_paragraphs
 from layerfold.heal import HealConfig, heal, select_trainable
 from layerfold.heal.blockwise import plan_units, target_layers
 from layerfold.operations import Drop, Merge
-from layerfold.plan import FoldPlan
+from layerfold.operations.plan import FoldPlan
 
 MODELS = ("llama", "bert")
 
@@ -137,7 +137,7 @@ def test_streamed_blockwise_heal_equals_the_in_memory_one(capsys, saved, tmp_pat
 def test_logits_from_the_last_blocks_output_match_the_model_on_every_decoder():
     from conftest import DECODERS, build_tiny
 
-    from layerfold.families import family_of
+    from layerfold.core.families import family_of
     from layerfold.heal.losses import head_kl, logits_from_block_output
 
     for name in DECODERS:
@@ -198,7 +198,7 @@ def test_block_kl_adds_the_heads_divergence_to_the_last_unit_and_streams(capsys,
 _KILL_AFTER_FIRST_UNIT = """
 import os, signal, sys
 import layerfold.heal.blockwise as blockwise
-from layerfold.cli import main
+from layerfold.cli.commands import main
 
 save = blockwise._save_unit
 def save_then_die(*args, **kwargs):

@@ -8,7 +8,7 @@ import pytest
 from conftest import build_tiny
 
 from layerfold import FoldPlan
-from layerfold.cli import main
+from layerfold.cli.commands import main
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,8 @@ def test_fold_json_report(capsys, tiny_dir, tmp_path):
 
 
 def test_a_job_returns_a_typed_report_that_the_command_prints(capsys, tiny_dir, tmp_path):
-    from layerfold.api import FoldReport, checkpoint_info, fold_with_method
+    from layerfold.jobs.fold import FoldReport, fold_with_method
+    from layerfold.jobs.info import checkpoint_info
 
     report = fold_with_method(tiny_dir, tmp_path / "f", keep_blocks=0.5, method="tie-cycle", progress=False)
     assert isinstance(report, FoldReport) and report.method == "tie-cycle" and report.keep_blocks <= 0.55
@@ -227,11 +228,11 @@ def test_help_starts_without_torch_and_fold_help_lists_every_method_option():
     import sys
 
     # sys.argv[0] as the console script sets it: import layerfold skips registering with transformers there.
-    script = "import sys; sys.argv[0] = 'layerfold'; from layerfold.cli import main; main(['--help']); print('torch' in sys.modules)"
+    script = "import sys; sys.argv[0] = 'layerfold'; from layerfold.cli.commands import main; main(['--help']); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "False", result.stderr
     result = subprocess.run(
-        [sys.executable, "-c", "from layerfold.cli import main; main(['fold', '--help'])"],
+        [sys.executable, "-c", "from layerfold.cli.commands import main; main(['fold', '--help'])"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     from layerfold.methods import registry
@@ -248,7 +249,7 @@ def test_version_prints_one_line_without_loading_torch():
     import layerfold
 
     script = (
-        "import sys; sys.argv[0] = '/venv/bin/layerfold'; from layerfold.cli import main; code = main(['--version']); "
+        "import sys; sys.argv[0] = '/venv/bin/layerfold'; from layerfold.cli.commands import main; code = main(['--version']); "
         "print('torch' in sys.modules, code)"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import save_tiny_with_tokenizer
 
-from layerfold.cli import main
-from layerfold.demo import pydoc_paragraphs
+from layerfold.cli.commands import main
+from layerfold.jobs.demo import pydoc_paragraphs
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,13 @@ from conftest import (
     sample_inputs,
 )
 
-from layerfold.budget import Budget
-from layerfold.calibrate import Calibration
-from layerfold.folding import fold
+from layerfold.core.budget import Budget
+from layerfold.engine.calibrate import Calibration
+from layerfold.folding.in_memory import fold
 from layerfold.methods import registry
-from layerfold.plan import FoldPlan
-from layerfold.report import parameter_breakdown
-from layerfold.stream import stream_fold
+from layerfold.operations.plan import FoldPlan
+from layerfold.core.report import parameter_breakdown
+from layerfold.folding.streamed import stream_fold
 
 METHODS = [name for name in registry.REGISTRY if name != "original"]
 BUDGET = Budget(0.6, blocks_only=True)

@@ -13,15 +13,15 @@ import pytest
 from conftest import assert_same_checkpoint, assert_saves_loads_and_exports, build_tiny, in_memory_fold, sample_inputs
 
 from layerfold import LayerfoldError
-from layerfold.calibrate import Calibration
-from layerfold.families import family_of
-from layerfold.folding import fold
+from layerfold.engine.calibrate import Calibration
+from layerfold.core.families import family_of
+from layerfold.folding.in_memory import fold
 from layerfold.operations import OPERATIONS, Drop, Factor, Merge, PruneChannels, PruneHeads, Tie
 from layerfold.operations.base import FoldedProjection
 from layerfold.operations.geometry import NO_HEAD_PRUNING, channel_width
-from layerfold.plan import FoldPlan
-from layerfold.store import STATE_ATTRIBUTE
-from layerfold.stream import stream_fold
+from layerfold.operations.plan import FoldPlan
+from layerfold.core.store import STATE_ATTRIBUTE
+from layerfold.folding.streamed import stream_fold
 
 
 def _half_the_channels(model) -> list[int]:

@@ -9,11 +9,11 @@ import torch
 from conftest import save_tiny_with_tokenizer
 
 import layerfold
-from layerfold.calibrate import calibration_batches
-from layerfold.data import pydoc_paragraphs, read_documents, text_units
-from layerfold.errors import LayerfoldError
+from layerfold.engine.calibrate import calibration_batches
+from layerfold.core.texts import pydoc_paragraphs, read_documents, text_units
+from layerfold.core.errors import LayerfoldError
 from layerfold.heal.data import prepare_data
-from layerfold.io import load_tokenizer
+from layerfold.checkpoints.folded import load_tokenizer
 
 STS_LINE = "main-captions\tMSRvid\t2012test\t0001\t{score}\t{a}\t{b}\n"
 
@@ -59,7 +59,7 @@ def test_calibration_reads_a_path_in_any_format_like_its_documents(sources, name
 
 
 def test_fold_calib_takes_jsonl_and_a_datasets_folder(sources, tmp_path):
-    from layerfold.cli import main
+    from layerfold.cli.commands import main
 
     root, _ = sources
     for source in ("docs.jsonl", "dataset"):
@@ -132,7 +132,7 @@ def test_heal_data_from_a_mix_shares_the_held_out_slice_and_interleaves_training
 
 
 def test_fold_and_heal_take_repeated_calib_and_data(mix, tmp_path, capsys):
-    from layerfold.cli import main
+    from layerfold.cli.commands import main
 
     root, files = mix
     fold = ["fold", root / "llama", "--out", tmp_path / "svd", "--method", "svd", "--keep-blocks", "0.5",
@@ -150,7 +150,7 @@ def test_fold_and_heal_take_repeated_calib_and_data(mix, tmp_path, capsys):
 
 
 def test_an_output_over_a_file_of_the_mix_is_refused(mix, tmp_path, capsys):
-    from layerfold.cli import main
+    from layerfold.cli.commands import main
 
     root, files = mix
     fold = ["fold", root / "llama", "--out", files[1], "--method", "svd", "--keep-blocks", "0.5",

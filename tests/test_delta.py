@@ -9,12 +9,12 @@ import pytest
 from conftest import build_tiny, sample_inputs
 
 from layerfold import LayerfoldError
-from layerfold.budget import Budget
-from layerfold.calibrate import Calibration
-from layerfold.folding import fold
+from layerfold.core.budget import Budget
+from layerfold.engine.calibrate import Calibration
+from layerfold.folding.in_memory import fold
 from layerfold.methods import registry
 from layerfold.methods.delta import adjacent_groups
-from layerfold.report import parameter_breakdown
+from layerfold.core.report import parameter_breakdown
 
 DELTA = registry.get("delta")
 

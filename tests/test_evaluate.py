@@ -9,10 +9,10 @@ from conftest import build_tiny, save_tiny_with_tokenizer
 
 import layerfold
 from layerfold import LayerfoldError
-from layerfold.cli import main
-from layerfold.data import read_sts, read_text, text_units, wikitext_articles, wikitext_half
-from layerfold.demo import default_model_path
-from layerfold.evaluate import (
+from layerfold.cli.commands import main
+from layerfold.core.texts import read_sts, read_text, text_units, wikitext_articles, wikitext_half
+from layerfold.jobs.demo import default_model_path
+from layerfold.evaluation.metrics import (
     embedding_fidelity,
     next_token_fidelity,
     perplexity,
@@ -167,7 +167,7 @@ def test_eval_size_and_speed(capsys, saved):
     assert result["bytes_on_disk"] == (saved / "bert" / "model.safetensors").stat().st_size
     assert result["peak_rss_bytes"] >= result["rss_before_load_bytes"] > 0
     model = layerfold.load_source(saved / "bert")
-    from layerfold.io import load_tokenizer
+    from layerfold.checkpoints.folded import load_tokenizer
 
     result = speed(model, load_tokenizer(saved / "bert"), ["some words"] * 40, repeats=2)
     assert result["metric"] == "sentences_per_second" and result["value"] > 0 and len(result["runs"]) == 2
@@ -239,8 +239,8 @@ def test_eval_bad_input_is_one_line(capsys, saved, tmp_path, args, message):
 def test_a_registered_task_is_measured_by_eval_with_its_needs_checked_first(saved, monkeypatch):
     """A new measurement is one EvalTask: evaluate_path checks what it says it needs before the model loads,
     refuses the wrong kind of model, and returns its result."""
-    from layerfold import eval_tasks
-    from layerfold.api import evaluate_path
+    from layerfold.evaluation import tasks as eval_tasks
+    from layerfold.jobs.evaluate import evaluate_path
 
     def layer_count(model, m):
         return {"task": "layers", "metric": "layers", "value": model.config.num_hidden_layers, "settings": {}}
@@ -296,7 +296,7 @@ def test_runtime_cost_of_a_fold_in_a_fresh_process(tmp_path):
     from conftest import save_tiny_with_tokenizer
 
     import layerfold
-    from layerfold.evaluate import QUICK_RUNTIME_PROTOCOL, runtime_cost
+    from layerfold.evaluation.metrics import QUICK_RUNTIME_PROTOCOL, runtime_cost
 
     save_tiny_with_tokenizer(tmp_path)
     for name in ("llama", "bert"):

@@ -6,7 +6,7 @@ from conftest import build_tiny, outputs, sample_inputs
 
 import layerfold
 from layerfold import FoldPlan, LayerfoldError
-from layerfold.families import family_of
+from layerfold.core.families import family_of
 from layerfold.operations.tie.modules import TiedLinear
 
 
@@ -61,7 +61,7 @@ def test_low_rank_relaxation_is_the_truncated_svd(family):
     fam = family_of(model)
     path = fam.projections[0]
     original = fam.layer_list(model)[2].get_submodule(path)
-    original_weight = layerfold.families.linear_weight(original).detach().clone()
+    original_weight = layerfold.core.families.linear_weight(original).detach().clone()
     folded = layerfold.fold(copy.deepcopy(model), plan, progress=False)
     tied = fam.layer_list(folded)[2].get_submodule(path)
     delta = original_weight - (tied.shared.weight.t() if tied.transposed else tied.shared.weight)

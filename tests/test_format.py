@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import layerfold
 from layerfold import FoldPlan
-from layerfold.cli import main
+from layerfold.cli.commands import main
 from layerfold.operations import Factor, Tie
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format-0.1.0"
@@ -57,7 +57,7 @@ def test_the_store_is_keyed_by_operation_and_the_format_is_recorded(tmp_path):
     assert not any(".layerfold_shared.0." in n or ".layerfold_shared.1." in n for n in names)
     config = json.loads((tmp_path / "now" / "config.json").read_text())
     assert config["layerfold_format"] == 2 and config["fold_plan"]["operations"][0]["op"] == "tie"
-    assert layerfold.checkpoint.read_metadata(tmp_path / "now")["layerfold_format"] == "2"
+    assert layerfold.core.tensor_files.read_metadata(tmp_path / "now")["layerfold_format"] == "2"
 
 
 def test_a_checkpoint_of_a_newer_format_is_one_clear_line(tmp_path, capsys):

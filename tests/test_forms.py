@@ -24,15 +24,15 @@ from conftest import (
 from safetensors import safe_open
 
 from layerfold import FoldPlan, LayerfoldError
-from layerfold.calibrate import Calibration
-from layerfold.families import family_of
-from layerfold.folding import fold
+from layerfold.engine.calibrate import Calibration
+from layerfold.core.families import family_of
+from layerfold.folding.in_memory import fold
 from layerfold.heal.trainable import select_trainable
 from layerfold.operations.tie.forms import FORMS
 from layerfold.operations.tie.modules import FormTiedLinear
 from layerfold.operations.tie.spec import FORM_CHOICES
-from layerfold.report import parameter_breakdown
-from layerfold.stream import stream_fold
+from layerfold.core.report import parameter_breakdown
+from layerfold.folding.streamed import stream_fold
 
 
 def batches(model=None) -> list[dict]:
@@ -109,7 +109,7 @@ def test_a_mos_index_map_picks_shards_and_round_trips(tmp_path):
     """With a pool twice the rank, each position's index maps pick half of the shards (integers, stored, never
     trained); they come back equal from the checkpoint and from a streamed fold, and the output is x times the
     weight the form says it adds."""
-    from layerfold.io import load, save
+    from layerfold.checkpoints.folded import load, save
     from layerfold.operations.tie.forms.mos import shard_rows
 
     model = build_tiny("llama")
@@ -263,7 +263,7 @@ _SIZES_UNDER_A_LIMIT = """
 import contextlib, io, json, resource, sys
 limit = 6 * 1024**3  # torch and transformers need about 2-3 GB of address space
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-from layerfold.cli import main
+from layerfold.cli.commands import main
 results = []
 for extra in json.loads(sys.argv[3]):
     err = io.StringIO()

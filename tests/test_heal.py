@@ -19,9 +19,9 @@ from conftest import DECODERS, build_tiny, save_tiny_with_tokenizer
 from safetensors.torch import load_file
 
 import layerfold
-from layerfold.cli import main
-from layerfold.demo import pydoc_paragraphs
-from layerfold.errors import LayerfoldError
+from layerfold.cli.commands import main
+from layerfold.jobs.demo import pydoc_paragraphs
+from layerfold.core.errors import LayerfoldError
 from layerfold.heal import (
     HealConfig,
     LossWeights,
@@ -32,9 +32,9 @@ from layerfold.heal import (
     select_trainable,
     teacher_layer_map,
 )
-from layerfold.io import load_tokenizer
+from layerfold.checkpoints.folded import load_tokenizer
 from layerfold.operations import Drop, Merge
-from layerfold.plan import FoldPlan
+from layerfold.operations.plan import FoldPlan
 
 STS_LINE = "main-captions\tMSRvid\t2012test\t0001\t{score}\t{a}\t{b}\n"
 

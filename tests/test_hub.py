@@ -1,4 +1,4 @@
-"""Folded checkpoints in transformers' Auto classes with no trust_remote_code (``layerfold.hub``): every Auto
+"""Folded checkpoints in transformers' Auto classes with no trust_remote_code (``layerfold.checkpoints.auto_classes``): every Auto
 head, the usual from_pretrained arguments, Hub-style ids from an offline cache, and name_or_path."""
 
 import shutil
@@ -10,7 +10,7 @@ from conftest import DECODERS, FAMILY_NAMES, build_tiny, outputs, sample_inputs
 
 import layerfold
 from layerfold import FoldPlan, LayerfoldError
-from layerfold.hub import AUTO_CLASSES
+from layerfold.checkpoints.auto_classes import AUTO_CLASSES
 
 PLAN = dict(groups=[[0, 3]], drop=[1], num_layers=4, rank=2)
 

@@ -12,10 +12,10 @@ from transformers import AutoModel, AutoTokenizer
 
 import layerfold
 from layerfold import FoldPlan
-from layerfold.cli import main
-from layerfold.demo import default_model_path, pydoc_paragraphs
-from layerfold.evaluate import embedding_fidelity, sentence_embeddings
-from layerfold.store import fold_state
+from layerfold.cli.commands import main
+from layerfold.jobs.demo import default_model_path, pydoc_paragraphs
+from layerfold.evaluation.metrics import embedding_fidelity, sentence_embeddings
+from layerfold.core.store import fold_state
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def test_full_rank_fold_of_minilm_keeps_its_embeddings(minilm, tmp_path):
 
 def test_low_rank_fold_of_minilm_is_smaller_on_disk_and_in_parameters(minilm, tmp_path):
     path, tokenizer, original, texts = minilm
-    report = layerfold.api.fold_model_dir(path, tmp_path / "f", plan_for=FoldPlan.cycle(6, 3, rank=8), progress=False)
+    report = layerfold.jobs.fold.fold_model_dir(path, tmp_path / "f", plan_for=FoldPlan.cycle(6, 3, rank=8), progress=False)
     before, after = report["before"], report["after"]
     assert after["parameters"]["embeddings"] == before["parameters"]["embeddings"]
     blocks_kept = after["parameters"]["blocks"] / before["parameters"]["blocks"]
@@ -65,7 +65,7 @@ def test_low_rank_fold_of_minilm_is_smaller_on_disk_and_in_parameters(minilm, tm
 def test_demo_command_prints_its_table():
     # A short heal: CI runs the README's `make demo` (30 steps) right after the tests.
     result = subprocess.run(
-        [sys.executable, "-m", "layerfold.cli", "demo", "--heal-steps", "3", "--json"],
+        [sys.executable, "-m", "layerfold.cli.commands", "demo", "--heal-steps", "3", "--json"],
         capture_output=True,
         text=True,
         env=dict(os.environ, HF_HUB_OFFLINE="1"),

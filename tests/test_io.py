@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import layerfold
 from layerfold import FoldPlan, LayerfoldError
-from layerfold.outputs import atomic_output_dir
+from layerfold.checkpoints.output_guard import atomic_output_dir
 
 # Ties layers 0 and 3, drops layer 1, relaxes at rank 2: every part of the format is exercised.
 PLAN = dict(groups=[[0, 3]], drop=[1], num_layers=4, rank=2)
@@ -208,8 +208,8 @@ def test_fold_and_export_carry_the_sentence_transformers_files(tmp_path):
     from sentence_transformers.models import Normalize, Pooling, Transformer
 
     import layerfold
-    from layerfold.api import fold_with_method
-    from layerfold.evaluate import mean_pool
+    from layerfold.jobs.fold import fold_with_method
+    from layerfold.evaluation.metrics import mean_pool
 
     save_tiny_with_tokenizer(tmp_path, names=("bert",))
     module = Transformer(str(tmp_path / "bert"), max_seq_length=24)
@@ -241,7 +241,7 @@ def test_fold_and_export_carry_the_sentence_transformers_files(tmp_path):
 
 
 def test_a_module_list_that_leaves_the_folder_is_not_copied(tmp_path, capsys):
-    from layerfold.sources import copy_side_files
+    from layerfold.checkpoints.originals import copy_side_files
 
     (tmp_path / "model").mkdir()
     (tmp_path / "out").mkdir()
@@ -268,7 +268,8 @@ print(model.config.num_hidden_layers, getattr(model.config, "layer_types", None)
 def test_a_drop_only_export_is_the_base_architecture_with_fewer_layers(tmp_path, name):
     from safetensors.torch import load_file, save_file
 
-    from layerfold.api import export_model_dir, fold_model_dir
+    from layerfold.jobs.export import export_model_dir
+    from layerfold.jobs.fold import fold_model_dir
 
     model = build_tiny(name)
     if name == "qwen2":  # layers 2 and 3 use a sliding window of 4 tokens: the export must keep which do
@@ -303,7 +304,7 @@ def test_a_drop_only_export_is_the_base_architecture_with_fewer_layers(tmp_path,
 
 
 def test_export_of_a_tie_says_it_stores_every_layer_and_checks_the_dtype(saved_families, tmp_path, capsys):
-    from layerfold.cli import main
+    from layerfold.cli.commands import main
 
     root, _, _, _ = saved_families
     assert main(["export", str(root / "llama"), "--out", str(tmp_path / "x"), "--dtype", "fp8"]) == 2

@@ -24,7 +24,7 @@ from layerfold import FoldPlan, LayerfoldError
 from layerfold.operations import PruneChannels
 
 peft = pytest.importorskip("peft")
-from layerfold.adapters import load_adapter, lora_config  # noqa: E402
+from layerfold.checkpoints.adapters import load_adapter, lora_config  # noqa: E402
 
 PLAN = dict(groups=[[0, 3]], drop=[1], num_layers=4, rank=2)
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -221,7 +221,7 @@ limit = 6 * 1024**3  # address space: torch and transformers need about 2-3 GB o
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 import peft, transformers as T
 import layerfold
-from layerfold.adapters import load_adapter
+from layerfold.checkpoints.adapters import load_adapter
 fold, adapter = sys.argv[1], sys.argv[2]
 config = json.loads(open(adapter + "/adapter_config.json").read())
 said = []

@@ -9,17 +9,17 @@ from conftest import FAMILY_NAMES, build_tiny, outputs, sample_inputs
 
 import layerfold
 from layerfold import FoldPlan, LayerfoldError
-from layerfold.budget import Budget
-from layerfold.calibrate import Calibration, collect_statistics, restricted_stack
-from layerfold.families import family_of, linear_weight
+from layerfold.core.budget import Budget
+from layerfold.engine.calibrate import Calibration, collect_statistics, restricted_stack
+from layerfold.core.families import family_of, linear_weight
 from layerfold.methods import registry
 from layerfold.methods.factorize import factor_plan
 from layerfold.operations import Drop, Factor, Merge
 from layerfold.operations.factor.decompose import decompose, whitening_factor
 from layerfold.operations.factor.modules import BasisLinear
 from layerfold.operations.merge.build import merge_blocks
-from layerfold.store import fold_state
-from layerfold.report import parameter_breakdown
+from layerfold.core.store import fold_state
+from layerfold.core.report import parameter_breakdown
 
 
 def calibration_batches(count: int = 4, length: int = 24) -> list[dict]:

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from test_cli import assert_one_line_error, run
 
 import layerfold
-from layerfold.modelcard import front_matter
+from layerfold.checkpoints.modelcard import front_matter
 
 ORIGINAL_CARD = "---\nlicense: apache-2.0\nbase_model: someone/tiny-llama\n---\n# tiny llama\n"
 

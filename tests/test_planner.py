@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import build_tiny, sample_inputs, save_tiny_with_tokenizer
 
-from layerfold.analysis import (
+from layerfold.analysis.measures import (
     Analysis,
     GatedStack,
     analysis_of,
@@ -19,19 +19,19 @@ from layerfold.analysis import (
     train_gates,
     weight_similarity,
 )
-from layerfold.budget import Budget
-from layerfold.cli import main
-from layerfold.calibrate import Calibration
-from layerfold.compress import plan_for_budget, prepare, run_analysis
-from layerfold.demo import pydoc_paragraphs
-from layerfold.errors import LayerfoldError
-from layerfold.families import family_of
-from layerfold.folding import fold
-from layerfold.io import load
+from layerfold.core.budget import Budget
+from layerfold.cli.commands import main
+from layerfold.engine.calibrate import Calibration
+from layerfold.jobs.compress import plan_for_budget, prepare, run_analysis
+from layerfold.jobs.demo import pydoc_paragraphs
+from layerfold.core.errors import LayerfoldError
+from layerfold.core.families import family_of
+from layerfold.folding.in_memory import fold
+from layerfold.checkpoints.folded import load
 from layerfold.methods import registry
-from layerfold.plan import FoldPlan
-from layerfold.planner import Proxy, candidates, search
-from layerfold.report import parameter_breakdown
+from layerfold.operations.plan import FoldPlan
+from layerfold.methods.planner import Proxy, candidates, search
+from layerfold.core.report import parameter_breakdown
 
 TWINS = (1, 2)  # in the "twins" models, block 2 is an exact copy of block 1
 
@@ -340,7 +340,7 @@ def test_plan_writes_a_plan_that_folds(capsys, saved, tmp_path):
 
 
 def load_original(path):
-    from layerfold.io import load_source
+    from layerfold.checkpoints.folded import load_source
 
     return load_source(path)
 

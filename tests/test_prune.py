@@ -21,20 +21,20 @@ from conftest import (
 )
 
 import layerfold
-from layerfold.budget import Budget
-from layerfold.calibrate import Calibration, calibration_batches, collect_statistics
-from layerfold.cli import main
-from layerfold.errors import LayerfoldError
-from layerfold.families import family_of, linear_weight
-from layerfold.folding import fold
-from layerfold.io import load_tokenizer
+from layerfold.core.budget import Budget
+from layerfold.engine.calibrate import Calibration, calibration_batches, collect_statistics
+from layerfold.cli.commands import main
+from layerfold.core.errors import LayerfoldError
+from layerfold.core.families import family_of, linear_weight
+from layerfold.folding.in_memory import fold
+from layerfold.checkpoints.folded import load_tokenizer
 from layerfold.methods import registry
 from layerfold.methods.importance import SCORES, Units
 from layerfold.operations import PruneChannels, PruneHeads
 from layerfold.operations.geometry import NO_HEAD_PRUNING, attention_layout, channel_width, mlp_paths
-from layerfold.plan import FoldPlan
-from layerfold.report import parameter_breakdown
-from layerfold.stream import stream_fold
+from layerfold.operations.plan import FoldPlan
+from layerfold.core.report import parameter_breakdown
+from layerfold.folding.streamed import stream_fold
 
 HEAD_FAMILIES = [name for name in FAMILY_NAMES if name not in NO_HEAD_PRUNING]
 
@@ -266,7 +266,7 @@ def test_the_method_meets_the_budget(keep, options):
 
 
 def test_the_planner_tries_width():
-    from layerfold.planner import parse_allow
+    from layerfold.methods.planner import parse_allow
 
     assert "width" in parse_allow(None)
     kinds = [c.kind for c in registry.get("prune").candidates(None)]

@@ -14,7 +14,7 @@ import pytest
 from conftest import save_tiny_with_tokenizer
 
 import layerfold
-from layerfold.cli import main
+from layerfold.cli.commands import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -48,8 +48,8 @@ assert type(model).__name__ == "LlamaForCausalLM" and type(classifier).__name__ 
 exec({peft_on_a_fold!r})
 import layerfold
 assert type(layerfold.load("folded-tuned")).__name__ == "LlamaForCausalLM"
-import layerfold.families
-exec({family!r}, vars(layerfold.families))
+import layerfold.core.families
+exec({family!r}, vars(layerfold.core.families))
 print("ran")
 """
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}

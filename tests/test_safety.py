@@ -20,10 +20,10 @@ from conftest import outputs, sample_inputs, save_tiny_with_tokenizer
 from safetensors.torch import load_file
 
 import layerfold
-from layerfold.cli import main
-from layerfold.demo import pydoc_paragraphs
-from layerfold.errors import LayerfoldError
-from layerfold.outputs import OWNER_NAME, atomic_output_dir
+from layerfold.cli.commands import main
+from layerfold.jobs.demo import pydoc_paragraphs
+from layerfold.core.errors import LayerfoldError
+from layerfold.checkpoints.output_guard import OWNER_NAME, atomic_output_dir
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
@@ -302,7 +302,7 @@ def test_an_oversized_config_is_refused_under_a_memory_limit(world, tmp_path, ed
     limit = 6 * 1024**3  # address space: torch and transformers need about 2-3 GB of it
     script = (
         "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (%d, %d));"
-        "from layerfold.cli import main; sys.exit(main(['info', sys.argv[1]]))" % (limit, limit)
+        "from layerfold.cli.commands import main; sys.exit(main(['info', sys.argv[1]]))" % (limit, limit)
     )
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", script, folder], capture_output=True, text=True, env=ENV, timeout=300)
@@ -528,7 +528,7 @@ def test_saving_part_of_a_folded_decoder_is_refused(world, tmp_path):
 # ---- 7. leftovers, late failures, long names, Ctrl-C ---------------------------------------------------------
 _KILLED_WRITE = """
 import os, signal, sys
-from layerfold.outputs import atomic_output_dir
+from layerfold.checkpoints.output_guard import atomic_output_dir
 with atomic_output_dir(sys.argv[1]) as tmp:
     (tmp / "half.bin").write_bytes(b"x" * 1000)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -573,7 +573,7 @@ def test_a_run_killed_mid_swap_gets_its_earlier_output_back(capsys, world, tmp_p
 
 _KILLED_SWAP = """
 import os, signal, sys
-from layerfold.outputs import atomic_output_dir
+from layerfold.checkpoints.output_guard import atomic_output_dir
 real_replace = os.replace
 
 def replace(src, dst):
@@ -637,7 +637,7 @@ import os, signal, sys, tempfile
 tempfile.tempdir = sys.argv[1]
 import transformers
 transformers.Trainer.train = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # killed mid-heal
-from layerfold.cli import main
+from layerfold.cli.commands import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -718,14 +718,17 @@ def test_bad_weights_of_an_original_model_are_one_line(capsys, world, tmp_path):
 
 
 def test_arguments_are_checked_before_any_model_loads(capsys, world, monkeypatch):
-    import layerfold.api
-    import layerfold.io
+    import layerfold.checkpoints.folded
+    import layerfold.jobs.evaluate
+    import layerfold.jobs.fold
+    import layerfold.jobs.info
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    for module, name in ((layerfold.api, "load_source"), (layerfold.io, "load"), (layerfold.io, "load_source"),
-                         (layerfold.io, "load_any")):  # fmt: skip
+    for module, name in ((layerfold.jobs.fold, "load_source"), (layerfold.checkpoints.folded, "load"), (layerfold.checkpoints.folded, "load_source"),
+                         (layerfold.checkpoints.folded, "load_any"), (layerfold.jobs.evaluate, "load_any"),
+                         (layerfold.jobs.info, "load")):  # fmt: skip
         monkeypatch.setattr(module, name, no_loading)
     m = world / "models"
     for args, message in (

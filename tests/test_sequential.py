@@ -1,4 +1,4 @@
-"""Sequential calibration (``layerfold.sequential``): calibrated steps refitted on the inputs the folded
+"""Sequential calibration (``layerfold.engine.sequential``): calibrated steps refitted on the inputs the folded
 layers before them produce, with the original's outputs as targets."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import build_tiny, outputs, sample_inputs
 
-from layerfold.calibrate import Calibration
-from layerfold.families import family_of, linear_weight
-from layerfold.folding import fold
+from layerfold.engine.calibrate import Calibration
+from layerfold.core.families import family_of, linear_weight
+from layerfold.folding.in_memory import fold
 from layerfold.operations import Factor, Tie
-from layerfold.plan import FoldPlan
-from layerfold.sequential import retarget
-from layerfold.store import fold_state
+from layerfold.operations.plan import FoldPlan
+from layerfold.engine.sequential import retarget
+from layerfold.core.store import fold_state
 
 
 def calibration_of(model):

@@ -17,17 +17,18 @@ from conftest import (
     save_tiny_with_tokenizer,
 )
 
-from layerfold.budget import Budget
-from layerfold.calibrate import calibration_batches
-from layerfold.checkpoint import INDEX_NAME, ShardWriter
-from layerfold.cli import main
-from layerfold.demo import pydoc_paragraphs
-from layerfold.errors import LayerfoldError
-from layerfold.folding import fold
-from layerfold.io import load, load_source, load_tokenizer, read_weights, save
+from layerfold.core.budget import Budget
+from layerfold.engine.calibrate import calibration_batches
+from layerfold.core.tensor_files import INDEX_NAME, ShardWriter
+from layerfold.cli.commands import main
+from layerfold.jobs.demo import pydoc_paragraphs
+from layerfold.core.errors import LayerfoldError
+from layerfold.folding.in_memory import fold
+from layerfold.checkpoints.folded import load, load_source, load_tokenizer, read_weights, save
 from layerfold.operations import Drop, Merge, Tie
-from layerfold.plan import FoldPlan
-from layerfold.stream import method_plan, stream_fold
+from layerfold.operations.plan import FoldPlan
+from layerfold.folding.streamed import stream_fold
+from layerfold.methods.registry import method_plan
 
 PLANS = {
     "cycle, rank 4": lambda: FoldPlan.cycle(4, 2, rank=4),

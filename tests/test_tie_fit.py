@@ -10,14 +10,14 @@ import pytest
 import torch
 from conftest import FAMILY_NAMES, build_tiny, outputs, sample_inputs
 
-from layerfold.calibrate import Calibration
-from layerfold.errors import LayerfoldError
-from layerfold.families import family_of, linear_weight
-from layerfold.folding import fold
+from layerfold.engine.calibrate import Calibration
+from layerfold.core.errors import LayerfoldError
+from layerfold.core.families import family_of, linear_weight
+from layerfold.folding.in_memory import fold
 from layerfold.operations import Tie
 from layerfold.operations.tie.build import least_squares
-from layerfold.plan import FoldPlan
-from layerfold.store import fold_state
+from layerfold.operations.plan import FoldPlan
+from layerfold.core.store import fold_state
 
 
 def statistics_of(model, count: int = 3, batch: int = 2):

@@ -1,6 +1,6 @@
 """layerfold: make pretrained transformers smaller by sharing parameters across layers.
 
-``import layerfold`` registers folded checkpoints with transformers' Auto classes (``layerfold.hub``), so that
+``import layerfold`` registers folded checkpoints with transformers' Auto classes (``layerfold.checkpoints.auto_classes``), so that
 ``AutoModelForCausalLM.from_pretrained(folded_dir)`` works with no ``trust_remote_code``. The ``layerfold``
 command skips that (it loads folds itself) and the public names load on first use, so that the command's start-up
 does not import torch and transformers before it can catch a Ctrl-C.
@@ -13,19 +13,19 @@ import os
 import sys
 
 _EXPORTS = {
-    "FoldPlan": ".plan",
-    "LayerfoldError": ".errors",
-    "export": ".io",
-    "register": ".hub",  # deprecated: register_auto_classes
-    "register_auto_classes": ".hub",
-    "fold": ".folding",
-    "load": ".io",
-    "load_source": ".io",
-    "load_tokenizer": ".io",
-    "materialize": ".io",
-    "parameter_breakdown": ".report",
-    "save": ".io",
-    "unique_parameters": ".report",
+    "FoldPlan": ".operations.plan",
+    "LayerfoldError": ".core.errors",
+    "export": ".checkpoints.folded",
+    "register": ".checkpoints.auto_classes",  # deprecated: register_auto_classes
+    "register_auto_classes": ".checkpoints.auto_classes",
+    "fold": ".folding.in_memory",
+    "load": ".checkpoints.folded",
+    "load_source": ".checkpoints.folded",
+    "load_tokenizer": ".checkpoints.folded",
+    "materialize": ".checkpoints.folded",
+    "parameter_breakdown": ".core.report",
+    "save": ".checkpoints.folded",
+    "unique_parameters": ".core.report",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -59,4 +59,4 @@ def _started_as_the_command() -> bool:
 
 
 if not _started_as_the_command():
-    from . import hub as _hub  # noqa: F401 (registers with transformers)
+    from .checkpoints import auto_classes as _hub  # noqa: F401 (registers with transformers)

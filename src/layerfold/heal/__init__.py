@@ -17,7 +17,7 @@ part of the model trains (``--train relax``).
 
 from __future__ import annotations
 
-from ..data import read_documents
+from ..core.texts import read_documents
 from .data import HealData, prepare_data
 from .job import HealReport, check_teacher, heal
 from .streamed import StreamedHealReport, heal_streamed

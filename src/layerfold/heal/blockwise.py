@@ -33,11 +33,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibrate import BlockWalk, _first
-from ..errors import LayerfoldError
-from ..families import family_of
+from ..engine.calibrate import BlockWalk, _first
+from ..core.errors import LayerfoldError
+from ..core.families import family_of
 from ..operations.base import FoldedProjection
-from ..store import fold_state
+from ..core.store import fold_state
 from .losses import head_kl
 
 BLOCKWISE_FOLDER = "blockwise"

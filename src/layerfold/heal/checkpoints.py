@@ -6,8 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-from ..errors import LayerfoldError
-from ..io import check_checkpoint
+from ..core.errors import LayerfoldError
+from ..checkpoints.folded import check_checkpoint
 from .settings import CHECKPOINT_PREFIX, SETTINGS_NAME
 
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from .. import data as datafiles
-from ..data import DataSource, interleave, read_documents, source_paths
-from ..errors import LayerfoldError
+from ..core import texts as datafiles
+from ..core.texts import DataSource, interleave, read_documents, source_paths
+from ..core.errors import LayerfoldError
 
 
 def _sentences(texts: list[str], kind: str) -> list[str]:

@@ -13,14 +13,14 @@ import torch
 from torch import nn
 from transformers import set_seed
 
-from ..data import DataSource, describe_source, source_paths
-from ..errors import LayerfoldError, first_line
-from ..evaluate import is_causal_lm, is_causal_lm_class
-from ..io import check_checkpoint, is_folded_checkpoint, load, load_source, load_tokenizer, save
-from ..outputs import check_inputs, check_output
-from ..progress import is_timing, loss_table, show_progress
-from ..report import Report, markdown_table
-from ..store import fold_state
+from ..core.texts import DataSource, describe_source, source_paths
+from ..core.errors import LayerfoldError, first_line
+from ..evaluation.metrics import is_causal_lm, is_causal_lm_class
+from ..checkpoints.folded import check_checkpoint, is_folded_checkpoint, load, load_source, load_tokenizer, save
+from ..checkpoints.output_guard import check_inputs, check_output
+from ..core.progress import is_timing, loss_table, show_progress
+from ..core.report import Report, markdown_table
+from ..core.store import fold_state
 from .blockwise import BlockwiseSettings, block_batches, blockwise_results, heal_blocks, plan_units, summary
 from .checkpoints import check_checkpoint_folder, check_resumable, checkpoint_dir_for, prepare_checkpoints
 from .data import Collator, Examples, prepare_data

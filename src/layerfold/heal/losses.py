@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import LayerfoldError, Registry
-from ..evaluate import mean_pool
-from ..families import family_of
+from ..core.errors import LayerfoldError, Registry
+from ..evaluation.metrics import mean_pool
+from ..core.families import family_of
 
 if TYPE_CHECKING:
     from .settings import LossWeights

@@ -6,8 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..errors import LayerfoldError
-from ..outputs import HEAL_SETTINGS_NAME
+from ..core.errors import LayerfoldError
+from ..checkpoints.output_guard import HEAL_SETTINGS_NAME
 from .losses import LOSSES
 
 TRAIN_CHOICES = ("relax", "relax+shared", "all")

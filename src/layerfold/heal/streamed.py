@@ -19,18 +19,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import TORCH_DTYPES, ShardWriter, SourceCheckpoint, read_metadata
-from ..data import DataSource, describe_source
-from ..engine import Originals, layer_prefixes
-from ..errors import LayerfoldError
-from ..families import family_of
-from ..io import load_tokenizer, skeleton
-from ..outputs import atomic_output_dir
-from ..plan import FoldPlan
-from ..report import Report, markdown_table
-from ..sources import source_config
-from ..store import fold_state
-from ..stream import _build, _materialize_embeddings, _Resolver
+from ..core.tensor_files import TORCH_DTYPES, ShardWriter, SourceCheckpoint, read_metadata
+from ..core.texts import DataSource, describe_source
+from ..engine.execute import Originals, layer_prefixes
+from ..core.errors import LayerfoldError
+from ..core.families import family_of
+from ..checkpoints.folded import load_tokenizer, skeleton
+from ..checkpoints.output_guard import atomic_output_dir
+from ..operations.plan import FoldPlan
+from ..core.report import Report, markdown_table
+from ..checkpoints.originals import source_config
+from ..core.store import fold_state
+from ..folding.streamed import _build, _materialize_embeddings, _Resolver
 from .blockwise import Blocks, BlockwiseSettings, Unit, block_batches, heal_blocks, plan_units, summary
 from .checkpoints import prepare_checkpoints
 from .data import prepare_data

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import LayerfoldError
+from ..core.errors import LayerfoldError
 
 
 def teacher_fingerprint(teacher_path: Path) -> str:

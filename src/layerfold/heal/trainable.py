@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import LayerfoldError
+from ..core.errors import LayerfoldError
 from ..operations.base import FoldedProjection
-from ..store import fold_state
+from ..core.store import fold_state
 
 
 def select_trainable(model: nn.Module, train: str, norms: bool) -> dict[str, int]:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..evaluate import embedding_fidelity, is_causal_lm, next_token_fidelity, sentence_embeddings
-from ..io import read_weights, write_folded
-from ..store import fold_state
+from ..evaluation.metrics import embedding_fidelity, is_causal_lm, next_token_fidelity, sentence_embeddings
+from ..checkpoints.folded import read_weights, write_folded
+from ..core.store import fold_state
 from .losses import distillation_losses, logits_from_hidden, needs_teacher_pass
 from .settings import HealConfig
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import LayerfoldError
-from ..families import family_of, projection_shape
-from ..plan import FoldPlan
-from ..report import parameter_breakdown
+from ..core.errors import LayerfoldError
+from ..core.families import family_of, projection_shape
+from ..operations.plan import FoldPlan
+from ..core.report import parameter_breakdown
 from .registry import Candidate, Method, num_layers, register_method
 
 # The automatic group size leaves at least this share of the kept projection parameters to the deltas: with

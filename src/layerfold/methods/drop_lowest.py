@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import LayerfoldError
+from ..core.errors import LayerfoldError
 from .registry import Candidate, Method, drop_plan, lowest, num_layers, register_method, unique_blocks_for
 
 SCORES = {"gate": "smallest gates", "influence": "lowest Block Influence", "angular": "lowest angular distance"}

@@ -21,14 +21,14 @@ from typing import Sequence
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..budget import Budget
-from ..calibrate import Statistics
-from ..errors import LayerfoldError
-from ..families import Family, family_of, linear_weight
+from ..core.budget import Budget
+from ..engine.calibrate import Statistics
+from ..core.errors import LayerfoldError
+from ..core.families import Family, family_of, linear_weight
 from ..operations import Factor
 from ..operations.factor.decompose import Decomposition, MatrixGroup, group_decomposition
 from .registry import Candidate
-from ..plan import FoldPlan
+from ..operations.plan import FoldPlan
 
 ALLOCATIONS = ("uniform", "spectrum", "energy", "sensitivity")
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..analysis import check_similarity, cluster
-from ..plan import FoldPlan
+from ..analysis.measures import check_similarity, cluster
+from ..operations.plan import FoldPlan
 from .registry import Candidate, Method, lowest, num_layers, register_method, unique_blocks_for
 from .tying import TieOptions
 

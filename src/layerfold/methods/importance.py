@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibrate import BlockWalk, Calibration
-from ..errors import LayerfoldError, renamed
-from ..evaluate import is_causal_lm
-from ..families import family_of, linear_weight
+from ..engine.calibrate import BlockWalk, Calibration
+from ..core.errors import LayerfoldError, renamed
+from ..evaluation.metrics import is_causal_lm
+from ..core.families import family_of, linear_weight
 
 
 @dataclass(frozen=True)

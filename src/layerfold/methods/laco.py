@@ -18,14 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..budget import Budget
-from ..calibrate import restricted_stack
-from ..errors import LayerfoldError
-from ..evaluate import is_causal_lm
-from ..families import family_of
+from ..core.budget import Budget
+from ..engine.calibrate import restricted_stack
+from ..core.errors import LayerfoldError
+from ..evaluation.metrics import is_causal_lm
+from ..core.families import family_of
 from ..operations import Drop, Merge
 from ..operations.merge.build import merge_blocks
-from ..plan import FoldPlan
+from ..operations.plan import FoldPlan
 from .registry import Candidate, Method, register_method
 from .shortgpt import block_parameters
 

@@ -21,13 +21,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..budget import Budget
-from ..calibrate import Calibration
-from ..errors import LayerfoldError
-from ..families import family_of, projection_shape
+from ..core.budget import Budget
+from ..engine.calibrate import Calibration
+from ..core.errors import LayerfoldError
+from ..core.families import family_of, projection_shape
 from ..operations import Drop, PruneChannels, PruneHeads
 from ..operations.geometry import attention_layout, channel_width, mlp_paths
-from ..plan import FoldPlan
+from ..operations.plan import FoldPlan
 from .importance import SCORES, Units
 from .registry import Candidate, Method, register_method
 from .shortgpt import block_parameters, removal_order

@@ -7,7 +7,7 @@ that turns an original model, a parameter budget and (if it needs one) a calibra
 and a ``register_method(Method(...))`` call. Registering it is all it takes: its options become ``layerfold fold
 --method`` flags, ``variants`` lists the option sets the benchmark sweep runs, ``streams`` says whether (and
 with which options) its plan follows from the shapes alone so that ``fold --stream`` can use it, and the
-common tests run it on every family. ``candidates`` are the option sets the planner (``layerfold.planner``)
+common tests run it on every family. ``candidates`` are the option sets the planner (``layerfold.methods.planner``)
 folds and scores when it searches for a plan: the planner knows no method but through them.
 """
 
@@ -22,14 +22,14 @@ from typing import Any, Callable
 import numpy as np
 from torch import nn
 
-from ..analysis import Analysis, analysis_of
-from ..budget import Budget
-from ..calibrate import Calibration
-from ..errors import LayerfoldError, Registry, renamed
-from ..families import family_of
-from ..folding import fold
-from ..plan import FoldPlan
-from ..report import parameter_breakdown
+from ..analysis.measures import Analysis, analysis_of
+from ..core.budget import Budget
+from ..engine.calibrate import Calibration
+from ..core.errors import LayerfoldError, Registry, renamed
+from ..core.families import family_of
+from ..folding.in_memory import fold
+from ..operations.plan import FoldPlan
+from ..core.report import parameter_breakdown
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Method:
     options: type = NoOptions
     variants: Callable[[bool], list[dict[str, Any]]] = field(default=lambda quick: [{}])
     calibrated: bool = False  # needs calibration data
-    analysed: bool = False  # plans from the analysis of the calibration data (``layerfold.analysis``; calibrated too)
+    analysed: bool = False  # plans from the analysis of the calibration data (``layerfold.analysis.measures``; calibrated too)
     candidates: Callable[[Analysis], list[Candidate]] = no_candidates  # what the planner tries
     # Whether a streamed fold can plan with it (from the shapes alone, on the meta device): False, True, or a
     # function of the options that returns why not (None: it can).
@@ -230,3 +230,14 @@ def drop_plan(model: nn.Module, kept: list[int]) -> FoldPlan:
 
 
 register = renamed(register_method, "layerfold.methods.registry.register", "register_method")  # the old name, kept working
+
+
+def method_plan(method: str, budget, options: dict | None = None) -> Callable[[nn.Module], FoldPlan]:
+    """The plan a registered method makes at ``budget``, as a function of the original on the meta device; a
+    method that must measure the whole model first is refused here, before any work."""
+    chosen = get(method)
+    options = dict(options or {})
+    reason = chosen.why_not_streamed(options)
+    if reason is not None:
+        raise LayerfoldError(reason)
+    return lambda model: chosen.streamed_plan(model, budget, **options)

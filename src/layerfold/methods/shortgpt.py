@@ -1,7 +1,7 @@
 """ShortGPT (Men et al., 2024): remove the blocks that change their input least.
 
 A block's Block Influence is 1 − cos(input, output) of its hidden states, averaged over calibration tokens
-(``layerfold.calibrate``); the angular variant uses arccos(cos)/π instead (Gromov et al., 2024). The blocks
+(``layerfold.engine.calibrate``); the angular variant uses arccos(cos)/π instead (Gromov et al., 2024). The blocks
 with the lowest scores go first, until the budget is met.
 """
 
@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..budget import Budget
-from ..calibrate import Statistics
-from ..errors import LayerfoldError
-from ..families import family_of
+from ..core.budget import Budget
+from ..engine.calibrate import Statistics
+from ..core.errors import LayerfoldError
+from ..core.families import family_of
 from ..operations import Drop
-from ..plan import FoldPlan
+from ..operations.plan import FoldPlan
 from .registry import Method, register_method
 
 SCORES = ("influence", "angular")

@@ -3,7 +3,7 @@ every tied layer may get an SVD-initialised LoRA relaxation (``--rank``)."""
 
 from __future__ import annotations
 
-from ..plan import FoldPlan
+from ..operations.plan import FoldPlan
 from .registry import Candidate, Method, num_layers, register_method, unique_blocks_for
 from .tying import TieOptions, tie_variants
 

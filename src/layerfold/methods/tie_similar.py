@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..analysis import check_similarity, cluster
-from ..plan import FoldPlan
+from ..analysis.measures import check_similarity, cluster
+from ..operations.plan import FoldPlan
 from .registry import Candidate, Method, num_layers, register_method, unique_blocks_for
 from .tying import TieOptions, tie_variants
 

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Union
 import torch
 from torch import nn
 
-from ..errors import LayerfoldError
+from ..core.errors import LayerfoldError
 
 Rank = Union[int, str]  # an int >= 0 or "full"
 
@@ -111,7 +111,7 @@ class Operation:
 
 @dataclass
 class Recipe:
-    """How one tensor a folded model stores is made (see ``layerfold.engine``): copied from an original tensor,
+    """How one tensor a folded model stores is made (see ``layerfold.engine.execute``): copied from an original tensor,
     or computed by the operation with key ``op`` from its ``inputs``, each (original layer, name inside the
     block) or (None, full tensor name). Recipes of one operation with the same ``unit`` compute together."""
 

@@ -10,8 +10,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import LayerfoldError
-from ..families import FAMILIES, Family, projection_shape
+from ..core.errors import LayerfoldError
+from ..core.families import FAMILIES, Family, projection_shape
 from .base import Operation, check_bool, check_layer_list, sorted_layers
 
 

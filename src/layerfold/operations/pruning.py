@@ -17,8 +17,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..errors import LayerfoldError
-from ..families import Family, is_transposed, linear_weight, plain_projection
+from ..core.errors import LayerfoldError
+from ..core.families import Family, is_transposed, linear_weight, plain_projection
 from .base import Recipe
 from .geometry import (
     attention_layout,
@@ -82,7 +82,7 @@ def compensated(weight: torch.Tensor, columns: torch.Tensor, gram: torch.Tensor 
 def compute(op, unit: list[Recipe], values: dict, context) -> Iterator[tuple[str, torch.Tensor]]:
     """One layer's pruned projections: rows cut, the reading projection's columns cut and (``op.compensate``)
     refitted. A weight that already has the kept width is the sequential fit's least-squares map from the
-    pruned model's own inputs (``layerfold.sequential``), and is taken as it is."""
+    pruned model's own inputs (``layerfold.engine.sequential``), and is taken as it is."""
     for recipe in unit:
         value = values[recipe.inputs[0]]
         index, transposed = recipe.detail["index"], recipe.detail["transposed"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...families import Family
+from ...core.families import Family
 
 
 def drop_layers(model: nn.Module, family: Family, kept: list[int], num_layers: int) -> None:

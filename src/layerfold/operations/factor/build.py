@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...families import Family, is_transposed, linear_weight
-from ...store import FoldState
+from ...core.families import Family, is_transposed, linear_weight
+from ...core.store import FoldState
 from ..base import Recipe
 from .decompose import cached_decomposition
 from .modules import BasisLinear, SharedBasis

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...errors import LayerfoldError
-from ...families import family_of, linear_weight
+from ...core.errors import LayerfoldError
+from ...core.families import family_of, linear_weight
 
 if TYPE_CHECKING:  # calibration sits above the operations; only its type is named here
-    from ...calibrate import Statistics
+    from ...engine.calibrate import Statistics
 
 
 def whitening_factor(gram: torch.Tensor, where: str = "") -> torch.Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...errors import LayerfoldError
-from ...families import linear_weight
+from ...core.errors import LayerfoldError
+from ...core.families import linear_weight
 from ..base import Operation, sorted_layers, check_bool, check_layer_list, check_rank
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...families import Family, projection_shape
-from ...store import FoldState
+from ...core.families import Family, projection_shape
+from ...core.store import FoldState
 from ..geometry import attention_layout, head_rows, kept_groups, set_head_counts
 from ..pruning import compute, layer_recipe, replace_projection  # noqa: F401 (the engine reads them here)
 from ..pruning import gram_needs as _gram_needs

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...families import Family, is_transposed, linear_weight
-from ...store import FoldState, ensure_path
+from ...core.families import Family, is_transposed, linear_weight
+from ...core.store import FoldState, ensure_path
 from ..base import Recipe
 from ..factor.decompose import decompose
 from .forms import form_of

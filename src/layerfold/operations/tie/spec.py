@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...errors import LayerfoldError
-from ...families import ATTENTION, MLP, linear_weight
+from ...core.errors import LayerfoldError
+from ...core.families import ATTENTION, MLP, linear_weight
 from ..base import Operation, Rank, check_bool, check_layer_list, check_rank, sorted_layers
 
 SHARE_CHOICES = ("all", ATTENTION, MLP)

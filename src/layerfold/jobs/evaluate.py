@@ -1,0 +1,86 @@
+"""The eval job: one registered measurement (``evaluation.tasks``) of a model folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from ..evaluation import tasks as eval_tasks
+from ..evaluation import metrics as ev
+from ..core.errors import LayerfoldError
+from ..checkpoints.folded import (
+    load_any,
+    model_class_of,
+)
+from ..core.report import Report, markdown_table, merged
+
+
+
+
+@dataclass(eq=False)
+class EvalReport(Report):
+    """``layerfold eval``: one measurement (``result``: task, metric, value, settings and the task's own keys)."""
+
+    model: str
+    data: str | None
+    result: dict = merged()
+
+    def markdown(self) -> str:
+        result = self.to_dict()
+        settings = ", ".join(f"{k}={v}" for k, v in result.get("settings", {}).items())
+        value = result["value"]
+        shown = f"{value:.4g}" if isinstance(value, float) else f"{value:,}"
+        rows = [["model", result["model"]], ["task", result["task"]], [result["metric"], shown]]
+        for name, accuracy in result.get("accuracies", {}).items():
+            rows.append([f"{name} accuracy", f"{accuracy:.4f} ({result['examples'][name]} examples)"])
+        for key in ("top1_agreement", "min", "bytes_on_disk", "peak_rss_bytes"):
+            if key in result:
+                rows.append([key, f"{result[key]:.4g}" if isinstance(result[key], float) else f"{result[key]:,}"])
+        if result.get("data"):
+            rows.append(["data", result["data"]])
+        rows.append(["settings", settings])
+        return markdown_table(["", "value"], rows)
+
+
+def evaluate_path(
+    model_path: str | Path,
+    task: str,
+    *,
+    data: str | Path | None = None,
+    reference: str | Path | None = None,
+    max_tokens: int | None = None,
+    limit: int | None = None,
+    max_length: int = 1024,
+    stride: int = 512,
+    progress: bool = True,
+    tasks: str | None = None,
+) -> EvalReport:
+    """One measurement of a model (original or folded) by a registered task (``eval_tasks.TASKS``); see
+    ``layerfold eval --help``. Every input is checked before the model loads."""
+    import transformers
+
+    measure = eval_tasks.get(task)
+    if tasks is not None and not measure.takes_tasks:
+        takers = ", ".join(t.name for t in eval_tasks.TASKS.values() if t.takes_tasks)
+        raise LayerfoldError(f"--tasks goes with --task {takers}")
+    if measure.needs_data and data is None:
+        raise LayerfoldError(f"task {task} needs --data PATH")
+    if measure.needs_reference and reference is None:
+        raise LayerfoldError(f"task {task} needs --reference MODEL_DIR")
+    if max_tokens is not None and max_tokens < 2:
+        raise LayerfoldError(f"--max-tokens must be at least 2, got {max_tokens}")
+    settings = eval_tasks.Measurement(
+        Path(model_path), Path(data) if data is not None else None, Path(reference) if reference is not None else None,
+        tasks, max_tokens, limit, max_length, stride, progress,
+    )  # fmt: skip
+    model_class = model_class_of(model_path)  # a wrong kind of model fails before it loads
+    if measure.causal is not None and model_class not in (None, transformers.AutoModelForCausalLM):
+        ev.require_kind(model_class, task, causal=measure.causal)
+    if measure.check is not None:
+        measure.check(settings)
+    model = load_any(model_path)
+    if measure.causal is not None:
+        ev.require_kind(model, task, causal=measure.causal)
+    result = measure.run(model, settings)
+    return EvalReport(model=str(model_path), data=str(data) if data is not None else None, result=result)
