@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import layerfold
 from layerfold.jobs.fold import fold_model_dir
-from layerfold.cli.commands import parse_rank
+from layerfold.jobs.settings import parse_rank
 from layerfold.core.report import human_bytes, human_count, markdown_table
 
 

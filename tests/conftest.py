@@ -137,7 +137,7 @@ def save_tiny_with_tokenizer(root, names=("llama", "bert")):
 # ---- comparing a streamed fold with the in-memory fold ---------------------------------------------------------
 def assert_same_checkpoint(streamed, in_memory) -> None:
     """Two folded checkpoints hold the same tensors bit for bit, the same aliases and the same plan."""
-    from layerfold.checkpoints.folded import _aliases, read_weights
+    from layerfold.checkpoints.reading import _aliases, read_weights
 
     a, b = read_weights(streamed), read_weights(in_memory)
     assert sorted(a) == sorted(b)

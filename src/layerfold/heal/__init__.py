@@ -17,6 +17,9 @@ part of the model trains (``--train relax``).
 
 from __future__ import annotations
 
+import sys
+import types
+
 from ..core.texts import read_documents
 from .data import HealData, prepare_data
 from .job import HealReport, check_teacher, heal
@@ -47,3 +50,14 @@ __all__ = [
     "teacher_layer_map",
     "token_losses",
 ]
+
+
+class _HealModule(types.ModuleType):
+    """``layerfold.heal(folded, teacher, data, out, config)`` runs the heal job; ``layerfold.heal`` is also this
+    package (``from layerfold.heal import HealConfig``), so the package is callable."""
+
+    def __call__(self, *args, **kwargs):
+        return heal(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _HealModule

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..core.errors import LayerfoldError
 from ..checkpoints.output_guard import HEAL_SETTINGS_NAME
+from ..core.settings import parse_list, setting
 from .losses import LOSSES
 
 TRAIN_CHOICES = ("relax", "relax+shared", "all")
@@ -95,40 +96,62 @@ class LossWeights:
                                      f"{'/'.join(cached)} loss only")  # fmt: skip
 
 
-@dataclass
-class HealConfig:
-    """How to heal. ``None`` fields take a default that depends on the model kind (decoder or encoder)."""
+def _loss_help() -> str:
+    names = ", ".join(f"{name} ({loss.models})" for name, loss in LOSSES.items())
+    return f"Loss weights, e.g. kl=1,hidden=0.5; the registered losses: {names}."
 
-    steps: int = 200
-    lr: float = 1e-4
-    batch: int = 8
-    seq_len: int | None = None  # decoders: packed windows of 512 tokens; encoders: sentences cut at 128
-    grad_accum: int = 1
-    warmup: float = 0.05  # fraction of the steps
-    weight_decay: float = 0.0
-    loss: LossWeights | None = None
-    temperature: float = 1.0
-    hidden_layers: list[int] = field(default_factory=lambda: [-1])  # student layer positions, negative from end
-    train: str = "all"
-    norms: bool | None = None  # train norm weights; default: yes for --train all, no otherwise
-    eval_every: int | None = None  # default: steps // 10
-    eval_examples: int | None = None  # held-out windows (decoders: 8) or sentences (encoders: 256)
-    save_every: int | None = None  # default: steps // 4
-    log_every: int | None = None  # default: steps // 20
-    seed: int = 0
-    teacher_cache: str | None = None
-    top_k: int = 64
-    max_examples: int | None = None  # use at most this many training windows/sentences
+
+def _unit_memory(text: str) -> int:
+    from ..core.tensor_files import parse_size
+
+    return parse_size(text, "--unit-memory")
+
+
+def _layers(text: str) -> list[int]:
+    return parse_list(int, "--hidden-layers")(text) or [-1]
+
+
+@dataclass(kw_only=True)
+class HealConfig:
+    """How to heal. ``None`` fields take a default that depends on the model kind (decoder or encoder); each field
+    is a ``layerfold heal`` option (``jobs.settings.setting``)."""
+
+    steps: int = setting(200, help="Optimizer steps.")
+    lr: float = setting(1e-4, help="Peak learning rate (cosine schedule, warm-up --warmup).")
+    batch: int = setting(8, help="Examples per step and device.")
+    seq_len: int | None = setting(help="Tokens per example.", default_text="512-token windows for decoders, 128 for encoders")
+    grad_accum: int = setting(1, help="Gradient accumulation steps.")
+    warmup: float = setting(0.05, help="Warm-up, a fraction of the steps.")
+    weight_decay: float = setting(0.0, help="AdamW weight decay.")
+    loss: LossWeights | None = setting(help=_loss_help, parse=lambda text: LossWeights.parse(text),
+                                       default_text="kl for decoders; cosine=1,hidden=1 for encoders")  # fmt: skip
+    temperature: float = setting(1.0, help="Temperature of the kl loss.")
+    hidden_layers: list[int] = setting(factory=lambda: [-1], parse=_layers,
+                                       help="Layers for the hidden loss, e.g. -1,-2,-3 (negative: from the end).")  # fmt: skip
+    train: str = setting("all", help="What trains.", choices=TRAIN_CHOICES)
+    norms: bool | None = setting(help="Train the norm weights.", negatable=True, default_text="with --train all only")
+    eval_every: int | None = setting(help="Held-out fidelity every N steps.", default_text="steps / 10")
+    eval_examples: int | None = setting(help="Held-out windows or sentences.", default_text="8 windows; 256 sentences")
+    save_every: int | None = setting(help="Checkpoint every N steps.", default_text="steps / 4")
+    log_every: int | None = setting(help="Log the losses every N steps.", default_text="steps / 20")
+    seed: int = setting(0, help="Random seed (data order, held-out split, initialisation).")
+    teacher_cache: str | None = setting(help="Folder for the teacher's top-k logits, reused by later runs (kl loss only).")
+    top_k: int = setting(64, help="Logits per token kept in --teacher-cache.")
+    max_examples: int | None = setting(help="Use at most N training examples.")
     # Block-wise stage (``blockwise.py``): steps per unit, its own learning rate, the training tokens it uses
     # (the first of the training examples), examples per step, and the memory bound of one unit.
-    stage: str = "both"
-    block_steps: int = 100
-    block_lr: float = 1e-3
-    block_tokens: int = 32768
-    block_batch: int | None = None  # decoders: 4 windows; encoders: 32 sentences
-    unit_memory: int = 2 * 10**9
-    block_kl: float = 0.0  # decoders: weight of a KL term through the head for the unit holding the last layer
-    shared_lr: float | None = None  # learning rate of the shared tensors end to end [default: --lr]
+    stage: str = setting("both", choices=STAGES, help="blockwise: train each folded unit to reproduce the "
+                         "original's outputs on cached inputs; e2e: distillation through the whole model; both: "
+                         "block-wise first.")  # fmt: skip
+    block_steps: int = setting(100, help="Block-wise steps per unit.")
+    block_lr: float = setting(1e-3, help="Block-wise peak learning rate.")
+    block_tokens: int = setting(32768, help="Training tokens the block-wise stage uses.")
+    block_batch: int | None = setting(help="Block-wise examples per step.", default_text="4 windows; 32 sentences")
+    unit_memory: int = setting(2 * 10**9, parse=_unit_memory, default_text="2GB",
+                               help="Memory bound of one block-wise unit (weights, gradients, optimizer state).")  # fmt: skip
+    block_kl: float = setting(0.0, help="Decoders: weight of a KL term through the head for the unit with the last "
+                              "layer.")  # fmt: skip
+    shared_lr: float | None = setting(help="End-to-end learning rate of the shared tensors.", default_text="--lr")
 
     def resolved(self, causal: bool) -> "HealConfig":
         """A copy with every default filled in for this model kind, after checking the values."""

@@ -23,8 +23,10 @@ from ..checkpoints.folded import load, load_source, load_tokenizer, write_folded
 from ..checkpoints.output_guard import REPORT_HEADER, atomic_output_dir, check_output, write_files_atomically
 from ..methods.planner import PlanSearch, Proxy, parse_allow, search
 from ..core.report import ABSENT, Report, markdown_table, size_table
+from ..core.texts import single_source
+from .settings import CALIB_TOKENS, AnalyzeSettings, CompressSettings, PlanSettings
 
-DEFAULT_TOKENS = 32768
+DEFAULT_TOKENS = CALIB_TOKENS  # one default for every command that calibrates
 DECODER_WINDOW = 1024
 # At most this many calibration batches (and a quarter of them) are held out for the proxy: decoder windows, or
 # batches of 16 sentences.
@@ -386,3 +388,34 @@ class CompressReport(Report):
             f"Done in {report['seconds']:.0f} s.",
         ]
         return "\n".join(lines)
+
+
+def _needs_data(data) -> DataSource:
+    source = single_source(data)
+    if source is None:
+        raise LayerfoldError("give the calibration text: --data PATH")
+    return source
+
+
+def run_analyze(settings: AnalyzeSettings) -> AnalyzeReport:
+    """``layerfold analyze``."""
+    s = settings
+    return analyze_model_dir(s.model, _needs_data(s.calibration.data), s.output.out, tokens=s.calibration.calib_tokens,
+                             gate_steps=s.gate_steps, overwrite=s.output.overwrite)  # fmt: skip
+
+
+def run_plan(settings: PlanSettings) -> PlanReport:
+    """``layerfold plan``."""
+    s = settings
+    return plan_model_dir(s.model, _needs_data(s.calibration.data), s.output.out, keep=s.budget.keep,
+                          keep_blocks=s.budget.keep_blocks, allow=s.search.allow, tokens=s.calibration.calib_tokens,
+                          gate_steps=s.search.gate_steps, overwrite=s.output.overwrite)  # fmt: skip
+
+
+def run_compress(settings: CompressSettings) -> CompressReport:
+    """``layerfold compress``."""
+    s = settings
+    return compress_model_dir(s.model, _needs_data(s.calibration.data), s.output.out, keep=s.budget.keep,
+                              keep_blocks=s.budget.keep_blocks, allow=s.search.allow,
+                              tokens=s.calibration.calib_tokens, gate_steps=s.search.gate_steps,
+                              heal_steps=s.heal_steps, overwrite=s.output.overwrite)  # fmt: skip

@@ -16,6 +16,7 @@ from ..evaluation.metrics import embedding_fidelity, sentence_embeddings
 from ..core.texts import pydoc_paragraphs  # noqa: F401 (also imported from here)
 from ..checkpoints.folded import load, load_source
 from ..checkpoints.output_guard import check_output
+from .settings import DemoSettings
 
 DEMO_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 HELD_OUT = 128
@@ -98,3 +99,9 @@ class DemoReport(CompressReport):
                 + (f" Kept at {self.out}." if self.out else ""),
             ]
         )
+
+
+def run_demo_command(settings: DemoSettings) -> "DemoReport":
+    """``layerfold demo``."""
+    return run_demo(out=settings.out, keep_blocks=settings.keep_blocks, heal_steps=settings.heal_steps,
+                    overwrite=settings.overwrite)  # fmt: skip

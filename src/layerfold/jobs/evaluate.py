@@ -14,6 +14,7 @@ from ..checkpoints.folded import (
     model_class_of,
 )
 from ..core.report import Report, markdown_table, merged
+from .settings import EvalSettings
 
 
 
@@ -47,18 +48,21 @@ def evaluate_path(
     model_path: str | Path,
     task: str,
     *,
-    data: str | Path | None = None,
-    reference: str | Path | None = None,
-    max_tokens: int | None = None,
-    limit: int | None = None,
-    max_length: int = 1024,
-    stride: int = 512,
     progress: bool = True,
-    tasks: str | None = None,
+    **given,
 ) -> EvalReport:
-    """One measurement of a model (original or folded) by a registered task (``eval_tasks.TASKS``); see
-    ``layerfold eval --help``. Every input is checked before the model loads."""
+    """One measurement of a model (original or folded) by a registered task (``eval_tasks.TASKS``); the keywords
+    are ``EvalSettings``' (``data``, ``reference``, ``max_tokens``, ``limit``, ``max_length``, ``stride``,
+    ``tasks``; see ``layerfold eval --help``). Every input is checked before the model loads."""
+    return run_evaluate(EvalSettings(model=Path(model_path), task=task, **given), progress=progress)
+
+
+def run_evaluate(settings: EvalSettings, *, progress: bool = True) -> EvalReport:
+    """``layerfold eval``."""
     import transformers
+
+    model_path, task, data, reference = settings.model, settings.task, settings.data, settings.reference
+    tasks, max_tokens = settings.tasks, settings.max_tokens
 
     measure = eval_tasks.get(task)
     if tasks is not None and not measure.takes_tasks:
@@ -72,7 +76,7 @@ def evaluate_path(
         raise LayerfoldError(f"--max-tokens must be at least 2, got {max_tokens}")
     settings = eval_tasks.Measurement(
         Path(model_path), Path(data) if data is not None else None, Path(reference) if reference is not None else None,
-        tasks, max_tokens, limit, max_length, stride, progress,
+        tasks, max_tokens, settings.limit, settings.max_length, settings.stride, progress,
     )  # fmt: skip
     model_class = model_class_of(model_path)  # a wrong kind of model fails before it loads
     if measure.causal is not None and model_class not in (None, transformers.AutoModelForCausalLM):

@@ -17,6 +17,7 @@ from ..core.report import Report, human_count, parameter_breakdown, weight_bytes
 
 
 from .fold import dtype_of
+from .settings import ExportSettings
 
 
 @dataclass(eq=False)
@@ -76,3 +77,9 @@ def export_model_dir(
         dtype=str(plain.get("dtype") or plain.get("torch_dtype")),
         bytes_on_disk=weight_bytes(out),
     )
+
+
+def run_export(settings: ExportSettings) -> ExportReport:
+    """``layerfold export``."""
+    return export_model_dir(settings.model, settings.output.out, dtype=settings.dtype,
+                            overwrite=settings.output.overwrite)  # fmt: skip

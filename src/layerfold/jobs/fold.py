@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -15,7 +15,7 @@ from ..engine.calibrate import Calibration, calibration_batches
 from ..core.tensor_files import DEFAULT_MAX_SHARD_BYTES
 from ..core.errors import LayerfoldError
 from ..core.families import family_of
-from ..folding.in_memory import fold
+from ..folding.in_memory import fold as fold_in_memory
 from ..checkpoints.folded import (
     load_source,
     load_tokenizer,
@@ -28,6 +28,7 @@ from ..operations.plan import FoldPlan
 from ..core.report import ABSENT, Report, merged, parameter_breakdown, size_table, weight_bytes
 from ..core.store import fold_state
 from ..folding.streamed import stream_fold
+from .settings import CALIB_TOKENS, FoldSettings
 
 
 def size_report(model, path: str | Path | None = None) -> dict:
@@ -111,7 +112,7 @@ def fold_model_dir(
     progress: bool = True,
     dtype: str | None = None,
     calib: datasets.DataSource | None = None,
-    calib_tokens: int = 65536,
+    calib_tokens: int = CALIB_TOKENS,
     calib_window: int | None = None,
     sequential: bool = False,
 ) -> FoldReport:
@@ -138,7 +139,7 @@ def fold_model_dir(
     statistics = None
     if calib is not None:
         statistics = _calibration(model, model_dir, calib, calib_tokens, calib_window, progress).statistics()
-    fold(model, plan, calibration=statistics, progress=progress, sequential=sequential)
+    fold_in_memory(model, plan, calibration=statistics, progress=progress, sequential=sequential)
     if chosen_dtype is not None:
         model.to(chosen_dtype)
     save(model, out, source=model_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
@@ -182,7 +183,7 @@ def fold_with_method(
     keep: float | None = None,
     keep_blocks: float | None = None,
     calib: datasets.DataSource | None = None,
-    calib_tokens: int = 65536,
+    calib_tokens: int = CALIB_TOKENS,
     calib_window: int | None = None,
     options: dict | None = None,
     overwrite: bool = False,
@@ -245,7 +246,7 @@ def fold_streamed(
     keep: float | None = None,
     keep_blocks: float | None = None,
     calib: datasets.DataSource | None = None,
-    calib_tokens: int = 65536,
+    calib_tokens: int = CALIB_TOKENS,
     calib_window: int | None = None,
     options: dict | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -308,3 +309,93 @@ def dtype_of(name: str | None) -> torch.dtype | None:
     if name not in DTYPES:
         raise LayerfoldError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def fold(model, plan: FoldPlan | None = None, **settings) -> Any:
+    """Fold a model. ``fold(model, plan)`` folds a loaded Hugging Face model in place and returns it (keywords:
+    ``calibration``, ``progress``, ``sequential``; see ``layerfold.folding.in_memory.fold``). ``fold(folder,
+    plan, out=...)`` or ``fold(folder, method="svd", keep=0.8, calib=..., out=...)`` folds a model folder and
+    writes the fold, in memory or with ``stream=True`` a few tensors at a time, and returns its ``FoldReport``;
+    the keywords are ``FoldSettings``' fields (and its groups': ``keep``, ``calib``, ``calib_tokens``,
+    ``overwrite``, the tie options...), the method's own options as ``method_options``."""
+    if not isinstance(model, (str, Path)):
+        return fold_in_memory(model, plan, **settings)
+    return run_fold(fold_settings(model, plan, **settings))
+
+
+def fold_settings(model: str | Path, plan: FoldPlan | None = None, **given) -> FoldSettings:
+    """``FoldSettings`` from keywords, each given by its own name (a group's fields too)."""
+    from dataclasses import fields, is_dataclass, replace
+
+    settings = FoldSettings(model=Path(model), plan=plan)
+    renames = {"calib": "data", "max_shard_bytes": "max_shard_size"}
+    given = {renames.get(k, k): v for k, v in given.items()}
+    for item in fields(settings):
+        value = getattr(settings, item.name)
+        if is_dataclass(value):
+            own = {f.name: given.pop(f.name) for f in fields(value) if f.name in given}
+            setattr(settings, item.name, replace(value, **own))
+        elif item.name in given:
+            setattr(settings, item.name, given.pop(item.name))
+    if given:
+        raise LayerfoldError(f"fold: unknown setting {sorted(given)[0]!r}")
+    return settings
+
+
+def _plan_for(settings: FoldSettings, tie_options: dict) -> Callable[[int], FoldPlan]:
+    """The plan of ``--plan`` (with the tie options set) or of ``--strategy``, as a function of the layer count."""
+    plan, strategy, unique = settings.plan, settings.strategy, settings.unique
+    if plan is not None and strategy is not None:
+        raise LayerfoldError("give either --plan or --strategy, not both")
+    if plan is not None and unique is not None:
+        raise LayerfoldError("--unique goes with --strategy, not with --plan")
+    if plan is None and strategy is None:
+        raise LayerfoldError("say how to fold: --plan FILE, or --strategy cycle|sequence|middle_cycle --unique K")
+    if strategy is not None and unique is None:
+        raise LayerfoldError(f"--strategy {strategy} needs --unique K (the number of unique blocks)")
+
+    def plan_for(num_layers: int) -> FoldPlan:
+        if strategy is not None:
+            return getattr(FoldPlan, strategy)(num_layers, unique, **tie_options)
+        chosen = plan if isinstance(plan, FoldPlan) else FoldPlan.load(plan)
+        chosen.set_tie_options(**tie_options)
+        chosen.check()
+        return chosen
+
+    return plan_for
+
+
+def run_fold(settings: FoldSettings) -> FoldReport:
+    """``layerfold fold``: by a plan or a strategy, or by a method at a budget; in memory or streamed."""
+    s, out = settings, settings.output
+    calib = datasets.single_source(s.calibration.data)
+    dtype_of(s.dtype)  # a bad value fails before anything loads
+    if s.dtype is not None and s.stream:
+        raise LayerfoldError("--dtype does not go with --stream (a streamed fold keeps the checkpoint's dtype)")
+    if s.sequential and s.stream:
+        raise LayerfoldError("--sequential does not go with --stream (a streamed fold fits to the original's inputs)")
+    plan_file = s.plan if not isinstance(s.plan, FoldPlan) else None
+    check_output(out.out, {"original model": s.model, "plan": plan_file, "calibration text": calib},
+                 overwrite=out.overwrite)  # fmt: skip
+    tie_options = s.tie.given()
+    if s.strategy is not None and calib is not None and "whiten" not in tie_options:
+        from ..methods.tying import whitens_by_default
+
+        tie_options["whiten"] = whitens_by_default(tie_options.get("rank", 0), calibrated=True)
+    budget_given = s.method_options or s.budget.keep is not None or s.budget.keep_blocks is not None
+    if s.method is not None and (s.plan is not None or s.strategy is not None or s.unique is not None):
+        raise LayerfoldError("--method folds at a budget; it does not go with --plan, --strategy or --unique")
+    if s.method is None and budget_given:
+        raise LayerfoldError("--keep and the method options need --method")
+    calibration = dict(calib=calib, calib_tokens=s.calibration.calib_tokens, calib_window=s.calibration.calib_window)
+    common = dict(overwrite=out.overwrite, max_shard_bytes=s.max_shard_size)
+    budget = dict(method=s.method, keep=s.budget.keep, keep_blocks=s.budget.keep_blocks)
+    options = {**s.method_options, **tie_options}
+    if s.stream:
+        plan_for = None if s.method is not None else _plan_for(s, tie_options)
+        return fold_streamed(s.model, out.out, plan_for=plan_for, **budget, **calibration, options=options, **common)
+    if s.method is not None:
+        return fold_with_method(s.model, out.out, **budget, **calibration, options=options, **common, dtype=s.dtype,
+                                sequential=s.sequential)  # fmt: skip
+    return fold_model_dir(s.model, out.out, plan_for=_plan_for(s, tie_options), **calibration, **common,
+                          dtype=s.dtype, sequential=s.sequential)  # fmt: skip

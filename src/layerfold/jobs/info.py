@@ -18,6 +18,7 @@ from ..checkpoints.folded import (
 from ..checkpoints.modelcard import EXPORT_TAG, card_tags
 from ..operations.plan import FoldPlan
 from ..core.report import Report, human_count, markdown_table, parameter_breakdown, weight_bytes
+from .settings import InfoSettings
 
 
 
@@ -112,3 +113,8 @@ def _plain_info(path: Path) -> InfoReport:
         needs_layerfold=False,
         why=f"a plain {config.model_type} checkpoint" + (" exported by layerfold (see its README.md)" if exported else ""),
     )
+
+
+def run_info(settings: InfoSettings) -> InfoReport:
+    """``layerfold info``."""
+    return checkpoint_info(settings.model)

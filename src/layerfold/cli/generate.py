@@ -1,0 +1,154 @@
+"""A command's options, generated from its job's settings dataclass (``jobs.settings.option``).
+
+Each field with CLI metadata is an option (a field whose type is a dataclass is a group: its fields are options
+too); its help is the metadata's, with the field's default appended, so that every default is stated once, in the
+dataclass. What the command line gives is turned back into the settings (``settings_from``): an option not given
+keeps the dataclass's default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass
+from enum import Enum
+from functools import cache
+from typing import Any, Optional
+
+import typer
+
+
+@dataclass
+class Flag:
+    """One option: where its value goes in the settings (``path``), its field and its metadata."""
+
+    path: tuple[str, ...]
+    field: dataclasses.Field
+    hint: Any
+    meta: dict
+
+    @property
+    def name(self) -> str:
+        return self.path[-1]
+
+
+def _is_settings(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def flags(settings: type, changes: dict | None = None, path: tuple[str, ...] = ()) -> list[Flag]:
+    """The options of a settings dataclass, its groups' flattened in; ``changes`` overrides metadata by field
+    name (a command's own help for a shared option)."""
+    found = []
+    hints = typing.get_type_hints(settings)
+    for item in dataclasses.fields(settings):
+        hint = hints[item.name]
+        if _is_settings(hint):
+            found += flags(hint, changes, path + (item.name,))
+        elif "cli" in item.metadata:
+            meta = {**item.metadata["cli"], **(changes or {}).get(item.name, {})}
+            found.append(Flag(path + (item.name,), item, hint, meta))
+    return found
+
+
+def _present(hint: Any) -> Any:
+    """``X`` of ``Optional[X]``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+
+
+@cache
+def _enum(name: str, choices: tuple[str, ...]) -> type[Enum]:
+    return Enum(name, {c: c for c in choices}, type=str)
+
+
+def _choices(meta: dict) -> tuple[str, ...] | None:
+    choices = meta["choices"]
+    if callable(choices):
+        choices = choices()
+    return tuple(choices) if choices is not None else None
+
+
+def _default(flag: Flag) -> Any:
+    if flag.field.default is not dataclasses.MISSING:
+        return flag.field.default
+    if flag.field.default_factory is not dataclasses.MISSING:
+        return flag.field.default_factory()
+    return dataclasses.MISSING
+
+
+def _default_text(flag: Flag, default: Any) -> str:
+    if flag.meta["default_text"] is not None:
+        return flag.meta["default_text"]
+    if default is None or default is dataclasses.MISSING or default is False or default == []:
+        return ""
+    if isinstance(default, (list, tuple)):
+        return ",".join(str(v) for v in default)
+    return "on" if default is True else f"{default:,}" if isinstance(default, int) and default >= 10**4 else str(default)
+
+
+def parameter(flag: Flag) -> inspect.Parameter:
+    """The typer parameter of one option."""
+    meta, default = flag.meta, _default(flag)
+    kind = _present(flag.hint)
+    choices = _choices(meta)
+    required = default is dataclasses.MISSING or meta.get("required", False)
+    if choices is not None:
+        annotation = Optional[_enum(flag.name.title(), choices)]
+    elif meta["parse"] is not None:
+        annotation = Optional[str]
+    elif typing.get_origin(kind) is list:
+        annotation = Optional[list[typing.get_args(kind)[0]]]
+    else:
+        annotation = Optional[kind] if not (kind is bool and not meta["negatable"]) else bool
+    help_text = meta["help"]() if callable(meta["help"]) else meta["help"]
+    shown = _default_text(flag, default)
+    if shown and not required:
+        help_text += f" [default: {shown}]"
+    help_text = help_text.replace("%", "%%")
+    if meta["argument"]:
+        value = typer.Argument(..., help=help_text, show_default=False)
+    else:
+        names = meta["flag"] or "--" + flag.name.replace("_", "-")
+        if meta["negatable"]:
+            names = f"{names}/--no-{names[2:]}"
+        typer_default = ... if required else (False if annotation is bool else None)
+        extra = {"min": meta["minimum"]} if meta["minimum"] is not None else {}
+        value = typer.Option(typer_default, names, *meta["aliases"], help=help_text, show_default=False, **extra)
+    return inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=value, annotation=annotation)
+
+
+def signature(settings: type, changes: dict | None = None, extra: list[inspect.Parameter] = ()) -> inspect.Signature:
+    own = [parameter(flag) for flag in flags(settings, changes)]
+    return inspect.Signature(own + list(extra))
+
+
+def settings_from(settings: type, values: dict, changes: dict | None = None) -> Any:
+    """The settings the command line gives: each option's text parsed, an option not given left at its default."""
+    given: dict[tuple[str, ...], Any] = {}
+    for flag in flags(settings, changes):
+        value = values.pop(flag.name)
+        if value is None or (isinstance(value, list) and not value and _default(flag) is None):
+            continue
+        if isinstance(value, Enum):
+            value = value.value
+        elif flag.meta["parse"] is not None:
+            value = flag.meta["parse"](value)
+        elif isinstance(value, (list, tuple)):
+            value = list(value)
+        given[flag.path] = value
+    return _build(settings, given, ())
+
+
+def _build(settings: type, given: dict, path: tuple[str, ...]) -> Any:
+    hints = typing.get_type_hints(settings)
+    values = {}
+    for item in dataclasses.fields(settings):
+        here = path + (item.name,)
+        if _is_settings(hints[item.name]):
+            values[item.name] = _build(hints[item.name], given, here)
+        elif here in given:
+            values[item.name] = given[here]
+    return settings(**values)

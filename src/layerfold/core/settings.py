@@ -1,0 +1,50 @@
+"""A settings field that is also a command-line option: ``setting(default, help=..., ...)``. The ``layerfold``
+command is generated from the jobs' settings dataclasses (``cli.generate``); their fields say here how."""
+
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Any, Callable
+
+from .errors import LayerfoldError
+
+
+def option(
+    help: str,
+    *,
+    argument: bool = False,
+    flag: str | None = None,
+    aliases: tuple[str, ...] = (),
+    negatable: bool = False,
+    choices: tuple[str, ...] | Callable[[], Any] | None = None,
+    parse: Callable[[str], Any] | None = None,
+    default_text: str | None = None,
+    minimum: int | None = None,
+) -> dict:
+    """A field's CLI metadata: its help; ``argument`` (positional); ``flag`` (default ``--field-name``) and
+    ``aliases``; ``negatable`` (``--x/--no-x``); ``choices`` (names, or a function returning the registry that names
+    them); ``parse`` (the command line's text → the value); ``default_text`` (the help's default where the value's
+    default is ``None`` and depends on the model); ``minimum``."""
+    return {"cli": dict(help=help, argument=argument, flag=flag, aliases=aliases, negatable=negatable,
+                        choices=choices, parse=parse, default_text=default_text, minimum=minimum)}  # fmt: skip
+
+
+def setting(default: Any = None, *, factory: Callable[[], Any] | None = None, **cli: Any) -> Any:
+    """A settings field with its CLI metadata (see ``option``); a required one has ``default=...``."""
+    if default is ...:
+        return field(metadata=option(**cli))
+    if factory is not None:
+        return field(default_factory=factory, metadata=option(**cli))
+    return field(default=default, metadata=option(**cli))
+
+
+def parse_list(kind: type, flag: str) -> Callable[[str], list]:
+    """A comma-separated list of ``kind`` (``-1,-2``), one line naming ``flag`` otherwise."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(item.strip()) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise LayerfoldError(f"{flag}: expected a comma-separated list, got '{text}'") from None
+
+    return parse
