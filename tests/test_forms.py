@@ -46,10 +46,7 @@ def form_plan(model, relax, rank, **options) -> FoldPlan:
     if len(groups[-1]) == 1:
         groups[-2:] = [groups[-2] + groups[-1]]
     plan = FoldPlan.from_groups(groups, num_layers=layers, rank=rank, fit="lstsq", whiten=True)
-    for op in plan.ties():
-        op.relax = relax
-        for name, value in options.items():
-            setattr(op, name, value)
+    plan.set_tie_options(relax=relax, **options)
     return plan
 
 
@@ -142,13 +139,13 @@ def test_a_mos_index_map_picks_shards_and_round_trips(tmp_path):
 
 
 def test_mos_fits_exactly_with_pools_and_rank_as_large_as_the_matrix():
-    from layerfold.operations.tie.forms.mos import Mos, shard_rows
+    from layerfold.operations.tie.forms.mos import Mos, MosOptions, shard_rows
 
     generator = torch.Generator().manual_seed(0)
     residuals = {i: torch.randn(24, 40, generator=generator, dtype=torch.float64) for i in range(3)}
     inputs = {i: torch.randn(200, 40, generator=generator, dtype=torch.float64) for i in range(3)}
     grams = {i: x.T @ x for i, x in inputs.items()}
-    pool, layers = Mos(shard=4).fit(residuals, grams, 40, seed=0)
+    pool, layers = Mos(MosOptions(mos_shard=4)).fit(residuals, grams, 40, seed=0)
     for i, tensors in layers.items():
         a = pool["mos_pool_a"][shard_rows(tensors["mos_index_a"], 4)]
         b = pool["mos_pool_b"][:, shard_rows(tensors["mos_index_b"], 4)]
@@ -158,13 +155,13 @@ def test_mos_fits_exactly_with_pools_and_rank_as_large_as_the_matrix():
 def test_kronecker_factors_rebuild_their_weight_and_fit_no_worse_with_more_terms():
     """The form's output is x times the weight it says it adds (Σ Aₖ ⊗ sₖtₖ), and more shared slow matrices or a
     larger fast rank never fit the residuals worse (the rearranged SVD is nested)."""
-    from layerfold.operations.tie.forms.kronecker import Kronecker
+    from layerfold.operations.tie.forms.kronecker import Kronecker, KroneckerOptions
 
     generator = torch.Generator().manual_seed(0)
     residuals = {i: torch.randn(32, 48, generator=generator, dtype=torch.float64) for i in range(3)}
     errors = []
     for terms, rank in [(2, 2), (4, 2), (4, 6), (16, 8)]:
-        form = Kronecker(4, terms)
+        form = Kronecker(KroneckerOptions(kron_factor=4, kron_terms=terms))
         pool, layers = form.fit(residuals, {i: None for i in residuals}, rank, seed=0)
         error = 0.0
         for i, tensors in layers.items():

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from ..core.errors import LayerfoldError
 from ..core.settings import parse_list, setting  # noqa: F401 (the jobs' settings use them from here too)
 from ..core.tensor_files import DEFAULT_MAX_SHARD_BYTES, parse_size
+from ..operations.tie.forms import FORM_CHOICES, FormOptions, forms_help
 
 CALIB_TOKENS = 65536
 MIX_HELP = " Repeat to mix domains: each file gives an equal share of the tokens."
@@ -101,12 +102,6 @@ def _fit_choices() -> tuple[str, ...]:
     return GROUP_FIT_CHOICES
 
 
-def _form_choices() -> tuple[str, ...]:
-    from ..operations.tie.spec import FORM_CHOICES
-
-    return FORM_CHOICES
-
-
 def _methods_help() -> str:
     from ..methods import registry
 
@@ -133,36 +128,13 @@ class TieSettings:
         help="Truncate tie relaxations in the space whitened by each layer's calibration inputs.",
         negatable=True, default_text="on with --calib and a rank",
     )  # fmt: skip
-    relax: Optional[str] = setting(
-        help="The tie relaxations' form: lora (private factors), vera (shared frozen random bases, two vectors per "
-        "layer), svfit (a fixed SVD whose singular values train), mos (pools of vectors each group shares; each "
-        "layer reads --rank of each by its index maps) or kronecker (Compacter: shared slow matrices (x) each "
-        "layer's fast factors of rank --rank).",
-        choices=_form_choices, default_text="lora",
-    )  # fmt: skip
-    private: Optional[int] = setting(
-        help="With --relax mos: each layer's private LoRA rank beside the pool.", minimum=0, default_text="0"
-    )
-    mos_pool: Optional[int] = setting(
-        help="With --relax mos: the vectors each of a group's two pools holds, at least --rank.", minimum=1,
-        default_text="--rank, the whole pool",
-    )  # fmt: skip
-    mos_shard: Optional[int] = setting(
-        help="With --relax mos: the vectors in one shard, the unit an index map picks (it must divide --rank and "
-        "--mos-pool).", minimum=1, default_text="1",
-    )  # fmt: skip
-    kron_factor: Optional[int] = setting(
-        help="With --relax kronecker: the shared slow matrices' size n (n x n; it must divide both sides of every "
-        "shared projection).", minimum=1, default_text="4",
-    )  # fmt: skip
-    kron_terms: Optional[int] = setting(
-        help="With --relax kronecker: how many slow matrices each tie group shares, 1 to n² (with n² and --rank "
-        "full the relaxation is exact).", minimum=1, default_text="n",
-    )  # fmt: skip
+    relax: Optional[str] = setting(help=forms_help, choices=lambda: FORM_CHOICES, default_text="lora")
+    forms: FormOptions = field(default_factory=FormOptions)  # each form's options (``--mos-pool``, ...)
 
     def given(self) -> dict[str, Any]:
         """The options the user set (the rest are left to the plan or the method)."""
-        return {name: value for name, value in vars(self).items() if value is not None}
+        own = {name: value for name, value in vars(self).items() if value is not None and name != "forms"}
+        return {**own, **{name: value for name, value in vars(self.forms).items() if value}}
 
 
 @dataclass(kw_only=True)

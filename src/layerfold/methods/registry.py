@@ -177,6 +177,9 @@ def option_help(options: type) -> dict[str, str]:
                 helps[current] += " " + line.strip()
             else:
                 current = None
+    for f in dataclasses.fields(options):  # a field declared with ``core.settings.setting`` says its own help
+        if f.name not in helps and "cli" in f.metadata:
+            helps[f.name] = f.metadata["cli"]["help"]
     for f in dataclasses.fields(options):  # a field drawn from a registry lists what is registered now
         if "choices" in f.metadata and f.name in helps:
             helps[f.name] = helps[f.name].rstrip(".") + f" (one of: {', '.join(f.metadata['choices'])})."

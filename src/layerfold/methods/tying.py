@@ -7,11 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from ..operations.tie.forms import FORM_OPTION_NAMES, FormOptions
+
 _RANKS = (0, 8, 32)
 
 
 @dataclass
-class TieOptions:
+class TieOptions(FormOptions):
     """Options of a tie method.
 
     rank: each tied layer's LoRA relaxation: 0 (none), N, full, or attention=N,mlp=M.
@@ -21,17 +23,8 @@ class TieOptions:
         with calibration data), so that they correct outputs rather than weights.
     share: what a tie group shares: all, attention or mlp.
     share_bias: tie the biases too (by default each layer keeps its own).
-    relax: the relaxations' form: lora (private factors), vera (shared frozen random bases, two vectors per
-        layer; rank is the bases'), svfit (a fixed SVD whose singular values train), mos (two pools of vectors
-        each group shares; each layer reads rank of each by its index maps, through its own rank × rank core,
-        plus a private LoRA of rank --private) or kronecker (Compacter: slow matrices each
-        group shares, Kronecker-multiplied by each layer's fast factors of rank ``rank``).
-    private: mos only: each layer's private LoRA rank beside the pool.
-    mos_pool: mos only: the vectors each of a group's two pools holds (at least rank) [default: rank, the whole pool].
-    mos_shard: mos only: the vectors in one shard, the unit an index map picks [default: 1].
-    kron_factor: kronecker only: the shared slow matrices' size n (n × n; must divide both sides of every
-        projection) [default: 4].
-    kron_terms: kronecker only: how many slow matrices each group shares (1 to n²) [default: n, Compacter's].
+    relax: the relaxations' form (``operations.tie.forms``); each form's options are fields too, inherited from
+        ``FormOptions`` with their own help.
     """
 
     rank: Union[int, str, dict] = 0
@@ -40,20 +33,14 @@ class TieOptions:
     share_bias: bool = False
     whiten: Optional[bool] = None
     relax: str = "lora"
-    private: int = 0
-    mos_pool: int = 0
-    mos_shard: int = 0
-    kron_factor: int = 0
-    kron_terms: int = 0
 
     def tie_options(self, calibration=None) -> dict[str, Any]:
         """The keywords of ``FoldPlan.from_groups`` (and its patterns) these options set; relaxations are whitened
         unless asked otherwise when there is calibration data."""
         whiten = self.whiten if self.whiten is not None else whitens_by_default(self.rank, calibration is not None)
         return {"rank": self.rank, "fit": self.fit, "share": self.share, "share_bias": self.share_bias,
-                "whiten": whiten, "relax": self.relax, "private": self.private,
-                "mos_pool": self.mos_pool, "mos_shard": self.mos_shard, "kron_factor": self.kron_factor,
-                "kron_terms": self.kron_terms}  # fmt: skip
+                "whiten": whiten, "relax": self.relax,
+                **{name: getattr(self, name) for name in FORM_OPTION_NAMES}}  # fmt: skip
 
 
 def whitens_by_default(rank, calibrated: bool) -> bool:

@@ -28,6 +28,7 @@ from ..core.errors import LayerfoldError
 from ..core.families import family_of
 from . import OPERATIONS, Drop, Factor, Merge, Operation, PruneHeads, Rank, Tie
 from .geometry import Prune
+from .tie.forms import FORM_OPTION_NAMES
 from .tie.spec import GROUP_FIT_CHOICES, init_sources, tie_fit
 
 FIT_CHOICES = GROUP_FIT_CHOICES  # the plan-level name
@@ -88,20 +89,16 @@ class FoldPlan:
         provenance: dict[str, Any] | None = None,
         init: str | None = None,
         relax: str | dict[str, str] = "lora",
-        private: int = 0,
         seed: int = 0,
-        kron_factor: int = 0,
-        kron_terms: int = 0,
-        mos_pool: int = 0,
-        mos_shard: int = 0,
+        **form_options: int,
     ) -> "FoldPlan":
         """Tie each group of two or more layers (a one-layer group is just a unique layer) and drop ``drop``.
         ``fit``: the shared weights are the ``average`` of a group's layers, one layer each (``lower`` or
         ``stepwise``, see ``operations.tie.spec.init_sources``), or their least-squares fit on calibration
         data (``lstsq``). ``whiten``: relaxations truncated in the space whitened by each layer's inputs
-        (calibration data). ``relax``, ``private``, ``seed``, ``kron_factor``, ``kron_terms``, ``mos_pool``,
-        ``mos_shard``: the relaxations' form (``Tie``). ``init`` is fit's
-        earlier name."""
+        (calibration data). ``relax``, ``seed`` and by name the forms' options (``private``, ``mos_pool``,
+        ``kron_factor``, ...: ``operations.tie.forms.FormOptions``): the relaxations' form (``Tie``). ``init`` is
+        fit's earlier name."""
         fit = init if init is not None else fit
         groups = [sorted(int(i) for i in g) for g in groups]
         drop = sorted(int(i) for i in drop)
@@ -114,8 +111,7 @@ class FoldPlan:
         tied = [g for g in groups if len(g) >= 2]
         operations: list[Operation] = [
             Tie(layers=g, share=share, sources=s, rank=rank, share_bias=share_bias, whiten=whiten, relax=relax,
-                private=private, seed=seed, kron_factor=kron_factor, kron_terms=kron_terms,
-                mos_pool=mos_pool, mos_shard=mos_shard, **tie_fit(fit))  # fmt: skip
+                seed=seed, form_options=dict(form_options), **tie_fit(fit))  # fmt: skip
             for g, s in zip(tied, init_sources(tied, fit))
         ]
         if drop:
@@ -128,7 +124,10 @@ class FoldPlan:
         fit = init if init is not None else fit
         for op in self.ties():
             for name, value in options.items():
-                setattr(op, name, value)
+                if name in FORM_OPTION_NAMES:
+                    op.form_options = {**op.form_options, name: value}
+                else:
+                    setattr(op, name, value)
         if fit is not None:
             _check_fit(fit)
             for op, sources in zip(self.ties(), init_sources([op.layers for op in self.ties()], fit)):

@@ -9,70 +9,13 @@ from typing import Any
 from ...core.errors import LayerfoldError
 from ...core.families import ATTENTION, MLP, linear_weight
 from ..base import Operation, Rank, check_bool, check_layer_list, check_rank, sorted_layers
+from .forms import FORM_CHOICES, FORM_OPTION_NAMES, check_form_options, form_of
 
 SHARE_CHOICES = ("all", ATTENTION, MLP)
 FIT_CHOICES = ("mean", "lstsq")
 # How a plan fits its tie groups' shared weights: the mean of each group's layers, one layer each (Relaxed
 # Recursive Transformers' Lower and Stepwise), or least squares on their calibration inputs.
 GROUP_FIT_CHOICES = ("average", "stepwise", "lower", "lstsq")
-# The relaxation forms (``forms``: one file each; ``lora`` is TiedLinear's own).
-FORM_CHOICES = ("lora", "vera", "svfit", "mos", "kronecker")
-# Kronecker's slow matrices are n × n with this n unless the tie says otherwise (``factor``).
-KRON_FACTOR = 4
-
-
-def kron_sizes(factor: int, terms: int) -> tuple[int, int]:
-    """A Kronecker relaxation's slow-matrix size n and number of slow matrices (0: the defaults, n and n)."""
-    n = factor or KRON_FACTOR
-    return n, terms or n
-
-
-def check_form(form: str, rank: int, shape: tuple[int, int], where: str, *, private: int = 0, factor: int = 0,
-               terms: int = 0, pool: int = 0, shard: int = 0) -> None:  # fmt: skip
-    """The sizes a relaxation form can take for an (out, in) projection; one line otherwise."""
-    out_features, in_features = shape
-    if form == "kronecker":
-        n, count = kron_sizes(factor, terms)
-        if out_features % n or in_features % n:
-            raise LayerfoldError(f"{where}: {n}x{n} Kronecker factors do not tile a {out_features}x{in_features} "
-                                 f"projection (--kron-factor must divide both sides)")  # fmt: skip
-        if count > n * n:
-            raise LayerfoldError(f"{where}: {count} Kronecker slow matrices of {n}x{n} are more than the {n * n} "
-                                 f"that span them (--kron-terms at most {n * n})")  # fmt: skip
-        largest = min(out_features, in_features) // n
-        if not 1 <= rank <= largest:
-            raise LayerfoldError(f"{where}: a kronecker relaxation's fast factors need a rank of 1 to {largest} for "
-                                 f"a {out_features}x{in_features} projection with {n}x{n} slow matrices, got {rank}")  # fmt: skip
-    if form == "vera" and not 1 <= rank <= max(shape):  # more random directions than the matrix has add little
-        raise LayerfoldError(f"{where}: a vera relaxation needs a rank (its bases') of 1 to {max(shape)} for a "
-                             f"{out_features}x{in_features} projection, got {rank}")  # fmt: skip
-    if form == "mos":
-        largest = max(shape)  # with pools as large as both sides and a core to match, the fit is exact
-        if not 1 <= rank <= largest:
-            raise LayerfoldError(f"{where}: a mos relaxation needs a rank of 1 to {largest} pool vectors per position "
-                                 f"for a {out_features}x{in_features} projection, got {rank}")  # fmt: skip
-        size = shard or 1
-        if rank % size or (pool and pool % size):
-            what = f"rank {rank}" if rank % size else f"pool of {pool} vectors"
-            raise LayerfoldError(f"{where}: mos shards of {size} vectors do not divide the {what} (--mos-shard must "
-                                 f"divide --rank and --mos-pool)")  # fmt: skip
-        if size > min(shape):
-            raise LayerfoldError(f"{where}: mos shards of {size} vectors are longer than a {out_features}x"
-                                 f"{in_features} projection's side (at most {min(shape)})")  # fmt: skip
-        if pool > largest:
-            raise LayerfoldError(f"{where}: a mos pool of {pool} vectors is larger than a {out_features}x{in_features} "
-                                 f"projection can use (--mos-pool at most {largest})")  # fmt: skip
-        if pool and pool < rank:
-            raise LayerfoldError(f"{where}: a mos pool of {pool} vectors is too small for the {rank} each position "
-                                 f"reads (--mos-pool at least --rank)")  # fmt: skip
-        if private > min(shape):
-            raise LayerfoldError(f"{where}: private rank {private} is out of range for a {out_features}x"
-                                 f"{in_features} projection (at most {min(shape)})")  # fmt: skip
-    elif form in ("svfit", "lora") and rank > min(shape):
-        raise LayerfoldError(f"{where}: rank {rank} is larger than a {out_features}x{in_features} projection "
-                             f"allows (at most {min(shape)})")  # fmt: skip
-
-
 @dataclass
 class Tie(Operation):
     """The ``layers`` (two or more) share one weight per projection named by ``share`` (``all``, ``attention``
@@ -84,13 +27,10 @@ class Tie(Operation):
     space whitened by that layer's inputs, so that it corrects the layer's outputs rather than its weights.
     ``rank``: 0 for none, an int, ``"full"`` (exact), or a mapping from a projection kind
     (``attention``/``mlp``), name (``q_proj``) or path (``self_attn.q_proj``) to a rank.
-    ``relax``: the relaxation's form, for all projections or as such a mapping: ``lora`` (private factors),
-    ``vera`` (frozen random bases made again from ``seed``, two vectors per position; ``rank`` is the bases'),
-    ``svfit`` (a fixed SVD whose singular values train) or ``mos`` (two pools of ``mos_pool`` vectors the group
-    shares, cut in shards of ``mos_shard``; each position reads ``rank`` of each by its index maps, with a
-    rank × rank core, plus a private LoRA of rank ``private``; 0: a pool of ``rank`` vectors, shards of one) or ``kronecker`` (``kron_terms`` slow matrices of
-    ``kron_factor`` × ``kron_factor`` the group shares, Kronecker-multiplied by each position's fast factors of rank
-    ``rank``; 0: 4 × 4 and as many as their size, Compacter's choice); see ``forms``."""
+    ``relax``: the relaxation's form, for all projections or as such a mapping: ``lora`` (private factors) or a
+    registered form (``forms.FORMS``: VeRA, SVFit, MoS, Kronecker); ``form_options`` the forms' options by name
+    (``private``, ``mos_pool``, ``mos_shard``, ``kron_factor``, ``kron_terms``: each form's ``Options``), written
+    in the plan beside the tie's other fields; see ``forms``."""
 
     kind = "tie"
 
@@ -103,11 +43,7 @@ class Tie(Operation):
     whiten: bool = False
     relax: str | dict[str, str] = "lora"
     seed: int = 0
-    private: int = 0
-    kron_factor: int = 0
-    kron_terms: int = 0
-    mos_pool: int = 0
-    mos_shard: int = 0
+    form_options: dict[str, int] = field(default_factory=dict)  # the forms' options by name (``forms.FormOptions``)
 
     def __post_init__(self) -> None:
         self.layers = sorted_layers(self.layers)
@@ -131,10 +67,9 @@ class Tie(Operation):
             if value not in FORM_CHOICES:
                 name = f"{where}.relax" if key is None else f"{where}.relax[{key!r}]"
                 raise LayerfoldError(f"{name}: must be one of {', '.join(FORM_CHOICES)}, got {value!r}")
-        for name in ("seed", "private", "kron_factor", "kron_terms", "mos_pool", "mos_shard"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise LayerfoldError(f"{where}.{name}: must be a non-negative integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise LayerfoldError(f"{where}.seed: must be a non-negative integer, got {self.seed!r}")
+        check_form_options(self.form_options, where)
 
     keeps_architecture = False
 
@@ -151,13 +86,9 @@ class Tie(Operation):
             parts.append(f"{len(ties)} tie groups")
         forms = {json.dumps(t.relax, sort_keys=True) for t in ties} - {'"lora"'}
         if forms:
-            private = {t.private for t in ties} - {0}
-            kron = sorted({(t.kron_factor, t.kron_terms) for t in ties if "kronecker" in json.dumps(t.relax)})
-            mos = sorted({(t.mos_pool, t.mos_shard) for t in ties if "mos" in json.dumps(t.relax)} - {(0, 0)})
-            parts.append("relax=" + "; ".join(sorted(f.strip('"') for f in forms))
-                         + (f", private rank {min(private)}" if private else "")
-                         + "".join(f", MoS pool {p or 'of the rank'}, shards of {s or 1}" for p, s in mos)
-                         + "".join(f", Kronecker {kron_text(*k)}" for k in kron))  # fmt: skip
+            used = sorted({name for t in ties for name in t.form_names()} - {"lora"})
+            details = sorted({form_of(t, name).describe() for t in ties for name in t.form_names() if name in used})
+            parts.append("relax=" + "; ".join(sorted(f.strip('"') for f in forms)) + "".join(details))
         if any("vera" in json.dumps(t.relax) for t in ties):
             seeds = sorted({t.seed for t in ties})
             parts.append(f"VeRA bases made from seed {', '.join(map(str, seeds))} on load, not stored")
@@ -171,15 +102,13 @@ class Tie(Operation):
         """The relaxation form of one projection: ``lora`` or a name of ``forms.FORMS``."""
         return _per_projection(self.relax, projection, kind, "lora")
 
+    def form_names(self) -> set[str]:
+        return set(self.relax.values()) | {"lora"} if isinstance(self.relax, dict) else {self.relax}
+
     def form_rank(self, projection: str, kind: str, shape: tuple[int, int]) -> int:
         """A form relaxation's rank as an int (``full``: the largest its form can use)."""
         rank = self.rank_for(projection, kind)
-        if rank != "full":
-            return int(rank)
-        form = self.relax_for(projection, kind)
-        if form == "kronecker":
-            return min(shape) // kron_sizes(self.kron_factor, self.kron_terms)[0]
-        return max(shape) if form == "mos" else min(shape)
+        return int(rank) if rank != "full" else form_of(self, self.relax_for(projection, kind)).full_rank(shape)
 
     def validate(self, family, layers, where: str) -> None:
         allowed = {ATTENTION, MLP} | set(family.projections) | {p.rsplit(".", 1)[-1] for p in family.projections}
@@ -198,9 +127,8 @@ class Tie(Operation):
             form = self.relax_for(projection, kind)
             if form != "lora":
                 shape = (out_features, in_features)
-                check_form(form, self.form_rank(projection, kind, shape), shape, f"{where}.rank ({projection}, "
-                           f"{form})", private=self.private, factor=self.kron_factor, terms=self.kron_terms,
-                           pool=self.mos_pool, shard=self.mos_shard)  # fmt: skip
+                form_of(self, form).check(self.form_rank(projection, kind, shape), shape,
+                                          f"{where}.rank ({projection}, {form})")  # fmt: skip
             elif rank != "full" and rank > min(out_features, in_features):
                 raise LayerfoldError(
                     f"{where}.rank: rank {rank} is larger than {projection} allows "
@@ -211,11 +139,18 @@ class Tie(Operation):
         data = super().to_dict()
         data["rank"] = dict(self.rank) if isinstance(self.rank, dict) else self.rank
         data["relax"] = dict(self.relax) if isinstance(self.relax, dict) else self.relax
-        for name, default in (("relax", "lora"), ("seed", 0), ("private", 0), ("kron_factor", 0), ("kron_terms", 0),
-                              ("mos_pool", 0), ("mos_shard", 0)):
+        for name, default in (("relax", "lora"), ("seed", 0)):
             if data[name] == default:
                 del data[name]  # plans of private-LoRA ties read as before forms existed
+        # The forms' options sit in the tie's entry by name, as the plan file has always written them.
+        data.update({k: v for k, v in data.pop("form_options").items() if v})
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> "Tie":
+        own = {k: v for k, v in data.items() if k not in FORM_OPTION_NAMES}
+        form_options = {k: v for k, v in data.items() if k in FORM_OPTION_NAMES}
+        return super().from_dict({**own, "form_options": {**own.get("form_options", {}), **form_options}}, where)
 
 
 def _per_projection(value: Any, projection: str, kind: str, default: Any) -> Any:
@@ -256,8 +191,3 @@ def group_fit_name(ties: list[Tie]) -> str:
         if init_sources(groups, fit) == sources and all({"fit": t.fit} == tie_fit(fit) for t in ties):
             return fit
     return "given sources"
-
-
-def kron_text(factor: int, terms: int) -> str:
-    n, count = kron_sizes(factor, terms)
-    return f"{count} shared {n}x{n} slow matrices"

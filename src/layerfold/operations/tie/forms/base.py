@@ -10,21 +10,61 @@ whitened by each layer's calibration inputs (``fit``), so that they correct outp
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 
+from ....core.errors import LayerfoldError
 from ...factor.decompose import whitening_factor
 
 Shapes = dict[str, tuple[int, ...]]
 
 
+@dataclass(kw_only=True)
+class NoOptions:
+    """A form without options of its own."""
+
+
 class Form:
+    """A relaxation form. Its ``Options`` dataclass holds what a tie sets for it besides ``rank`` (fields named
+    for the plan and the command line: ``--mos-pool`` is ``mos_pool``; ``core.settings.setting`` gives each its
+    help); ``check`` is its size rule, ``full_rank`` what ``rank: full`` means for it, ``describe`` its words in a
+    plan's description."""
+
     name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line for --relax's help
+    Options: ClassVar[type] = NoOptions
     trainable: ClassVar[tuple[str, ...]] = ()  # the per-position tensors heal's ``--train relax`` trains
     integer: ClassVar[tuple[str, ...]] = ()  # per-position integer tensors (MoS's index maps): stored, never trained
     # Tensors the checkpoint does not store and the form makes again (VeRA's random bases), per projection.
     regenerated: ClassVar[str] = ""
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def of(cls, settings: dict[str, Any]) -> "Form":
+        """The form with its options taken from a tie's ``form_options`` (the fields its ``Options`` has)."""
+        own = {name: value for name, value in settings.items() if name in cls.Options.__dataclass_fields__}
+        return cls(cls.Options(**own))
+
+    def check(self, rank: int, shape: tuple[int, int], where: str) -> None:
+        """The sizes this form can take for an (out, in) projection; one line otherwise."""
+        if rank > min(shape):
+            raise LayerfoldError(f"{where}: rank {rank} is larger than a {shape[0]}x{shape[1]} projection allows "
+                                 f"(at most {min(shape)})")  # fmt: skip
+
+    def full_rank(self, shape: tuple[int, int]) -> int:
+        """The rank ``rank: full`` means: the largest this form can use."""
+        return min(shape)
+
+    def describe(self) -> str:
+        """Its options in a plan's description (empty: nothing beyond its name)."""
+        return ""
+
+    def settings(self) -> dict[str, Any]:
+        return asdict(self.options)
 
     def layer_shapes(self, rank: int, out_features: int, in_features: int) -> Shapes:
         raise NotImplementedError

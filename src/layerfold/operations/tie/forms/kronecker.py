@@ -16,10 +16,33 @@ reproduces every residual exactly."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..spec import kron_sizes
+from ....core.errors import LayerfoldError
+from ....core.settings import setting
 from .base import Form, whitened_svd
+
+# Kronecker's slow matrices are n × n with this n unless the tie says otherwise (Compacter: n = 4, of 2–12).
+KRON_FACTOR = 4
+
+
+def kron_sizes(factor: int, terms: int) -> tuple[int, int]:
+    """A Kronecker relaxation's slow-matrix size n and number of slow matrices (0: the defaults, n and n)."""
+    n = factor or KRON_FACTOR
+    return n, terms or n
+
+
+@dataclass(kw_only=True)
+class KroneckerOptions:
+    """Kronecker's options (0: the default)."""
+
+    kron_factor: int = setting(0, help="With --relax kronecker: the shared slow matrices' size n (n x n; it must "
+                               "divide both sides of every shared projection).", minimum=1,
+                               default_text=str(KRON_FACTOR))  # fmt: skip
+    kron_terms: int = setting(0, help="With --relax kronecker: how many slow matrices each tie group shares, 1 to "
+                              "n² (with n² and --rank full the relaxation is exact).", minimum=1, default_text="n")  # fmt: skip
 
 # The data-aware fit adds this fraction of the mean input energy times the weight error to its objective (the
 # Gram matrix G + λI): input directions without calibration energy keep the residual's own weights instead of
@@ -36,10 +59,33 @@ def rearranged(delta: torch.Tensor, n: int) -> torch.Tensor:
 
 class Kronecker(Form):
     name = "kronecker"
+    summary = "Compacter: shared slow matrices (x) each layer's fast factors of rank --rank"
+    Options = KroneckerOptions
     trainable = ("kron_s", "kron_t")
 
-    def __init__(self, factor: int = 0, terms: int = 0) -> None:
-        self.factor, self.terms = kron_sizes(factor, terms)  # Compacter: n = 4 (of 2–12), n slow matrices
+    def __init__(self, options: KroneckerOptions | None = None) -> None:
+        super().__init__(options)
+        self.factor, self.terms = kron_sizes(self.options.kron_factor, self.options.kron_terms)
+
+    def full_rank(self, shape: tuple[int, int]) -> int:
+        return min(shape) // self.factor
+
+    def describe(self) -> str:
+        return f", Kronecker {self.terms} shared {self.factor}x{self.factor} slow matrices"
+
+    def check(self, rank: int, shape: tuple[int, int], where: str) -> None:
+        out_features, in_features = shape
+        n, count = self.factor, self.terms
+        if out_features % n or in_features % n:
+            raise LayerfoldError(f"{where}: {n}x{n} Kronecker factors do not tile a {out_features}x{in_features} "
+                                 f"projection (--kron-factor must divide both sides)")  # fmt: skip
+        if count > n * n:
+            raise LayerfoldError(f"{where}: {count} Kronecker slow matrices of {n}x{n} are more than the {n * n} "
+                                 f"that span them (--kron-terms at most {n * n})")  # fmt: skip
+        largest = min(out_features, in_features) // n
+        if not 1 <= rank <= largest:
+            raise LayerfoldError(f"{where}: a kronecker relaxation's fast factors need a rank of 1 to {largest} for "
+                                 f"a {out_features}x{in_features} projection with {n}x{n} slow matrices, got {rank}")  # fmt: skip
 
     def _blocks(self, out_features: int, in_features: int) -> tuple[int, int]:
         return out_features // self.factor, in_features // self.factor
@@ -119,7 +165,7 @@ class Kronecker(Form):
         matrix.diagonal().add_(1e-12 * float(matrix.diagonal().mean().clamp_min(1e-300)))  # zero (padding) slow ones
         solved = torch.linalg.solve(matrix, rhs.reshape(terms * q, p)).reshape(terms, q, p)
         s_factors, t_factors = [], []
-        for k in range(terms):  # rank ≤ min(p, q) (spec.check_form): the SVD has as many values as asked
+        for k in range(terms):  # rank ≤ min(p, q) (Kronecker.check): the SVD has as many values as asked
             u, sigma, v = whitened_svd(solved[k].T, normal[k, :, k], rank, where)
             root = sigma.sqrt()
             s_factors.append(u * root)

@@ -17,8 +17,12 @@ least-squares fit of its outputs given them. With pools and rank as large as the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ....core.errors import LayerfoldError
+from ....core.settings import setting
 from .base import Form, whitened_svd
 from ...factor.decompose import whitening_factor
 
@@ -88,16 +92,64 @@ def _rms(tensor: torch.Tensor) -> float:
     return float(tensor.pow(2).mean().sqrt())
 
 
+@dataclass(kw_only=True)
+class MosOptions:
+    """MoS's options (0: the default)."""
+
+    private: int = setting(0, help="With --relax mos: each layer's private LoRA rank beside the pool.", minimum=0)
+    mos_pool: int = setting(0, help="With --relax mos: the vectors each of a group's two pools holds, at least "
+                            "--rank.", minimum=1, default_text="--rank, the whole pool")  # fmt: skip
+    mos_shard: int = setting(0, help="With --relax mos: the vectors in one shard, the unit an index map picks (it "
+                             "must divide --rank and --mos-pool).", minimum=1, default_text="1")  # fmt: skip
+
+
 class Mos(Form):
     name = "mos"
+    summary = ("pools of vectors each group shares; each layer reads --rank of each by its index maps, through its "
+               "own rank x rank core")  # fmt: skip
+    Options = MosOptions
     trainable = ("mos_core", "mos_private_a", "mos_private_b")
     integer = ("mos_index_a", "mos_index_b")  # stored, never trained
 
-    def __init__(self, private: int = 0, pool: int = 0, shard: int = 0) -> None:
-        self.private, self.pool, self.shard = private, pool, shard
+    def __init__(self, options: MosOptions | None = None) -> None:
+        super().__init__(options)
+        self.private, self.pool, self.shard = self.options.private, self.options.mos_pool, self.options.mos_shard
 
     def max_rank(self, out_features: int, in_features: int) -> int:
         return max(out_features, in_features)
+
+    def full_rank(self, shape: tuple[int, int]) -> int:
+        return max(shape)
+
+    def describe(self) -> str:
+        private = f", private rank {self.private}" if self.private else ""
+        pool = f", MoS pool {self.pool or 'of the rank'}, shards of {self.shard or 1}" if (self.pool, self.shard) != (0, 0) else ""
+        return private + pool
+
+    def check(self, rank: int, shape: tuple[int, int], where: str) -> None:
+        out_features, in_features = shape
+        pool, private = self.pool, self.private
+        largest = max(shape)  # with pools as large as both sides and a core to match, the fit is exact
+        if not 1 <= rank <= largest:
+            raise LayerfoldError(f"{where}: a mos relaxation needs a rank of 1 to {largest} pool vectors per position "
+                                 f"for a {out_features}x{in_features} projection, got {rank}")  # fmt: skip
+        size = self.shard or 1
+        if rank % size or (pool and pool % size):
+            what = f"rank {rank}" if rank % size else f"pool of {pool} vectors"
+            raise LayerfoldError(f"{where}: mos shards of {size} vectors do not divide the {what} (--mos-shard must "
+                                 f"divide --rank and --mos-pool)")  # fmt: skip
+        if size > min(shape):
+            raise LayerfoldError(f"{where}: mos shards of {size} vectors are longer than a {out_features}x"
+                                 f"{in_features} projection's side (at most {min(shape)})")  # fmt: skip
+        if pool > largest:
+            raise LayerfoldError(f"{where}: a mos pool of {pool} vectors is larger than a {out_features}x{in_features} "
+                                 f"projection can use (--mos-pool at most {largest})")  # fmt: skip
+        if pool and pool < rank:
+            raise LayerfoldError(f"{where}: a mos pool of {pool} vectors is too small for the {rank} each position "
+                                 f"reads (--mos-pool at least --rank)")  # fmt: skip
+        if private > min(shape):
+            raise LayerfoldError(f"{where}: private rank {private} is out of range for a {out_features}x"
+                                 f"{in_features} projection (at most {min(shape)})")  # fmt: skip
 
     def sizes(self, rank: int, out_features: int, in_features: int) -> dict[str, int]:
         return mos_sizes(rank, self.pool, self.shard, out_features, in_features)

@@ -11,6 +11,7 @@ from .base import Form, whitened_svd
 
 class SvFit(Form):
     name = "svfit"
+    summary = "a fixed SVD whose singular values train"
     trainable = ("svfit_s",)
 
     def layer_shapes(self, rank: int, out_features: int, in_features: int):

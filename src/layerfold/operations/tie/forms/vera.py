@@ -9,6 +9,7 @@ import functools
 
 import torch
 
+from ....core.errors import LayerfoldError
 from .base import Form, inner
 
 FIT_ROUNDS = 30  # alternating least-squares rounds of the data-aware fit (each is closed form)
@@ -32,11 +33,17 @@ def _bases_like(module, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 class Vera(Form):
     name = "vera"
+    summary = "shared frozen random bases, two vectors per layer; --rank is the bases'"
     trainable = ("vera_d", "vera_b")
     regenerated = "VeRA's random bases A and B (from the plan's seed and each projection's shape)"
 
     def max_rank(self, out_features: int, in_features: int) -> int:
         return max(out_features, in_features)  # more random directions than the matrix has add little
+
+    def check(self, rank: int, shape: tuple[int, int], where: str) -> None:
+        if not 1 <= rank <= max(shape):  # more random directions than the matrix has add little
+            raise LayerfoldError(f"{where}: a vera relaxation needs a rank (its bases') of 1 to {max(shape)} for a "
+                                 f"{shape[0]}x{shape[1]} projection, got {rank}")  # fmt: skip
 
     def layer_shapes(self, rank: int, out_features: int, in_features: int):
         return {"vera_d": (rank,), "vera_b": (out_features,)}
