@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -324,19 +324,28 @@ def fold(model, plan: FoldPlan | None = None, **settings) -> Any:
 
 
 def fold_settings(model: str | Path, plan: FoldPlan | None = None, **given) -> FoldSettings:
-    """``FoldSettings`` from keywords, each given by its own name (a group's fields too)."""
-    from dataclasses import fields, is_dataclass, replace
+    """``FoldSettings`` from keywords, each given by its own name (a group's fields too: ``keep``, ``out``)."""
+    import typing
+    from dataclasses import fields, is_dataclass
 
-    settings = FoldSettings(model=Path(model), plan=plan)
     renames = {"calib": "data", "max_shard_bytes": "max_shard_size"}
     given = {renames.get(k, k): v for k, v in given.items()}
-    for item in fields(settings):
-        value = getattr(settings, item.name)
-        if is_dataclass(value):
-            own = {f.name: given.pop(f.name) for f in fields(value) if f.name in given}
-            setattr(settings, item.name, replace(value, **own))
-        elif item.name in given:
-            setattr(settings, item.name, given.pop(item.name))
+
+    def build(kind: type, top: bool = False):
+        hints, values = typing.get_type_hints(kind), {}
+        for item in fields(kind):
+            if is_dataclass(hints[item.name]):
+                values[item.name] = build(hints[item.name])
+            elif item.name in given:
+                values[item.name] = given.pop(item.name)
+        try:
+            return kind(**values)
+        except TypeError:
+            missing = [f.name for f in fields(kind) if f.name not in values and f.default is MISSING and f.default_factory is MISSING]
+            raise LayerfoldError(f"fold: give {', '.join(missing)}") from None
+
+    given.update(model=Path(model), plan=plan)
+    settings = build(FoldSettings)
     if given:
         raise LayerfoldError(f"fold: unknown setting {sorted(given)[0]!r}")
     return settings
