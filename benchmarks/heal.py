@@ -120,6 +120,8 @@ def minilm(quick: bool, work: Path, one_domain: bool = False) -> HealTask:
         quick,
         off_domain_fidelity(tokenizer, 128 if quick else 512),
     )
+    if quick:  # CI's smoke test: block-wise then end to end, once (the end-to-end-only stage is the same code)
+        task.stages = ("both",)
     task.peers = [{"model": task.model, "method": "peer: paraphrase-MiniLM-L3-v2 (ONNX, onnxruntime)", "options": {},
                    "parameters": peer_score["parameters"], "training_free": peer_score["value"], "healed": None}]  # fmt: skip
     return task
