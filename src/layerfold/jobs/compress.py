@@ -94,6 +94,7 @@ def analyze_model_dir(
     out: str | Path,
     *,
     tokens: int = DEFAULT_TOKENS,
+    window: int | None = None,
     gate_steps: int = 20,
     overwrite: bool = False,
     progress: bool = True,
@@ -102,7 +103,7 @@ def analyze_model_dir(
     start = time.perf_counter()
     inputs = {"original model": model_dir, "data": data}
     check_output(out, inputs, overwrite=overwrite)
-    prepared = prepare(model_dir, data, tokens=tokens)
+    prepared = prepare(model_dir, data, tokens=tokens, window=window)
     analysis = run_analysis(prepared, gate_steps=gate_steps, progress=progress)
     with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         markdown = write_analysis(analysis, tmp)
@@ -174,6 +175,7 @@ def plan_model_dir(
     keep_blocks: float | None = None,
     allow: str | Sequence[str] | None = None,
     tokens: int = DEFAULT_TOKENS,
+    window: int | None = None,
     gate_steps: int = 20,
     overwrite: bool = False,
     progress: bool = True,
@@ -191,7 +193,7 @@ def plan_model_dir(
     check_output(side, inputs, overwrite=overwrite, kind="file", flag="the plan's reasons file")
     if not out.parent.is_dir():
         raise LayerfoldError(f"--out: folder does not exist: {out.parent}")
-    prepared = prepare(model_dir, data, tokens=tokens)
+    prepared = prepare(model_dir, data, tokens=tokens, window=window)
     analysis, result = plan_for_budget(
         prepared, budget, allow=allow, gate_steps=gate_steps, keep_model=False, progress=progress
     )
@@ -220,6 +222,7 @@ def compress_model_dir(
     keep_blocks: float | None = None,
     allow: str | Sequence[str] | None = None,
     tokens: int = DEFAULT_TOKENS,
+    window: int | None = None,
     gate_steps: int = 20,
     heal_steps: int = 0,
     heal_config=None,
@@ -240,7 +243,7 @@ def compress_model_dir(
     inputs = {"original model": model_dir, "data": data}
     check_output(out, inputs, overwrite=overwrite)
     out = Path(out)
-    prepared = prepare(model_dir, data, tokens=tokens)
+    prepared = prepare(model_dir, data, tokens=tokens, window=window)
     before = size_report(prepared.model, model_dir)
     analysis, result = plan_for_budget(prepared, budget, allow=allow, gate_steps=gate_steps, progress=progress)
     folded = result.best_model
@@ -400,7 +403,7 @@ def _needs_data(data) -> DataSource:
 def run_analyze(settings: AnalyzeSettings) -> AnalyzeReport:
     """``layerfold analyze``."""
     s = settings
-    return analyze_model_dir(s.model, _needs_data(s.calibration.data), s.output.out, tokens=s.calibration.calib_tokens,
+    return analyze_model_dir(s.model, _needs_data(s.calibration.data), s.output.out, tokens=s.calibration.calib_tokens, window=s.calibration.calib_window,
                              gate_steps=s.gate_steps, overwrite=s.output.overwrite)  # fmt: skip
 
 
@@ -408,7 +411,7 @@ def run_plan(settings: PlanSettings) -> PlanReport:
     """``layerfold plan``."""
     s = settings
     return plan_model_dir(s.model, _needs_data(s.calibration.data), s.output.out, keep=s.budget.keep,
-                          keep_blocks=s.budget.keep_blocks, allow=s.search.allow, tokens=s.calibration.calib_tokens,
+                          keep_blocks=s.budget.keep_blocks, allow=s.search.allow, tokens=s.calibration.calib_tokens, window=s.calibration.calib_window,
                           gate_steps=s.search.gate_steps, overwrite=s.output.overwrite)  # fmt: skip
 
 
@@ -417,5 +420,5 @@ def run_compress(settings: CompressSettings) -> CompressReport:
     s = settings
     return compress_model_dir(s.model, _needs_data(s.calibration.data), s.output.out, keep=s.budget.keep,
                               keep_blocks=s.budget.keep_blocks, allow=s.search.allow,
-                              tokens=s.calibration.calib_tokens, gate_steps=s.search.gate_steps,
+                              tokens=s.calibration.calib_tokens, window=s.calibration.calib_window, gate_steps=s.search.gate_steps,
                               heal_steps=s.heal_steps, overwrite=s.output.overwrite)  # fmt: skip

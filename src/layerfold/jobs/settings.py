@@ -46,7 +46,8 @@ class CalibrationText:
     data: Optional[list[Path]] = setting(help=f"Calibration text: {TEXT_FORMATS}.{MIX_HELP}")
     calib_tokens: int = setting(CALIB_TOKENS, help="Calibration tokens to use.")
     calib_window: Optional[int] = setting(
-        help="Tokens per calibration window.", default_text="2048 decoders, 128 encoders"
+        help="Tokens per calibration window.",
+        default_text="decoders 2048 (1024 where the planner measures: analyze, plan, compress); encoders 128",
     )
 
 
@@ -232,15 +233,10 @@ class PlanSettings:
 
 
 @dataclass(kw_only=True)
-class CompressSettings:
+class CompressSettings(PlanSettings):
     """Analyse, plan, fold, heal (optional) and evaluate in one command."""
 
-    model: Path = setting(..., argument=True, help=ORIGINAL)
-    calibration: CalibrationText = field(default_factory=CalibrationText)
-    budget: SizeBudget = field(default_factory=SizeBudget)
-    search: Search = field(default_factory=Search)
     heal_steps: int = setting(0, help="Distillation steps after folding (0: no healing).")
-    output: Output = field(default_factory=Output)
 
 
 @dataclass(kw_only=True)
