@@ -13,10 +13,8 @@ import inspect
 import json
 import os
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import typer
 
@@ -46,34 +44,19 @@ class Command:
 
 
 def _method_flags() -> dict[str, tuple[inspect.Parameter, Callable[[Any], Any]]]:
-    """Every registered method's options as ``fold`` flags, each with its parser (a list's items are typed); the
-    tie options' flags are fold's own and reach the tie methods."""
-    from ..core.settings import parse_list
+    """Every registered method's options as ``fold`` flags, each with its parser; the tie options' flags are
+    fold's own (``TieSettings``) and reach the tie methods."""
     from ..jobs.settings import TieSettings
     from ..methods import registry
     from .generate import flags
 
     own = {flag.name for flag in flags(TieSettings)}
     found = {}
-    for name, info in registry.all_options().items():
-        if name in own:
-            continue
-        kind, element = _flag_type(info["type"])
-        text = " ".join(f"{', '.join(names)}: {help}" for help, names in info["helps"].items()).replace("%", "%%")
-        option = typer.Option(None, "--" + name.replace("_", "-"), help=text)
-        parameter = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
-        found[name] = (parameter, parse_list(element, "--" + name.replace("_", "-")) if element else (lambda v: v))
+    for name, (annotation, text, parse) in registry.option_flags().items():
+        if name not in own:
+            option = typer.Option(None, "--" + name.replace("_", "-"), help=text.replace("%", "%%"))
+            found[name] = (inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation), parse)
     return found
-
-
-def _flag_type(kind: Any) -> tuple[Any, Any]:
-    """(the annotation typer sees, the element type of a comma-separated list or None)."""
-    present = [k for k in typing.get_args(kind) if k is not type(None)]
-    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(present) == 1:
-        kind = present[0]  # Optional[X]
-    if typing.get_origin(kind) in (list, tuple):
-        return Optional[str], typing.get_args(kind)[0]
-    return Optional[kind], None
 
 
 DATA = {"required": True}
