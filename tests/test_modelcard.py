@@ -92,5 +92,5 @@ def test_fold_dtype_saves_the_fold_in_that_dtype(capsys, tmp_path):
     assert layerfold.load(tmp_path / "half").dtype == torch.bfloat16
     code, _, err = run(capsys, "fold", source, "--out", tmp_path / "x", "--strategy", "cycle", "--unique", "2",
                        "--dtype", "fp8")  # fmt: skip
-    assert_one_line_error(code, err, "--dtype must be one of fp32, fp16, bf16")
+    assert_one_line_error(code, err, "'--dtype': Value error, 'fp8' is not one of 'fp32', 'fp16', 'bf16'")
     assert not (tmp_path / "x").exists()
