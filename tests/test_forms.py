@@ -55,6 +55,7 @@ def folded(model, plan):
     return fold(copy.deepcopy(model), plan, calibration=statistics, progress=False)
 
 
+# Each form's rank and options in these tests (a form not listed: rank 4 and its defaults).
 SETTINGS = {"vera": (16, {"seed": 3}), "svfit": (4, {}), "mos": (4, {"private": 2, "mos_shard": 2}), "kronecker": (2, {})}
 # The largest setting of the forms that can reproduce the original: a full rank (and for Kronecker all n² slow
 # matrices, which span every n × n matrix).
@@ -65,7 +66,7 @@ LARGEST = {"svfit": {}, "mos": {}, "kronecker": {"kron_terms": 16}}
 @pytest.mark.parametrize("relax", sorted(FORMS))
 def test_a_form_saves_loads_exports_and_streams_the_same(relax, family, tmp_path):
     model = build_tiny(family)
-    rank, options = SETTINGS[relax]
+    rank, options = SETTINGS.get(relax, (4, {}))  # a new form: rank 4, its default options
     plan = form_plan(model, relax, rank, **options)
     fold_ = folded(model, plan)
     assert any(isinstance(m, FormTiedLinear) for m in fold_.modules())
@@ -182,7 +183,7 @@ def test_pooled_relaxations_fit_better_than_none_and_relax_trains_only_them():
     reference = outputs(model, inputs)
     bare = (outputs(folded(model, form_plan(model, "lora", 0)), inputs) - reference).pow(2).mean()
     for relax in sorted(FORMS):
-        rank, options = SETTINGS[relax]
+        rank, options = SETTINGS.get(relax, (4, {}))  # a new form: rank 4, its default options
         fold_ = folded(model, form_plan(model, relax, rank, **options))
         assert (outputs(fold_, inputs) - reference).pow(2).mean() < bare, relax
         counts = select_trainable(fold_, "relax", norms=False)
