@@ -1,4 +1,4 @@
-"""A command's options, generated from its job's settings dataclass (``jobs.settings.option``).
+"""A command's options, generated from its job's settings dataclass (``core.settings.setting``).
 
 Each field with CLI metadata is an option (a field whose type is a dataclass is a group: its fields are options
 too); its help is the metadata's, with the field's default appended, so that every default is stated once, in the
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import types
 import typing
 from dataclasses import dataclass
 from enum import Enum
@@ -18,6 +17,8 @@ from functools import cache
 from typing import Any, Optional
 
 import typer
+
+from ..core.settings import present_type
 
 
 @dataclass
@@ -53,12 +54,6 @@ def flags(settings: type, changes: dict | None = None, path: tuple[str, ...] = (
     return found
 
 
-def _present(hint: Any) -> Any:
-    """``X`` of ``Optional[X]``."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
-
-
 @cache
 def _enum(name: str, choices: tuple[str, ...]) -> type[Enum]:
     return Enum(name, {c: c for c in choices}, type=str)
@@ -92,7 +87,7 @@ def _default_text(flag: Flag, default: Any) -> str:
 def parameter(flag: Flag) -> inspect.Parameter:
     """The typer parameter of one option."""
     meta, default = flag.meta, _default(flag)
-    kind = _present(flag.hint)
+    kind = present_type(flag.hint)
     choices = _choices(meta)
     required = default is dataclasses.MISSING or meta.get("required", False)
     if choices is not None:

@@ -3,6 +3,8 @@ command is generated from the jobs' settings dataclasses (``cli.generate``); the
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import field
 from typing import Any, Callable
 
@@ -48,3 +50,9 @@ def parse_list(kind: type, flag: str) -> Callable[[str], list]:
             raise LayerfoldError(f"{flag}: expected a comma-separated list, got '{text}'") from None
 
     return parse
+
+
+def present_type(hint: Any) -> Any:
+    """``X`` of ``Optional[X]`` (``X | None``); any other annotation as it is."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint

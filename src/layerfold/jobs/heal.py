@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -35,8 +34,3 @@ def run_heal(settings: HealSettings):
     job = heal_streamed if s.stream else heal
     return job(s.model, s.teacher, single_source(s.data), s.output.out, s.config, resume=s.resume,
                overwrite=s.output.overwrite, keep_checkpoints=s.keep_checkpoints)  # fmt: skip
-
-
-def is_main_process() -> bool:
-    """Under ``accelerate launch`` only the first process prints the report."""
-    return int(os.environ.get("RANK", "0")) == 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -207,14 +206,11 @@ def all_options() -> dict[str, dict[str, Any]]:
 def option_flags() -> dict[str, tuple[Any, str, Callable[[Any], Any]]]:
     """Every option as a command-line flag: (the annotation the CLI parses it as, its help naming the methods
     that take it, the parser of its text: a list's items comma-separated and typed)."""
-    from ..core.settings import parse_list
+    from ..core.settings import parse_list, present_type
 
     flags = {}
     for name, info in all_options().items():
-        kind = info["type"]
-        present = [k for k in typing.get_args(kind) if k is not type(None)]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(present) == 1:
-            kind = present[0]  # Optional[X]
+        kind = present_type(info["type"])
         text = " ".join(f"{', '.join(names)}: {help}" for help, names in info["helps"].items())
         if typing.get_origin(kind) in (list, tuple):
             flags[name] = (Optional[str], text, parse_list(typing.get_args(kind)[0], "--" + name.replace("_", "-")))
