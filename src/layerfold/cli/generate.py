@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import typer
 
-from ..core.settings import present_type
+from ..core.settings import build_settings, present_type
 
 
 @dataclass
@@ -122,7 +122,7 @@ def signature(settings: type, changes: dict | None = None, extra: list[inspect.P
 
 def settings_from(settings: type, values: dict, changes: dict | None = None) -> Any:
     """The settings the command line gives: each option's text parsed, an option not given left at its default."""
-    given: dict[tuple[str, ...], Any] = {}
+    given: dict[str, Any] = {}
     for flag in flags(settings, changes):
         value = values.pop(flag.name)
         if value is None or (isinstance(value, list) and not value and _default(flag) is None):
@@ -133,17 +133,5 @@ def settings_from(settings: type, values: dict, changes: dict | None = None) -> 
             value = flag.meta["parse"](value)
         elif isinstance(value, (list, tuple)):
             value = list(value)
-        given[flag.path] = value
-    return _build(settings, given, ())
-
-
-def _build(settings: type, given: dict, path: tuple[str, ...]) -> Any:
-    hints = typing.get_type_hints(settings)
-    values = {}
-    for item in dataclasses.fields(settings):
-        here = path + (item.name,)
-        if _is_settings(hints[item.name]):
-            values[item.name] = _build(hints[item.name], given, here)
-        elif here in given:
-            values[item.name] = given[here]
-    return settings(**values)
+        given[flag.name] = value
+    return build_settings(settings, given, "layerfold")

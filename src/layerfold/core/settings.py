@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import types
 import typing
-from dataclasses import field
+from dataclasses import MISSING, field, fields, is_dataclass
 from typing import Any, Callable
 
 from .errors import LayerfoldError
@@ -56,3 +56,18 @@ def present_type(hint: Any) -> Any:
     """``X`` of ``Optional[X]`` (``X | None``); any other annotation as it is."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+
+
+def build_settings(kind: type, given: dict[str, Any], where: str) -> Any:
+    """A settings dataclass from values by field name (a group's fields too, its groups built likewise): each
+    value taken out of ``given`` (what is left was not a field), a field not given left at its default."""
+    hints, values = typing.get_type_hints(kind), {}
+    for item in fields(kind):
+        if is_dataclass(hints[item.name]):
+            values[item.name] = build_settings(hints[item.name], given, where)
+        elif item.name in given:
+            values[item.name] = given.pop(item.name)
+    missing = [f.name for f in fields(kind) if f.name not in values and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise LayerfoldError(f"{where}: give {', '.join(missing)}")
+    return kind(**values)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import MISSING, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +28,7 @@ from ..operations.plan import FoldPlan
 from ..core.report import ABSENT, Report, merged, parameter_breakdown, size_table, weight_bytes
 from ..core.store import fold_state
 from ..folding.streamed import stream_fold
+from ..core.settings import build_settings
 from .settings import CALIB_TOKENS, FoldSettings
 
 
@@ -325,27 +326,10 @@ def fold(model, plan: FoldPlan | None = None, **settings) -> Any:
 
 def fold_settings(model: str | Path, plan: FoldPlan | None = None, **given) -> FoldSettings:
     """``FoldSettings`` from keywords, each given by its own name (a group's fields too: ``keep``, ``out``)."""
-    import typing
-    from dataclasses import fields, is_dataclass
-
     renames = {"calib": "data", "max_shard_bytes": "max_shard_size"}
     given = {renames.get(k, k): v for k, v in given.items()}
-
-    def build(kind: type, top: bool = False):
-        hints, values = typing.get_type_hints(kind), {}
-        for item in fields(kind):
-            if is_dataclass(hints[item.name]):
-                values[item.name] = build(hints[item.name])
-            elif item.name in given:
-                values[item.name] = given.pop(item.name)
-        try:
-            return kind(**values)
-        except TypeError:
-            missing = [f.name for f in fields(kind) if f.name not in values and f.default is MISSING and f.default_factory is MISSING]
-            raise LayerfoldError(f"fold: give {', '.join(missing)}") from None
-
     given.update(model=Path(model), plan=plan)
-    settings = build(FoldSettings)
+    settings = build_settings(FoldSettings, given, "fold")
     if given:
         raise LayerfoldError(f"fold: unknown setting {sorted(given)[0]!r}")
     return settings
