@@ -67,12 +67,18 @@ bench: bench-setup
 	$(BIN)/python benchmarks/auto.py
 	$(BIN)/python benchmarks/scaling.py
 
-# A few rows with small caps on MiniLM and SmolLM2 (MPNet and Gemma only in make bench, so that CI stays inside
-# 45 minutes); CI runs it as a smoke test.
+# Every benchmark script once with --quick (a row or two on small caps, mostly MiniLM; MPNet and Gemma only in
+# make bench), so that CI stays inside 45 minutes; CI runs it as a smoke test of every script.
 bench-quick: bench-setup
 	$(BIN)/python benchmarks/sweep.py --quick --models minilm,smollm2
 	$(BIN)/python benchmarks/heal.py --quick
 	$(BIN)/python benchmarks/auto.py --quick
+	$(BIN)/python benchmarks/calib_mix.py --quick
+	$(BIN)/python benchmarks/loss_mix.py --quick
+	$(BIN)/python benchmarks/relax_forms.py --quick
+	$(BIN)/python benchmarks/width.py --quick
+	$(BIN)/python benchmarks/fold_smollm2.py --quick
+	$(BIN)/python benchmarks/scaling.py --quick
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -15,40 +15,25 @@ Writes results/auto.{json,md} (--quick: results/quick/).
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import (
-    DATA,
-    RESULTS,
-    calibration_data,
-    machine,
-    ratios_to,
-    runtime_cells,
-    runtime_columns,
-    runtime_of,
-    smollm2_dir,
-    write_results,
-)
-from heal import minilm as minilm_heal_task
-from heal import smollm2 as smollm2_heal_task
-from sweep import TASKS as SWEEP_TASKS
+from common import RESULTS, bench_parser, ratios_to, runtime_cells, runtime_columns, runtime_of, write_results
+from heal import heal_task
+from tasks import TEST_TASKS, Task, minilm, smollm2
 from tqdm.auto import tqdm
 
+from layerfold.checkpoints.folded import load, save
 from layerfold.core.budget import Budget, kept_fractions
-from layerfold.engine.calibrate import Calibration, calibration_batches
-from layerfold.jobs.compress import plan_for_budget, planning_analysis, prepare
-from layerfold.core.texts import read_sts, wikitext_half
-from layerfold.jobs.demo import default_model_path
-from layerfold.evaluation.metrics import perplexity, runtime_cost, sts_spearman, tokenize_text
-from layerfold.heal import heal
-from layerfold.checkpoints.folded import load, load_tokenizer, save
-from layerfold.methods.planner import Proxy
 from layerfold.core.report import markdown_table, parameter_breakdown
+from layerfold.engine.calibrate import Calibration, calibration_batches
+from layerfold.evaluation.metrics import runtime_cost
+from layerfold.heal import heal
+from layerfold.jobs.compress import plan_for_budget, planning_analysis, prepare
+from layerfold.methods.planner import Proxy
 
 BLOCK_BUDGETS = (0.83, 0.67, 0.5)
 TOTAL_BUDGETS = {"all-MiniLM-L6-v2": (), "SmolLM2-135M": (0.9, 0.84, 0.75, 0.65)}
@@ -58,46 +43,14 @@ def label(budget: Budget) -> str:
     return f"{budget.keep:.0%} of {'blocks' if budget.blocks_only else 'all'}"
 
 
-def mixed(own: Path, what: str, windows: str = "") -> dict:
-    """The planner's data: the sweep's mix of domains (common.calibration_data), so that auto and the fixed rows
-    see the same kinds of text."""
-    source, label = calibration_data(own, what, one_domain=False)
-    return {"data": source, "data_label": label + windows}
-
-
-def task(name: str, quick: bool, work: Path) -> dict:
+def task(name: str, quick: bool) -> Task:
+    """The planner's task: the sweep's model and mix of domains (so that auto and the fixed rows see the same
+    kinds of text), every STS-B test pair also when quick (the rows are compared with the sweep's, measured on
+    all of them); SmolLM2's search fits on 8 windows and holds 2 out for the proxy (the 5-minute planner
+    target), and the chosen plan is then fitted on the sweep's 65,536 tokens."""
     if name == "minilm":
-        path = default_model_path()
-        tokenizer = load_tokenizer(path)
-        # Every test pair, also when quick: the rows are compared with the sweep's, measured on all of them.
-        pairs = read_sts(DATA / "stsbenchmark" / "sts-test.csv")
-        return {
-            "model": "all-MiniLM-L6-v2",
-            "path": path,
-            "metric": "spearman",
-            "higher": True,
-            "measure": lambda model: sts_spearman(model, tokenizer, pairs)["value"],
-            **mixed(DATA / "stsbenchmark" / "sts-train.csv", "STS-B train sentences"),
-            "tokens": 8192 if quick else 32768,
-            "heal": minilm_heal_task,
-        }
-    path = smollm2_dir()
-    wikitext = DATA / "wikitext-2-raw" / "wiki.test.raw"
-    ids = tokenize_text(load_tokenizer(path), wikitext_half(wikitext, "second"), 4096)
-    first = work / "wikitext-test-first-half.txt"
-    first.write_text(wikitext_half(wikitext, "first"))
-    return {
-        "model": "SmolLM2-135M",
-        "path": path,
-        "metric": "perplexity",
-        "higher": False,
-        "measure": lambda model: perplexity(model, ids, max_length=1024, stride=1024)["value"],
-        **mixed(first, "WikiText-2 test, first half", ", 1,024-token windows"),
-        # The search fits on 8 windows and holds 2 out for the proxy (the 5-minute planner target); the chosen plan
-        # is then fitted on the sweep's 65,536 tokens.
-        "tokens": 10240,
-        "heal": smollm2_heal_task,
-    }
+        return minilm(quick, all_pairs=True)
+    return smollm2(quick, eval_tokens=4096, tokens=10240, windows=", 1,024-token windows")
 
 
 def best_fixed(sweep_rows: list[dict], model: str, budget: Budget, higher: bool, within: bool) -> dict | None:
@@ -119,9 +72,11 @@ def best_fixed(sweep_rows: list[dict], model: str, budget: Budget, higher: bool,
 def run_model(
     name: str, quick: bool, work: Path, sweep_rows: list[dict], heal_rows: dict, only: list[Budget] | None = None
 ) -> dict:
-    t = task(name, quick, work)
+    """The planner's rows of one model: analyse once, then search, measure (and at 50 % of the blocks heal) each
+    budget beside the best fixed rows. Over 80 lines: one row's steps in order, each a call into layerfold."""
+    t = task(name, quick)
     started = time.perf_counter()
-    prepared = prepare(t["path"], t["data"], tokens=t["tokens"])
+    prepared = prepare(t.path, t.calibration, tokens=t.tokens)
     load_seconds = time.perf_counter() - started
     started = time.perf_counter()
     analysis = planning_analysis(prepared, gate_steps=10 if quick else 20)
@@ -130,32 +85,32 @@ def run_model(
     # The chosen plan is fitted again on the sweep's own calibration data, so that auto and the fixed rows differ
     # only in the plan: the same batches, the same tokens.
     started = time.perf_counter()
-    sweep_task = SWEEP_TASKS[name](quick, False)
+    sweep_task = TEST_TASKS[name](quick)
     sweep_batches = calibration_batches(
-        prepared.model, prepared.tokenizer, sweep_task.calibration_source, tokens=sweep_task.calibration_tokens
+        prepared.model, prepared.tokenizer, sweep_task.calibration, tokens=sweep_task.tokens
     )
     refit = Calibration(prepared.model, sweep_batches, {"data": sweep_task.calibration_text})
     refit.statistics()
     refit_seconds = time.perf_counter() - started
     original = parameter_breakdown(prepared.model)
     budgets = [Budget(b, blocks_only=True) for b in ((0.5,) if quick else BLOCK_BUDGETS)]
-    budgets += [Budget(b) for b in (() if quick else TOTAL_BUDGETS[t["model"]])]
+    budgets += [Budget(b) for b in (() if quick else TOTAL_BUDGETS[t.model])]
     if only is not None:
         budgets = [b for b in budgets if b in only]
     rows = []
     # The original's run-time cost, measured in this run: each auto row's ratios are to it.
-    original_runtime = runtime_cost(t["path"], quick=quick, **sweep_task.runtime_inputs)
-    for budget in tqdm(budgets, desc=f"{t['model']} auto", unit="budget"):
+    original_runtime = runtime_cost(t.path, quick=quick, **sweep_task.runtime_inputs)
+    for budget in tqdm(budgets, desc=f"{t.model} auto", unit="budget"):
         _, result = plan_for_budget(prepared, budget, analysis=analysis, proxy=proxy, refit=refit)
         search_seconds = result.seconds
         folded = result.best_model
-        value = t["measure"](folded)
-        runtime = runtime_of(folded, t["path"], quick=quick, **sweep_task.runtime_inputs)
+        value = t.value(folded)
+        runtime = runtime_of(folded, t.path, quick=quick, **sweep_task.runtime_inputs)
         runtime["ratios"] = ratios_to(runtime, original_runtime)
-        fixed = best_fixed(sweep_rows, t["model"], budget, t["higher"], within=False)
-        fixed_within = best_fixed(sweep_rows, t["model"], budget, t["higher"], within=True)
+        fixed = best_fixed(sweep_rows, t.model, budget, t.higher_is_better, within=False)
+        fixed_within = best_fixed(sweep_rows, t.model, budget, t.higher_is_better, within=True)
         row = {
-            "model": t["model"],
+            "model": t.model,
             "budget": label(budget),
             "choice": result.best.name,
             "plan_summary": result.best.plan.describe(),
@@ -183,16 +138,16 @@ def run_model(
             else {"method": fixed_within["method"], "options": fixed_within["options"], "value": fixed_within["value"]},
         }
         if budget.blocks_only and budget.keep == 0.5:
-            heal_task = t["heal"](quick, work)
+            healing = heal_task(name, quick)
             folded_dir, healed_dir = work / f"{name}-auto", work / f"{name}-auto-healed"
-            save(folded, folded_dir, source=t["path"], overwrite=True)
-            report = heal(folded_dir, t["path"], heal_task.heal_data, healed_dir, heal_task.config, overwrite=True)
-            row["healed"] = t["measure"](load(healed_dir))
+            save(folded, folded_dir, source=t.path, overwrite=True)
+            report = heal(folded_dir, t.path, healing.heal_data, healed_dir, healing.heal, overwrite=True)
+            row["healed"] = t.value(load(healed_dir))
             row["heal_seconds"] = round(report["seconds_this_run"], 1)
             row["heal_tokens"] = report["tokens_this_run"]
-            healed_fixed = [r for r in heal_rows.get(t["model"], {}).get("rows", []) if r.get("healed") is not None]
+            healed_fixed = [r for r in heal_rows.get(t.model, {}).get("rows", []) if r.get("healed") is not None]
             if healed_fixed:
-                best = (max if t["higher"] else min)(healed_fixed, key=lambda r: r["healed"])
+                best = (max if t.higher_is_better else min)(healed_fixed, key=lambda r: r["healed"])
                 row["best_fixed_healed"] = {
                     "method": best["method"],
                     "options": best["options"],
@@ -202,9 +157,9 @@ def run_model(
         rows.append(row)
         del folded, result
     return {
-        "metric": t["metric"],
-        "higher_is_better": t["higher"],
-        "calibration": {**prepared.calibration.settings, "data": t["data_label"], "proxy_tokens": proxy.tokens},
+        "metric": t.metric,
+        "higher_is_better": t.higher_is_better,
+        "calibration": {**prepared.calibration.settings, "data": t.calibration_text, "proxy_tokens": proxy.tokens},
         "refit": {**refit.settings, "seconds": round(refit_seconds, 1)},
         "load_seconds": round(load_seconds, 1),
         "analysis_seconds": round(analysis_seconds, 1),
@@ -297,9 +252,7 @@ def render(payload: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--models", default=None, help="comma-separated: minilm, smollm2")
+    parser = bench_parser(__doc__, models="minilm,smollm2; --quick: minilm")
     parser.add_argument(
         "--budgets", default=None, help="comma-separated subset, e.g. 0.5b,0.84 (b: of the blocks; else of all)"
     )
@@ -326,13 +279,7 @@ def main() -> None:
     payload["seconds"] = round(time.perf_counter() - start)
     payload["date"] = time.strftime("%Y-%m-%d")
     markdown = render(payload)
-    if args.quick:
-        out = RESULTS / "quick"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "auto.json").write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str) + "\n")
-        (out / "auto.md").write_text(markdown + "\n")
-    else:
-        write_results("auto", payload, markdown)
+    write_results("auto", payload, markdown, quick=args.quick)
     print(markdown)
 
 

@@ -23,24 +23,24 @@ Nothing here reads an evaluation set (STS-B test, the second halves). Writes ben
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import DATA, RESULTS, model_tasks, smollm2_dir, write_results
+from common import DATA, RESULTS, bench_parser, merge_models, smollm2_dir, write_results
+from tasks import WIKITEXT, Task, fidelity_to_original, minilm_dev
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
-from layerfold.core.budget import Budget
-from layerfold.engine.calibrate import Calibration, calibration_batches
-from layerfold.core.texts import pydoc_paragraphs, read_sts, text_lines, wikitext_half
-from layerfold.jobs.demo import default_model_path
-from layerfold.evaluation.metrics import embedding_fidelity, perplexity, sentence_embeddings, sts_spearman
 from layerfold.checkpoints.folded import load_source, load_tokenizer
+from layerfold.core.budget import Budget
 from layerfold.core.report import markdown_table
+from layerfold.core.texts import pydoc_paragraphs, wikitext_half
+from layerfold.engine.calibrate import Calibration, calibration_batches
+from layerfold.evaluation.metrics import perplexity
 
 METHODS = [("svd", {"allocation": "sensitivity", "whole": [0, -1]}), ("basis", {"allocation": "uniform"})]
 DEV_TOKENS = 4096
@@ -51,10 +51,11 @@ def tail_ids(tokenizer, text: str, tokens: int) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", verbose=False).input_ids[0][-tokens:]
 
 
-def decoder(work: Path) -> dict:
+def decoder(work: Path, quick: bool) -> tuple[Task, dict, Budget]:
+    """SmolLM2 at 84 % of all parameters, and its calibration sources by label."""
     path = smollm2_dir()
     tokenizer = load_tokenizer(path)
-    wikitext = wikitext_half(DATA / "wikitext-2-raw" / "wiki.test.raw", "first")
+    wikitext = wikitext_half(WIKITEXT, "first")
     text = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
     shakespeare = text[: len(text) // 2]
     (work / "wikitext.txt").write_text(wikitext)
@@ -66,74 +67,49 @@ def decoder(work: Path) -> dict:
         "pydoc": tokenizer("\n\n".join(pydoc_paragraphs(2000)), return_tensors="pt").input_ids[0][:DEV_TOKENS],
     }
 
-    def measure(model, original) -> dict:
-        return {name: perplexity(model, ids, max_length=1024, stride=1024)["value"] for name, ids in dev.items()}
+    def perplexity_on(ids: torch.Tensor):
+        return lambda model, _: perplexity(model, ids, max_length=1024, stride=1024)["value"]
 
-    return {
-        "model": "SmolLM2-135M",
-        "path": path,
-        "budget": Budget(0.84),
-        "tokens": 65536,
-        "sources": {"WikiText": [work / "wikitext.txt"],
-                    "WikiText + Shakespeare": [work / "wikitext.txt", work / "shakespeare.txt"],
-                    "WikiText + pydoc": [work / "wikitext.txt", work / "pydoc.txt"]},
-        "measure": measure,
-        "lower_is_better": True,
-    }  # fmt: skip
+    task = Task("SmolLM2-135M", path, "WikiText dev", False, f"the last {DEV_TOKENS} tokens of WikiText's first half",
+                {name: perplexity_on(ids) for name, ids in dev.items()}, work / "wikitext.txt", "WikiText", 65536)
+    sources = {"WikiText": [work / "wikitext.txt"],
+               "WikiText + Shakespeare": [work / "wikitext.txt", work / "shakespeare.txt"],
+               "WikiText + pydoc": [work / "wikitext.txt", work / "pydoc.txt"]}  # fmt: skip
+    return task, sources, Budget(0.84)
 
 
-def encoder(work: Path) -> dict:
-    path = default_model_path()
-    tokenizer = load_tokenizer(path)
-    pairs = read_sts(DATA / "stsbenchmark" / "sts-dev.csv")
-    wikitext = wikitext_half(DATA / "wikitext-2-raw" / "wiki.test.raw", "first")
-    (work / "wikitext.txt").write_text(wikitext)
+def encoder(work: Path, quick: bool) -> tuple[Task, dict, Budget]:
+    """MiniLM at half its block parameters (the development task of tasks.py: STS-B dev, the cosine to the
+    original on WikiText first-half paragraphs, and on pydoc paragraphs), and its calibration sources by label."""
+    task = minilm_dev(one_domain=True, quick=quick)
+    (work / "wikitext.txt").write_text(wikitext_half(WIKITEXT, "first"))
     (work / "pydoc.txt").write_text("\n".join(pydoc_paragraphs(100_000, min_words=8)[256:]))
-    paragraphs = {
-        "WikiText dev cosine": [line for line in text_lines(wikitext) if len(line.split()) >= 8][-256:],
-        "pydoc cosine": pydoc_paragraphs(256, min_words=8),
-    }
-    reference: dict[str, torch.Tensor] = {}
-
-    def measure(model, original) -> dict:
-        values = {"STS-B dev": sts_spearman(model, tokenizer, pairs)["value"]}
-        for name, texts in paragraphs.items():
-            if name not in reference:
-                reference[name] = sentence_embeddings(original, tokenizer, texts)
-            values[name] = embedding_fidelity(reference[name], sentence_embeddings(model, tokenizer, texts))["mean"]
-        return values
-
-    train = DATA / "stsbenchmark" / "sts-train.csv"
-    return {
-        "model": "all-MiniLM-L6-v2",
-        "path": path,
-        "budget": Budget(0.5, blocks_only=True),
-        "tokens": 32768,
-        "sources": {"STS-B train": [train], "STS-B train + WikiText": [train, work / "wikitext.txt"],
-                    "STS-B train + pydoc": [train, work / "pydoc.txt"]},
-        "measure": measure,
-        "lower_is_better": False,
-    }
+    pydoc = fidelity_to_original(task.tokenizer, pydoc_paragraphs(64 if quick else 256, min_words=8))
+    task = task.keeping("STS-B dev", **{"WikiText dev cosine": task.measures["WikiText cosine"], "pydoc cosine": pydoc})
+    train = task.calibration
+    sources = {"STS-B train": [train], "STS-B train + WikiText": [train, work / "wikitext.txt"],
+               "STS-B train + pydoc": [train, work / "pydoc.txt"]}
+    return task, sources, Budget(0.5, blocks_only=True)
 
 
-def run(task: dict, only: set[str] | None) -> list[dict]:
-    original = load_source(task["path"], dtype=torch.float32)
-    tokenizer = load_tokenizer(task["path"])
-    rows = [{"model": task["model"], "method": "original", "calibration": "", **task["measure"](original, original)}]
-    for label, files in task["sources"].items():
+def run(task: Task, sources: dict, budget: Budget, only: set[str] | None, methods=METHODS) -> list[dict]:
+    original = load_source(task.path, dtype=torch.float32)
+    tokenizer = task.tokenizer
+    rows = [{"model": task.model, "method": "original", "calibration": "", **task.figures(original, original)}]
+    for label, files in sources.items():
         if only is not None and label not in only:
             continue
         start = time.perf_counter()
         source = files[0] if len(files) == 1 else files
         calibration = Calibration(
-            original, calibration_batches(original, tokenizer, source, tokens=task["tokens"]), {"data": label}
+            original, calibration_batches(original, tokenizer, source, tokens=task.tokens), {"data": label}
         )
         calibration.statistics()
         seconds = time.perf_counter() - start
-        for name, options in tqdm(METHODS, desc=f"{task['model']}, {label}", unit="method"):
-            folded = registry.build(registry.get(name), copy.deepcopy(original), task["budget"], calibration, **options)
-            rows.append({"model": task["model"], "method": name, "options": options, "calibration": label,
-                         "calibration_seconds": round(seconds, 1), **task["measure"](folded, original)})  # fmt: skip
+        for name, options in tqdm(methods, desc=f"{task.model}, {label}", unit="method"):
+            folded = registry.build(registry.get(name), copy.deepcopy(original), budget, calibration, **options)
+            rows.append({"model": task.model, "method": name, "options": options, "calibration": label,
+                         "calibration_seconds": round(seconds, 1), **task.figures(folded, original)})  # fmt: skip
             tqdm.write(str(rows[-1]))
             del folded
     return rows
@@ -153,37 +129,33 @@ def render(results: list[dict]) -> str:
 
 def merged(old: dict, new: dict) -> dict:
     """``new``'s rows in place of the old rows of the same model, method and calibration; the rest kept."""
-    renamed = {"pydoc (neither)": "pydoc", "pydoc cosine (neither)": "pydoc cosine"}  # the first run's names
-    results = []
-    for fresh in new["results"]:
-        before = next((r for r in old["results"] if r["model"] == fresh["model"]), {"rows": []})
-        key = lambda row: (row["method"], row["calibration"])  # noqa: E731
-        replaced = {key(row) for row in fresh["rows"]}
-        kept = [{renamed.get(k, k): v for k, v in row.items()} for row in before["rows"] if key(row) not in replaced]
-        rows = [r for r in fresh["rows"] if r["method"] == "original"] + [r for r in kept if r["method"] != "original"]
-        rows += [r for r in fresh["rows"] if r["method"] != "original"]
-        results.append({**fresh, "rows": rows})
+    results = merge_models(old["results"], new["results"], key=lambda row: (row["method"], row["calibration"]))
     return {**new, "results": results}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--calibrations", default=None, help="comma-separated labels: run only these rows and "
                         "replace them in results/calib_mix.json")  # fmt: skip
     args = parser.parse_args()
-    only = set(args.calibrations.split(",")) if args.calibrations else None
+    # --quick (CI's smoke test): MiniLM calibrated on a mix, svd only, 300 dev pairs, 8,192 tokens
+    only = set(args.calibrations.split(",")) if args.calibrations else {"STS-B train + pydoc"} if args.quick else None
     torch.manual_seed(0)
     start = time.perf_counter()
     results = []
-    for _, task in model_tasks((encoder, decoder), "layerfold-mix-"):
-        results.append({"model": task["model"], "budget": task["budget"].option + f" {task['budget'].keep:g}",
-                        "tokens": task["tokens"], "rows": run(task, only)})  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="layerfold-mix-") as tmp:
+        for make in (encoder,) if args.quick else (encoder, decoder):
+            work = Path(tmp) / make.__name__
+            work.mkdir()
+            task, sources, budget = make(work, args.quick)
+            results.append({"model": task.model, "budget": budget.option + f" {budget.keep:g}", "tokens": task.tokens,
+                            "rows": run(task, sources, budget, only, METHODS[:1] if args.quick else METHODS)})  # fmt: skip
     payload = {"seconds": round(time.perf_counter() - start), "results": results}
-    if only is not None and (RESULTS / "calib_mix.json").is_file():
+    if only is not None and not args.quick and (RESULTS / "calib_mix.json").is_file():
         payload = merged(json.loads((RESULTS / "calib_mix.json").read_text()), payload)
         results = payload["results"]
     markdown = render(results)
-    write_results("calib_mix", payload, markdown)
+    write_results("calib_mix", payload, markdown, quick=args.quick)
     print(markdown)
 
 

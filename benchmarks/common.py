@@ -161,16 +161,6 @@ def written_text(name: str, text: str) -> Path:
     return path
 
 
-def model_tasks(makers, prefix: str):
-    """Yield ``(work folder, task)`` for each task maker (``maker(work) -> dict``), each with its own empty
-    folder under one temporary directory that is removed when the loop ends."""
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        for make in makers:
-            work = Path(tmp) / make.__name__
-            work.mkdir()
-            yield work, make(work)
-
-
 def calibration_data(own: Path, what: str, *, one_domain: bool) -> tuple[DataSource, str]:
     """The calibration and heal data of a benchmark row and its description. By default an equal mix of the
     model's own domain (``own``) and pydoc_data.topics paragraphs, a domain that no off-domain column reads:
@@ -199,15 +189,17 @@ def machine() -> dict:
     }
 
 
-def write_results(name: str, payload: dict, markdown: str) -> Path:
-    """Write ``name``.json/.md under benchmarks/results/ plus a dated copy of each."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(name: str, payload: dict, markdown: str, *, quick: bool = False) -> Path:
+    """Write ``name``.json/.md under benchmarks/results/ plus a dated copy of each (``quick``: under
+    results/quick/, undated: a smoke test's figures are not a measurement)."""
+    out = results_dir(quick)
     stamp = datetime.datetime.now(datetime.timezone.utc)
     payload = {"date": stamp.isoformat(timespec="seconds"), "machine": machine(), **payload}
+    names = [name] if quick else [name, f"{name}-{stamp:%Y-%m-%d}"]
     for suffix, text in ((".json", json.dumps(payload, indent=2, default=str) + "\n"), (".md", markdown + "\n")):
-        (RESULTS / f"{name}{suffix}").write_text(text)
-        (RESULTS / f"{name}-{stamp:%Y-%m-%d}{suffix}").write_text(text)
-    return RESULTS / f"{name}.json"
+        for stem in names:
+            (out / f"{stem}{suffix}").write_text(text)
+    return out / f"{name}.json"
 
 
 def runtime_of(model, original_path: Path, *, quick: bool, texts=None, token_ids=None) -> dict:
@@ -301,3 +293,52 @@ def off_domain_perplexity(tokenizer, tokens: int) -> tuple[str, Callable]:
         return perplexity(model, ids, max_length=1024, stride=1024)["value"]
 
     return f"perplexity on Tiny Shakespeare's second half, first {ids.numel()} tokens", measure
+
+
+def merge_rows(old: list[dict], new: list[dict], key: Callable[[dict], tuple], *, update: bool = False,
+               stamp: Callable[[dict], dict] | None = None) -> list[dict]:  # fmt: skip
+    """The one merge of result rows that every benchmark's ``--merge`` uses: ``new``'s rows over ``old``'s by
+    ``key``. A new row replaces the old row with its key (``update``: updates it, so that the old row's columns
+    the new run did not measure stay); old rows the run did not measure stay where they were; new rows with no
+    old row follow. ``stamp(row)`` adds columns to each new row (e.g. the date it was measured)."""
+    merged = [dict(row) for row in old]
+    index = {key(row): n for n, row in enumerate(merged)}
+    for row in new:
+        row = {**row, **(stamp(row) if stamp else {})}
+        n = index.get(key(row))
+        if n is None:
+            index[key(row)] = len(merged)
+            merged.append(row)
+        else:
+            merged[n] = {**merged[n], **row} if update else row
+    return merged
+
+
+def merge_models(old: list[dict], new: list[dict], key: Callable[[dict], tuple], **options) -> list[dict]:
+    """``merge_rows`` per model, over results laid out as ``[{"model": ..., ..., "rows": [...]}, ...]``: a
+    re-run model's other fields come from the new run; models the run did not measure stay."""
+    results = {r["model"]: r for r in old}
+    for result in new:
+        before = results.get(result["model"], {"rows": []})
+        results[result["model"]] = {**before, **result, "rows": merge_rows(before["rows"], result["rows"], key,
+                                                                           **options)}  # fmt: skip
+    return list(results.values())
+
+
+def bench_parser(doc: str, *, models: str | None = None):
+    """The command line every benchmark starts from: its description, ``--quick`` (CI's smoke test: a row or
+    two on small caps, results under results/quick/) and, where it runs several models, ``--models``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--quick", action="store_true", help="a smoke test: few rows, small caps (make bench-quick)")
+    if models is not None:
+        parser.add_argument("--models", default=None, help=f"comma-separated (default: {models})")
+    return parser
+
+
+def results_dir(quick: bool) -> Path:
+    """Where a run writes: results/ (quick: results/quick/, so that a smoke test never replaces a measurement)."""
+    out = RESULTS / "quick" if quick else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    return out

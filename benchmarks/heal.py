@@ -14,49 +14,36 @@ benchmarks/results/heal.{json,md} (--quick: benchmarks/results/quick/).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from common import (
-    DATA,
-    RESULTS,
-    calibration_data,
-    machine,
-    off_domain_fidelity,
-    off_domain_perplexity,
+    bench_parser,
+    merge_models,
     onnx_sts_spearman,
     paraphrase_minilm_onnx,
     runtime_cells,
     runtime_columns,
     runtime_ratios,
-    smollm2_dir,
     write_results,
+    RESULTS,
 )
+from tasks import Task, minilm, smollm2, sts_test_pairs
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
-from layerfold.core.budget import Budget, kept_fractions
-from layerfold.engine.calibrate import Calibration, calibration_batches
-from layerfold.core.texts import DataSource, read_sts, wikitext_half
-from layerfold.jobs.demo import default_model_path
-from layerfold.evaluation.metrics import (
-    perplexity,
-    runtime_cost,
-    sts_spearman,
-    tokenize_text,
-)
-from layerfold.heal import HealConfig, heal
 from layerfold.checkpoints.folded import load, load_source, load_tokenizer, save
+from layerfold.core.budget import Budget, kept_fractions
 from layerfold.core.report import markdown_table, parameter_breakdown
+from layerfold.engine.calibrate import Calibration, calibration_batches
+from layerfold.evaluation.metrics import runtime_cost
+from layerfold.heal import heal
 
 ENDS_WHOLE = {"allocation": "sensitivity", "whole": [0, -1]}
 # Every tie, removal and basis method, with the options that did best training-free in the sweep.
@@ -73,87 +60,30 @@ METHODS = [
 QUICK_METHODS = [("tie-cycle", {"rank": 0})]  # CI's smoke test: one fold healed, inside CI's time limit
 
 
-@dataclass
-class HealTask:
-    model: str
-    path: Path
-    metric: str
-    higher_is_better: bool
-    cap: str
-    measure: Callable[[torch.nn.Module], float]
-    heal_data: DataSource
-    heal_data_text: str  # what the heal data is, for the table
-    calibration_tokens: int
-    config: HealConfig
-    methods: list[tuple[str, dict]] = field(default_factory=list)
-    runtime_inputs: dict = field(default_factory=dict)  # texts (encoders) or token_ids (decoders), only timed
-    quick: bool = False
-    # Text unlike the calibration and heal data: (what it is, a function of the model and the original).
-    off_domain: tuple[str, Callable] | None = None
-    stages: tuple[str, ...] = ("e2e", "both")  # each method is healed once per stage, from the same fold
-    peers: list[dict] = field(default_factory=list)  # models of the folded size one could use instead
+STAGES = ("e2e", "both")  # each method is healed once per stage, from the same fold
 
 
-def minilm(quick: bool, work: Path, one_domain: bool = False) -> HealTask:
-    path = default_model_path()
-    tokenizer = load_tokenizer(path)
-    pairs = read_sts(DATA / "stsbenchmark" / "sts-test.csv", limit=300 if quick else None)
-    data, what = calibration_data(DATA / "stsbenchmark" / "sts-train.csv", "STS-B train sentences",
-                                  one_domain=one_domain)  # fmt: skip
-    peer = paraphrase_minilm_onnx()
-    peer_score = onnx_sts_spearman(peer, tokenizer, pairs)
-    task = HealTask(
-        "all-MiniLM-L6-v2",
-        path,
-        "spearman",
-        True,
-        f"STS-B test, {len(pairs)} pairs",
-        lambda model: sts_spearman(model, tokenizer, pairs)["value"],
-        data,
-        what,
-        8192 if quick else 32768,
-        # --quick (CI's smoke test) trains fewer block-wise steps and cuts the mix's pydoc paragraphs at 64 tokens.
-        HealConfig(steps=10 if quick else 150, batch=64, lr=2e-4, eval_every=5 if quick else 50, seed=0,
-                   **({"block_steps": 20, "seq_len": 64} if quick else {})),  # fmt: skip
-        QUICK_METHODS if quick else METHODS,
-        {"texts": [s for p in pairs for s in (p.first, p.second)]},
-        quick,
-        off_domain_fidelity(tokenizer, 128 if quick else 512),
-    )
-    if quick:  # CI's smoke test: block-wise then end to end, once (the end-to-end-only stage is the same code)
-        task.stages = ("both",)
-    task.peers = [{"model": task.model, "method": "peer: paraphrase-MiniLM-L3-v2 (ONNX, onnxruntime)", "options": {},
-                   "parameters": peer_score["parameters"], "training_free": peer_score["value"], "healed": None}]  # fmt: skip
+def heal_task(name: str, quick: bool, one_domain: bool = False) -> Task:
+    """The sweep's task of a model (tasks.py) with this benchmark's heal budget. --quick (CI's smoke test, MiniLM)
+    trains fewer steps, block-wise fewer too, and cuts the mix's pydoc paragraphs at 64 tokens."""
+    if name == "smollm2":  # perplexity on 4,096 tokens, calibrated on 32,768, as the sweep's full run
+        return smollm2(quick, one_domain, eval_tokens=4096, tokens=32768, windows="")
+    task = minilm(quick, one_domain)
+    if quick:
+        task.heal = dataclasses.replace(task.heal, steps=10, eval_every=5, block_steps=20, seq_len=64)
     return task
 
 
-def smollm2(quick: bool, work: Path, one_domain: bool = False) -> HealTask:
-    path = smollm2_dir()
-    wikitext = DATA / "wikitext-2-raw" / "wiki.test.raw"
-    tokenizer = load_tokenizer(path)
-    ids = tokenize_text(tokenizer, wikitext_half(wikitext, "second"), 4096)
-    first_half = work / "wikitext-test-first-half.txt"
-    first_half.write_text(wikitext_half(wikitext, "first"))
-    data, what = calibration_data(first_half, "WikiText-2 test, first half", one_domain=one_domain)
-    return HealTask(
-        "SmolLM2-135M",
-        path,
-        "perplexity",
-        False,
-        f"WikiText-2 test, second half, first {ids.numel()} tokens, non-overlapping 1,024-token windows",
-        lambda model: perplexity(model, ids, max_length=1024, stride=1024)["value"],
-        data,
-        what,
-        32768,
-        HealConfig(steps=24, batch=4, seq_len=512, lr=1e-4, eval_every=12, save_every=1000, seed=0),
-        METHODS,
-        {"token_ids": ids.flatten()[:1024].tolist()},
-        quick,
-        off_domain_perplexity(tokenizer, 4096),
-    )
+def peers(task: Task, quick: bool) -> list[dict]:
+    """Models of the folded size one could use instead (MiniLM: paraphrase-MiniLM-L3-v2, ONNX)."""
+    if task.metric != "spearman":
+        return []
+    score = onnx_sts_spearman(paraphrase_minilm_onnx(), load_tokenizer(task.path), sts_test_pairs(quick))
+    return [{"model": task.model, "method": "peer: paraphrase-MiniLM-L3-v2 (ONNX, onnxruntime)", "options": {},
+             "parameters": score["parameters"], "training_free": score["value"], "healed": None}]  # fmt: skip
 
 
-def plain_finetune_throughput(task: HealTask, steps: int, work: Path) -> dict:
+def plain_finetune_throughput(task: Task, steps: int, work: Path) -> dict:
     """Tokens/s of a plain Trainer fine-tune (LM loss) of the original with the heal's batch and window."""
     from transformers import Trainer, TrainingArguments
 
@@ -161,14 +91,14 @@ def plain_finetune_throughput(task: HealTask, steps: int, work: Path) -> dict:
 
     model = load_source(task.path, dtype=torch.float32)
     data = prepare_data(
-        load_tokenizer(task.path), task.heal_data, causal=True, seq_len=task.config.seq_len, held_out=1, limit=None
+        load_tokenizer(task.path), task.heal_data, causal=True, seq_len=task.heal.seq_len, held_out=1, limit=None
     )
     examples = [{"input_ids": t, "labels": t} for t in data.train]
     args = TrainingArguments(
         output_dir=str(work / "plain"),
         max_steps=steps,
-        per_device_train_batch_size=task.config.batch,
-        learning_rate=task.config.lr,
+        per_device_train_batch_size=task.heal.batch,
+        learning_rate=task.heal.lr,
         save_strategy="no",
         report_to="none",
         logging_steps=steps,
@@ -178,11 +108,14 @@ def plain_finetune_throughput(task: HealTask, steps: int, work: Path) -> dict:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    tokens = steps * task.config.batch * task.config.seq_len
+    tokens = steps * task.heal.batch * task.heal.seq_len
     return {"steps": steps, "tokens": tokens, "seconds": round(seconds, 1), "tokens_per_second": tokens / seconds}
 
 
-def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
+def run(task: Task, methods: list[tuple[str, dict]], stages: tuple[str, ...], quick: bool,
+        work: Path) -> tuple[list[dict], dict]:  # fmt: skip
+    """The original's row, then each method folded once and healed per stage from the same fold. Over 80 lines:
+    the rows' columns are written out where they are measured."""
     original = load_source(task.path, dtype=torch.float32)
     base = parameter_breakdown(original)
     off = task.off_domain[1] if task.off_domain else None
@@ -193,32 +126,32 @@ def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
             "options": {},
             "keep_blocks": 1.0,
             "keep": 1.0,
-            "training_free": task.measure(original),
+            "training_free": task.value(original),
             "healed": None,
             "off_domain": off(original, original) if off else None,
-            "runtime": runtime_cost(task.path, quick=task.quick, **task.runtime_inputs),
+            "runtime": runtime_cost(task.path, quick=quick, **task.runtime_inputs),
         }
     ]
-    for peer in task.peers:
+    for peer in peers(task, quick):
         rows.append({**peer, "keep": peer["parameters"] / base["total"]})
     calibration = None
-    if any(registry.get(name).calibrated for name, _ in task.methods):
+    if any(registry.get(name).calibrated for name, _ in methods):
         batches = calibration_batches(
-            original, load_tokenizer(task.path), task.heal_data, tokens=task.calibration_tokens
+            original, load_tokenizer(task.path), task.heal_data, tokens=task.tokens
         )
-        calibration = Calibration(original, batches, {"data": task.heal_data_text})
-    for name, options in tqdm(task.methods, desc=f"{task.model} heal", unit="method"):
+        calibration = Calibration(original, batches, {"data": task.calibration_text})
+    for name, options in tqdm(methods, desc=f"{task.model} heal", unit="method"):
         method = registry.get(name)
         folded = registry.build(method, copy.deepcopy(original), Budget(0.5, blocks_only=True), calibration, **options)
         fractions = kept_fractions(base, parameter_breakdown(folded))
         folded_dir = work / f"{task.model}-{name}"
         save(folded, folded_dir, source=task.path, overwrite=True)
-        before = task.measure(folded)
+        before = task.value(folded)
         off_before = off(folded, original) if off else None
         del folded
-        for stage in task.stages:  # the same fold, healed end to end only, and block-wise first
+        for stage in stages:  # the same fold, healed end to end only, and block-wise first
             healed_dir = work / f"{task.model}-{name}-{stage}-healed"
-            config = dataclasses.replace(task.config, stage=stage)
+            config = dataclasses.replace(task.heal, stage=stage)
             report = heal(folded_dir, task.path, task.heal_data, healed_dir, config, overwrite=True)
             healed = load(healed_dir)
             blockwise = report["blockwise"] or {}
@@ -228,10 +161,10 @@ def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
                     "method": name,
                     "stage": stage,
                     "options": options,
-                    "heal_data": task.heal_data_text,
+                    "heal_data": task.calibration_text,
                     **fractions,
                     "training_free": before,
-                    "healed": task.measure(healed),
+                    "healed": task.value(healed),
                     "off_domain_training_free": off_before,
                     "off_domain": off(healed, original) if off else None,
                     "heal_seconds": round(report["seconds_this_run"] + blockwise.get("seconds", 0), 1),
@@ -241,7 +174,7 @@ def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
                     "heal_tokens_per_second": report["tokens_per_second"],
                     "held_out_before": report["fidelity_before"],
                     "held_out_after": report["fidelity_after"],
-                    "runtime": runtime_cost(healed_dir, quick=task.quick, **task.runtime_inputs),
+                    "runtime": runtime_cost(healed_dir, quick=quick, **task.runtime_inputs),
                 }
             )
             del healed
@@ -250,7 +183,7 @@ def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
     runtime_ratios(rows)
     for row in rows:
         row["date"] = time.strftime("%Y-%m-%d")
-    config = task.config.resolved(task.metric == "perplexity")
+    config = task.heal.resolved(task.metric == "perplexity")
     budget = {
         "steps": config.steps,
         "batch": config.batch,
@@ -262,32 +195,26 @@ def run(task: HealTask, work: Path) -> tuple[list[dict], dict]:
         "block_lr": config.block_lr,
         "block_tokens": config.block_tokens,
         "block_batch": config.block_batch,
-        "data": task.heal_data_text,
-        "calibration_tokens": task.calibration_tokens,
+        "data": task.calibration_text,
+        "calibration_tokens": task.tokens,
     }
     return rows, budget
 
 
 def merged(old: dict, new: dict) -> dict:
-    """``new``'s rows replace the rows of the same model and method in ``old``; the rest of ``old`` stays."""
-    models = dict(old.get("models", {}))
-    for model, info in new["models"].items():
-        before = models.get(model, {"rows": []})
-        # A method's rows (every stage) come from one run: older rows of that method go, whatever their stage.
-        keys = {row["method"] for row in info["rows"]}
-        rows = info["rows"][:1] + [r for r in before["rows"] if r["method"] not in keys]
-        rows += [r for r in info["rows"][1:]]
-        order = ["original"] + [m for m, _ in METHODS]
-        rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
-        models[model] = {**before, **info, "rows": rows}
-        if "plain_finetune" in before and "plain_finetune" not in info:
-            models[model]["plain_finetune"] = before["plain_finetune"]
-    return {
-        **new,
-        "models": models,
-        "runs": old.get("runs", []) + new["runs"],
-        "seconds": old.get("seconds", 0) + new["seconds"],
-    }
+    """``new``'s rows replace the rows of the same model and method in ``old`` (a method's rows, every stage,
+    come from one run: older rows of that method go, whatever their stage); the rest of ``old`` stays."""
+    order = ["original", *(m for m, _ in METHODS)]
+    fresh = {(m, r["method"]) for m, info in new["models"].items() for r in info["rows"]}
+    before = [{"model": m, **info, "rows": [r for r in info["rows"] if (m, r["method"]) not in fresh]}
+              for m, info in old.get("models", {}).items()]  # fmt: skip
+    after = [{"model": m, **info} for m, info in new["models"].items()]
+    models = {}
+    for result in merge_models(before, after, key=lambda row: (row["method"], row.get("stage"))):
+        result["rows"].sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+        models[result.pop("model")] = result
+    return {**new, "models": models, "runs": old.get("runs", []) + new["runs"],
+            "seconds": old.get("seconds", 0) + new["seconds"]}  # fmt: skip
 
 
 def render(payload: dict) -> str:
@@ -367,9 +294,7 @@ def _off(value) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="MiniLM only, one method, a few steps")
-    parser.add_argument("--models", default=None, help="comma-separated: minilm, smollm2")
+    parser = bench_parser(__doc__, models="minilm,smollm2; --quick: minilm")
     parser.add_argument(
         "--methods", default=None, help="comma-separated subset of the methods (and 'plain' for the plain fine-tune)"
     )
@@ -392,18 +317,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="layerfold-heal-") as tmp:
         work = Path(tmp)
         for name in names:
-            task = {"minilm": minilm, "smollm2": smollm2}[name](args.quick, work, args.one_domain)
-            if chosen is not None:
-                task.methods = [(m, o) for m, o in task.methods if m in chosen]
+            task = heal_task(name, args.quick, args.one_domain)
+            methods = QUICK_METHODS if args.quick else METHODS
+            methods = [(m, o) for m, o in methods if chosen is None or m in chosen]
+            # --quick (CI's smoke test): block-wise then end to end, once (the end-to-end-only stage is the same code)
+            stages = ("both",) if args.quick else STAGES
             if args.stages:
-                task.stages = tuple(s for s in task.stages if s in args.stages.split(","))
-                if not task.stages:
+                stages = tuple(s for s in stages if s in args.stages.split(","))
+                if not stages:
                     parser.error(f"--stages: none of {args.stages!r} is e2e or both")
-            rows, budget = run(task, work)
+            rows, budget = run(task, methods, stages, args.quick, work)
             info = {"metric": task.metric, "cap": task.cap, "budget": budget, "rows": rows,
                     "off_domain": task.off_domain[0] if task.off_domain else None}  # fmt: skip
             if task.metric == "perplexity" and (chosen is None or "plain" in chosen):
-                info["plain_finetune"] = plain_finetune_throughput(task, task.config.steps, work)
+                info["plain_finetune"] = plain_finetune_throughput(task, task.heal.steps, work)
             payload["models"][task.model] = info
     payload["seconds"] = round(time.perf_counter() - start)
     payload["runs"] = [
@@ -417,13 +344,7 @@ def main() -> None:
     if args.merge and (RESULTS / "heal.json").is_file():
         payload = merged(json.loads((RESULTS / "heal.json").read_text()), payload)
     markdown = render({**payload, "date": time.strftime("%Y-%m-%d")})
-    if args.quick:
-        out = RESULTS / "quick"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "heal.json").write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str) + "\n")
-        (out / "heal.md").write_text(markdown + "\n")
-    else:
-        write_results("heal", payload, markdown)
+    write_results("heal", payload, markdown, quick=args.quick)
     print(markdown)
 
 

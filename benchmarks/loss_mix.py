@@ -21,110 +21,56 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import DATA, model_tasks, smollm2_dir, write_results
+from common import bench_parser, write_results
+from tasks import Task, minilm_dev, smollm2_dev
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
+from layerfold.checkpoints.folded import load, load_source, save
 from layerfold.core.budget import Budget
-from layerfold.engine.calibrate import Calibration, calibration_batches
-from layerfold.core.texts import read_sts, text_lines, wikitext_half
-from layerfold.jobs.demo import default_model_path
-from layerfold.evaluation.metrics import embedding_fidelity, perplexity, sentence_embeddings, sts_spearman
-from layerfold.heal import HealConfig, heal
-from layerfold.heal.settings import LossWeights
-from layerfold.checkpoints.folded import load, load_source, load_tokenizer, save
 from layerfold.core.report import markdown_table
+from layerfold.engine.calibrate import Calibration, calibration_batches
+from layerfold.heal import heal
+from layerfold.heal.settings import LossWeights
 
 FOLD = ("svd", {"allocation": "sensitivity", "whole": [0, -1]})
-DEV_CHARS = 30_000
-DEV_TOKENS = 4096
+# The candidate mixes of each model kind (heal.losses.LOSSES); --quick (CI's smoke test): MiniLM, one mix, a few steps.
+MIXES = {"all-MiniLM-L6-v2": ["cosine", "cosine=1,hidden=1", "hidden"], "SmolLM2-135M": ["kl", "kl=1,lm=0.5"]}
 
 
-def encoder(work: Path) -> dict:
-    path = default_model_path()
-    tokenizer = load_tokenizer(path)
-    pairs = read_sts(DATA / "stsbenchmark" / "sts-dev.csv")
-    train = DATA / "stsbenchmark" / "sts-train.csv"
-    wikitext = wikitext_half(DATA / "wikitext-2-raw" / "wiki.test.raw", "first")
-    paragraphs = [line for line in text_lines(wikitext) if len(line.split()) >= 8][-256:]
-    reference: list[torch.Tensor] = []
-
-    def measure(model, original) -> dict:
-        if not reference:
-            reference.append(sentence_embeddings(original, tokenizer, paragraphs))
-        fidelity = embedding_fidelity(reference[0], sentence_embeddings(model, tokenizer, paragraphs))["mean"]
-        return {"STS-B dev": sts_spearman(model, tokenizer, pairs)["value"], "WikiText dev cosine": fidelity}
-
-    return {
-        "model": "all-MiniLM-L6-v2",
-        "path": path,
-        "heal_data": train,
-        "calibration": [s for p in read_sts(train) for s in (p.first, p.second)],
-        "tokens": 32768,
-        "config": HealConfig(steps=150, batch=64, lr=2e-4, eval_every=50, seed=0, stage="e2e"),
-        "mixes": ["cosine", "cosine=1,hidden=1", "hidden"],
-        "measure": measure,
-        "headline": "STS-B dev",
-        "higher_is_better": True,
-    }
+def tasks(quick: bool) -> list[Task]:
+    """The development tasks (tasks.py), calibrated and healed on the model's own domain: MiniLM on STS-B train
+    sentences, SmolLM2 on WikiText's first half without its dev text."""
+    encoder = minilm_dev(one_domain=True, quick=quick).keeping("STS-B dev", "WikiText cosine")
+    if quick:
+        return [dataclasses.replace(encoder, heal=dataclasses.replace(encoder.heal, steps=4, eval_every=2))]
+    return [encoder, smollm2_dev(one_domain=True).keeping("WikiText dev ppl", "Shakespeare dev ppl")]
 
 
-def decoder(work: Path) -> dict:
-    path = smollm2_dir()
-    tokenizer = load_tokenizer(path)
-    first = wikitext_half(DATA / "wikitext-2-raw" / "wiki.test.raw", "first")
-    heal_text, dev_text = first[:-DEV_CHARS], first[-DEV_CHARS:]
-    heal_file = work / "wikitext-first-half-without-dev.txt"
-    heal_file.write_text(heal_text)
-    shakespeare = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
-    shakespeare = shakespeare[: len(shakespeare) // 2]
-    dev = {
-        "WikiText dev": tokenizer(dev_text, return_tensors="pt").input_ids[0][:DEV_TOKENS],
-        "Shakespeare dev": tokenizer(shakespeare, return_tensors="pt").input_ids[0][-DEV_TOKENS:],
-    }
-
-    def measure(model, original) -> dict:
-        return {name: perplexity(model, ids, max_length=1024, stride=1024)["value"] for name, ids in dev.items()}
-
-    return {
-        "model": "SmolLM2-135M",
-        "path": path,
-        "heal_data": heal_file,
-        "calibration": [heal_text],
-        "tokens": 32768,
-        "config": HealConfig(steps=24, batch=4, seq_len=512, lr=1e-4, eval_every=12, save_every=1000, seed=0,
-                             stage="e2e"),  # fmt: skip
-        "mixes": ["kl", "kl=1,lm=0.5"],
-        "measure": measure,
-        "headline": "WikiText dev",
-        "higher_is_better": False,
-    }
-
-
-def run(task: dict, work: Path) -> list[dict]:
-    original = load_source(task["path"], dtype=torch.float32)
-    tokenizer = load_tokenizer(task["path"])
-    batches = calibration_batches(original, tokenizer, task["calibration"], tokens=task["tokens"])
+def run(task: Task, mixes: list[str], work: Path) -> list[dict]:
+    original = load_source(task.path, dtype=torch.float32)
+    batches = calibration_batches(original, task.tokenizer, task.calibration, tokens=task.tokens)
     calibration = Calibration(original, batches, {"data": "dev heal text"})
     name, options = FOLD
     folded = registry.build(registry.get(name), copy.deepcopy(original), Budget(0.5, blocks_only=True), calibration,
                             **options)  # fmt: skip
     folded_dir = work / "folded"
-    save(folded, folded_dir, source=task["path"], overwrite=True)
-    rows = [{"loss": "(original)", **task["measure"](original, original)},
-            {"loss": "(training-free fold)", **task["measure"](folded, original)}]  # fmt: skip
+    save(folded, folded_dir, source=task.path, overwrite=True)
+    rows = [{"loss": "(original)", **task.figures(original, original)},
+            {"loss": "(training-free fold)", **task.figures(folded, original)}]  # fmt: skip
     del folded
-    for mix in tqdm(task["mixes"], desc=f"{task['model']} loss mixes", unit="mix"):
-        config = dataclasses.replace(task["config"], loss=LossWeights.parse(mix))
+    for mix in tqdm(mixes, desc=f"{task.model} loss mixes", unit="mix"):
+        config = dataclasses.replace(task.heal, loss=LossWeights.parse(mix))
         healed_dir = work / f"healed-{mix.replace('=', '').replace(',', '-')}"
         start = time.perf_counter()
-        heal(folded_dir, task["path"], task["heal_data"], healed_dir, config, overwrite=True)
+        heal(folded_dir, task.path, task.heal_data, healed_dir, config, overwrite=True)
         seconds = time.perf_counter() - start
-        rows.append({"loss": mix, **task["measure"](load(healed_dir), original), "heal_seconds": round(seconds, 1)})
+        rows.append({"loss": mix, **task.figures(load(healed_dir), original), "heal_seconds": round(seconds, 1)})
         tqdm.write(str(rows[-1]))
     return rows
 
@@ -158,20 +104,25 @@ def render(results: list[dict]) -> str:
 
 
 def main() -> None:
+    args = bench_parser(__doc__).parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
     results = []
-    for work, task in model_tasks((encoder, decoder), "layerfold-loss-"):
-        rows = run(task, work)
-        config = task["config"]
-        window = f" × {config.seq_len} tokens" if config.seq_len else ""
-        budget = f"{config.steps} steps × {config.batch}{window}"
-        results.append({"model": task["model"], "headline": task["headline"],
-                        "higher_is_better": task["higher_is_better"], "budget": budget, "rows": rows,
-                        **choice(rows, task["headline"], task["higher_is_better"])})  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="layerfold-loss-") as tmp:
+        for task in tasks(args.quick):
+            mixes = MIXES[task.model][:1] if args.quick else MIXES[task.model]
+            work = Path(tmp) / task.model
+            work.mkdir()
+            rows = run(task, mixes, work)
+            config = task.heal
+            window = f" × {config.seq_len} tokens" if config.seq_len else ""
+            budget = f"{config.steps} steps × {config.batch}{window}"
+            results.append({"model": task.model, "headline": task.metric, "higher_is_better": task.higher_is_better,
+                            "budget": budget, "rows": rows,
+                            **choice(rows, task.metric, task.higher_is_better)})  # fmt: skip
     payload = {"seconds": round(time.perf_counter() - start), "results": results}
     markdown = render(results)
-    write_results("loss_mix", payload, markdown)
+    write_results("loss_mix", payload, markdown, quick=args.quick)
     print(markdown)
 
 

@@ -27,6 +27,10 @@ from layerfold.jobs.demo import default_model_path
 from layerfold.checkpoints.folded import TOKENIZER_FILES
 
 SHAPES = {
+    # --quick (CI's smoke test of benchmarks/scaling.py): four small Llama blocks, the same code path
+    "tiny": dict(
+        hidden_size=512, num_hidden_layers=4, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=4
+    ),
     "1b": dict(
         hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4
     ),

@@ -30,7 +30,6 @@ Writes benchmarks/results/relax_forms.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import tempfile
@@ -38,23 +37,21 @@ import time
 from pathlib import Path
 
 import torch
-from common import DATA, RESULTS, calibration_data, smollm2_dir, write_results, written_text
+from common import RESULTS, bench_parser, merge_models, write_results
+from tasks import DEV_TASKS, Task
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
+from layerfold.checkpoints.folded import load, load_source, save
 from layerfold.core.budget import Budget
-from layerfold.engine.calibrate import Calibration, calibration_batches
-from layerfold.core.texts import read_sts, text_lines, wikitext_half
-from layerfold.jobs.demo import default_model_path
 from layerfold.core.errors import LayerfoldError
-from layerfold.evaluation.metrics import embedding_fidelity, perplexity, sentence_embeddings, sts_spearman
+from layerfold.core.report import markdown_table, parameter_breakdown
+from layerfold.engine.calibrate import Calibration, calibration_batches
 from layerfold.folding.in_memory import fold
-from layerfold.heal import HealConfig, heal
-from layerfold.checkpoints.folded import load, load_source, load_tokenizer, save
+from layerfold.heal import heal
 from layerfold.methods.delta import adjacent_groups, pick_group
 from layerfold.methods.planner import filling_rank, largest_rank, relaxation_size
 from layerfold.operations.plan import FoldPlan
-from layerfold.core.report import markdown_table, parameter_breakdown
 
 FORMS = ("lora", "mos", "vera", "svfit", "kronecker")
 # MoS's claim (about 1/4 to 1/8 of LoRA's parameters at equal quality): these forms also at a quarter of what the
@@ -63,55 +60,7 @@ QUARTER = ("lora", "mos")
 PEERS = (("svd", {"allocation": "sensitivity", "whole": [0, -1]}), ("basis", {"allocation": "sensitivity",
          "whole": [0, -1]}))  # fmt: skip
 BUDGETS = (0.83, 0.67, 0.5)
-DEV_CHARS = 30_000
-DEV_TOKENS = 4096
-
-
-def minilm() -> dict:
-    path = default_model_path()
-    tokenizer = load_tokenizer(path)
-    dev = read_sts(DATA / "stsbenchmark" / "sts-dev.csv")
-    test = read_sts(DATA / "stsbenchmark" / "sts-test.csv")
-    wikitext = wikitext_half(DATA / "wikitext-2-raw" / "wiki.test.raw", "first")
-    paragraphs = [line for line in text_lines(wikitext) if len(line.split()) >= 8][-256:]
-    source, what = calibration_data(DATA / "stsbenchmark" / "sts-train.csv", "STS-B train sentences", one_domain=False)
-    reference: list[torch.Tensor] = []
-
-    def measure(model, original) -> dict:
-        if not reference:
-            reference.append(sentence_embeddings(original, tokenizer, paragraphs))
-        cosine = embedding_fidelity(reference[0], sentence_embeddings(model, tokenizer, paragraphs))["mean"]
-        return {"STS-B dev": sts_spearman(model, tokenizer, dev)["value"],
-                "STS-B test": sts_spearman(model, tokenizer, test)["value"], "WikiText cosine": cosine}  # fmt: skip
-
-    return {"model": "all-MiniLM-L6-v2", "path": path, "calibration": source, "what": what, "tokens": 32768,
-            "measure": measure, "heal": HealConfig(steps=150, batch=64, lr=2e-4, eval_every=50, seed=0, stage="e2e"),
-            "heal_data": DATA / "stsbenchmark" / "sts-train.csv"}  # fmt: skip
-
-
-def smollm2() -> dict:
-    path = smollm2_dir()
-    tokenizer = load_tokenizer(path)
-    first = wikitext_half(DATA / "wikitext-2-raw" / "wiki.test.raw", "first")
-    own = written_text("wikitext-first-half-without-dev.txt", first[:-DEV_CHARS])
-    source, what = calibration_data(own, "WikiText-2 test, first half without its last 30,000 characters",
-                                    one_domain=False)  # fmt: skip
-    shakespeare = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
-    shakespeare = shakespeare[: len(shakespeare) // 2]
-    second = wikitext_half(DATA / "wikitext-2-raw" / "wiki.test.raw", "second")
-    ids = {"WikiText dev ppl": tokenizer(first[-DEV_CHARS:], return_tensors="pt").input_ids[0][:DEV_TOKENS],
-           "Shakespeare dev ppl": tokenizer(shakespeare, return_tensors="pt").input_ids[0][-DEV_TOKENS:],
-           "WikiText test ppl": tokenizer(second, return_tensors="pt").input_ids[0][:DEV_TOKENS]}  # fmt: skip
-
-    def measure(model, original) -> dict:
-        return {name: perplexity(model, x, max_length=1024, stride=1024)["value"] for name, x in ids.items()}
-
-    return {"model": "SmolLM2-135M", "path": path, "calibration": source, "what": what, "tokens": 32768,
-            "measure": measure, "heal_data": source,
-            "heal": HealConfig(steps=24, batch=4, seq_len=512, lr=1e-4, eval_every=12, seed=0, stage="e2e")}  # fmt: skip
-
-
-MODELS = {"minilm": minilm, "smollm2": smollm2}
+QUICK_ROWS = ("lora", "svd")  # --quick (CI's smoke test): MiniLM at 50 %, a form and a peer
 
 
 def form_plan(model, budget: Budget, relax: str, statistics) -> FoldPlan:
@@ -144,16 +93,15 @@ def quarter_plan(model, budget: Budget, relax: str, statistics) -> FoldPlan:
     return plan
 
 
-def run(task: dict, budgets, heal_rows: set[str], work: Path) -> list[dict]:
-    original = load_source(task["path"], dtype=torch.float32)
-    tokenizer = load_tokenizer(task["path"])
-    batches = calibration_batches(original, tokenizer, task["calibration"], tokens=task["tokens"])
-    calibration = Calibration(original, batches, {"data": task["what"]})
+def run(task: Task, budgets, heal_rows: set[str], work: Path, only: tuple[str, ...] | None = None) -> list[dict]:
+    original = load_source(task.path, dtype=torch.float32)
+    batches = calibration_batches(original, task.tokenizer, task.calibration, tokens=task.tokens)
+    calibration = Calibration(original, batches, {"data": task.calibration_text})
     statistics = calibration.statistics()
     blocks = parameter_breakdown(original)["blocks"]
-    rows = [{"budget": 1.0, "row": "original", **task["measure"](original, original)}]
-    jobs = [(b, f) for b in budgets for f in [*FORMS, *(f"{q}-quarter" for q in QUARTER), *(n for n, _ in PEERS)]]
-    for keep, name in tqdm(jobs, desc=task["model"], unit="fold"):
+    rows = [{"budget": 1.0, "row": "original", **task.figures(original, original)}]
+    names = [f for f in [*FORMS, *(f"{q}-quarter" for q in QUARTER), *(n for n, _ in PEERS)] if not only or f in only]
+    for keep, name in tqdm([(b, f) for b in budgets for f in names], desc=task.model, unit="fold"):
         budget = Budget(keep, blocks_only=True)
         start = time.perf_counter()
         try:
@@ -173,14 +121,14 @@ def run(task: dict, budgets, heal_rows: set[str], work: Path) -> list[dict]:
             continue
         seconds = time.perf_counter() - start
         row = {"budget": keep, "row": name, "detail": detail, "kept": parameter_breakdown(folded)["blocks"] / blocks,
-               "fold_s": round(seconds, 1), **task["measure"](folded, original)}  # fmt: skip
-        if name in heal_rows and task["heal"] is not None and keep == 0.5:
+               "fold_s": round(seconds, 1), **task.figures(folded, original)}  # fmt: skip
+        if name in heal_rows and keep == 0.5:
             folded_dir, healed_dir = work / f"{name}-{keep}", work / f"{name}-{keep}-healed"
-            save(folded, folded_dir, source=task["path"], overwrite=True)
+            save(folded, folded_dir, source=task.path, overwrite=True)
             start = time.perf_counter()
-            heal(folded_dir, task["path"], task["heal_data"], healed_dir, task["heal"], overwrite=True)
+            heal(folded_dir, task.path, task.heal_data, healed_dir, task.heal, overwrite=True)
             row["heal_s"] = round(time.perf_counter() - start, 1)
-            row.update({f"healed {k}": v for k, v in task["measure"](load(healed_dir), original).items()})
+            row.update({f"healed {k}": v for k, v in task.figures(load(healed_dir), original).items()})
         rows.append(row)
         tqdm.write(str(row))
         del folded
@@ -196,21 +144,13 @@ def merged(old: list[dict], new: list[dict], date: str, old_date: str) -> list[d
         healed = any(k.startswith("healed ") for k in row)
         return {"measured": date, **({"healed on": date} if healed else {})}
 
-    results = {r["model"]: {**r, "rows": [{**dates(row, old_date), **row} for row in r["rows"]]} for r in old}
-    for result in new:
-        target = results.setdefault(result["model"], {**result, "rows": []})
-        target.update({k: v for k, v in result.items() if k != "rows"})
-        index = {(row["budget"], row["row"]): row for row in target["rows"]}
-        for row in result["rows"]:
-            row = {**row, **dates(row, date)}
-            if (row["budget"], row["row"]) in index:
-                index[row["budget"], row["row"]].update(row)
-            else:
-                target["rows"].append(row)
-                index[row["budget"], row["row"]] = row
-        order = [*FORMS, *(f"{q}-quarter" for q in QUARTER), *(n for n, _ in PEERS)]
-        target["rows"].sort(key=lambda r: (-r["budget"], order.index(r["row"]) if r["row"] in order else -1))
-    return list(results.values())
+    old = [{**r, "rows": [{**dates(row, old_date), **row} for row in r["rows"]]} for r in old]
+    results = merge_models(old, new, key=lambda row: (row["budget"], row["row"]), update=True,
+                           stamp=lambda row: dates(row, date))  # fmt: skip
+    order = [*FORMS, *(f"{q}-quarter" for q in QUARTER), *(n for n, _ in PEERS)]
+    for result in results:
+        result["rows"].sort(key=lambda r: (-r["budget"], order.index(r["row"]) if r["row"] in order else -1))
+    return results
 
 
 def render(results: list[dict]) -> str:
@@ -227,24 +167,26 @@ def render(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="minilm,smollm2")
-    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    parser = bench_parser(__doc__, models="minilm,smollm2; --quick: minilm")
+    parser.add_argument("--budgets", default=None, help=f"comma-separated (default: {','.join(map(str, BUDGETS))}; "
+                        "--quick: 0.5)")  # fmt: skip
     parser.add_argument("--heal", action="store_true", help="also heal the 50 %% folds")
     parser.add_argument("--heal-rows", default=",".join([*FORMS, *(n for n, _ in PEERS)]),
                         help="which rows --heal heals (comma-separated)")
     parser.add_argument("--merge", action="store_true", help="keep the rows of results/relax_forms.json that this "
                         "run does not measure again (by model, budget and row)")  # fmt: skip
     args = parser.parse_args()
+    models = (args.models or ("minilm" if args.quick else "minilm,smollm2")).split(",")
+    budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else [0.5] if args.quick else BUDGETS
     torch.manual_seed(0)
     started = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory(prefix="layerfold-forms-") as tmp:
-        for key in args.models.split(","):
-            task = MODELS[key]()
+        for key in models:
+            task = DEV_TASKS[key](quick=args.quick)
             healed = set(args.heal_rows.split(",")) if args.heal else set()
-            rows = run(task, [float(b) for b in args.budgets.split(",")], healed, Path(tmp))
-            results.append({"model": task["model"], "calibration": task["what"], "tokens": task["tokens"],
+            rows = run(task, budgets, healed, Path(tmp), QUICK_ROWS if args.quick else None)
+            results.append({"model": task.model, "calibration": task.calibration_text, "tokens": task.tokens,
                             "rows": rows})  # fmt: skip
     seconds = round(time.perf_counter() - started)
     if args.merge and (RESULTS / "relax_forms.json").exists():
@@ -252,7 +194,7 @@ def main() -> None:
         results = merged(old["results"], results, time.strftime("%Y-%m-%d"), old["date"][:10])
         seconds += old.get("seconds", 0)
     markdown = render(results)
-    write_results("relax_forms", {"seconds": seconds, "results": results}, markdown)
+    write_results("relax_forms", {"seconds": seconds, "results": results}, markdown, quick=args.quick)
     print(markdown)
 
 

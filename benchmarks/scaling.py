@@ -2,6 +2,7 @@
 
     python benchmarks/scaling.py                    # make bench: 1b, 3b, 7b (about 25 GB of disk at the peak)
     python benchmarks/scaling.py --shapes 1b        # one shape
+    python benchmarks/scaling.py --quick            # make bench-quick: a tiny Llama, its tie fold and heal
 
 For each shape, benchmarks/make_checkpoint.py writes a random-weight fp16 checkpoint with the architecture's
 exact shapes, sharded as transformers shards (5 GB files and an index), under benchmarks/.cache/. Each fold is
@@ -19,7 +20,6 @@ seconds, peak_rss_bytes) with a dated copy.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DATA, RESULTS, write_results
+from common import DATA, RESULTS, bench_parser, write_results
 from make_checkpoint import SHAPES, make_checkpoint
 
 from layerfold.core.texts import wikitext_half
@@ -108,7 +108,7 @@ def run_shape(shape: str, work: Path, keep: bool, calib_text: Path) -> list[dict
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
-        if shape == "1b" and method.startswith("tie-cycle"):
+        if shape in ("1b", "tiny") and method.startswith("tie-cycle"):  # tiny: --quick
             rows.append(streamed_heal(shape, method, checkpoint, out, work, calib_text))
         shutil.rmtree(out)
     if not keep:
@@ -184,8 +184,9 @@ def render(payload: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="1b,3b,7b")
+    parser = bench_parser(__doc__)
+    parser.add_argument("--shapes", default=None, help="comma-separated (default 1b,3b,7b; --quick: tiny, four "
+                        "small Llama blocks)")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints in benchmarks/.cache")
     args = parser.parse_args()
     rows = []
@@ -195,18 +196,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="scaling-", dir=CACHE) as tmp:
         calib_text = Path(tmp) / "wikitext-test-first-half.txt"
         calib_text.write_text(wikitext_half(DATA / "wikitext-2-raw" / "wiki.test.raw", "first"))
-        for shape in args.shapes.split(","):
+        for shape in (args.shapes or ("tiny" if args.quick else "1b,3b,7b")).split(","):
             rows += run_shape(shape, Path(tmp), args.keep, calib_text)
     for row in rows:
         row["date"] = time.strftime("%Y-%m-%d")
     earlier = RESULTS / "scaling.json"
-    if earlier.is_file():  # rows of shapes not run this time stay, with the date they were measured
+    if earlier.is_file() and not args.quick:  # rows of shapes not run this time stay, with the date they were measured
         measured = {r["shape"] for r in rows}
         old = json.loads(earlier.read_text())
         rows += [{"date": old.get("date", "")[:10], **r} for r in old["rows"] if r["shape"] not in measured]
     payload = {"rows": rows, "seconds": round(time.perf_counter() - start), "date": time.strftime("%Y-%m-%d")}
     markdown = render(payload)
-    write_results("scaling", payload, markdown)
+    write_results("scaling", payload, markdown, quick=args.quick)
     print(markdown)
 
 

@@ -18,42 +18,22 @@ benchmarks/results/latest.{json,md}, pareto.png and dated copies (--quick: bench
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-from common import (
-    DATA,
-    RESULTS,
-    calibration_data,
-    gemma3_dir,
-    machine,
-    mpnet_dir,
-    off_domain_fidelity,
-    off_domain_perplexity,
-    runtime_cells,
-    runtime_columns,
-    runtime_of,
-    runtime_ratios,
-    smollm2_dir,
-    written_text,
-)
+from common import DATA, bench_parser, machine, results_dir, runtime_cells, runtime_columns, runtime_of, runtime_ratios
+from tasks import TEST_TASKS, Task
 from tqdm.auto import tqdm
 
 import layerfold.methods.registry as registry
-from layerfold.core.budget import Budget, kept_fractions
-from layerfold.engine.calibrate import Calibration, calibration_batches
-from layerfold.core.texts import DataSource, read_sts, wikitext_half
-from layerfold.jobs.demo import default_model_path
-from layerfold.core.errors import LayerfoldError
-from layerfold.evaluation.metrics import perplexity, sts_spearman, tokenize_text
 from layerfold.checkpoints.folded import load_source, load_tokenizer
+from layerfold.core.budget import Budget, kept_fractions
+from layerfold.core.errors import LayerfoldError
+from layerfold.engine.calibrate import Calibration, calibration_batches
 from layerfold.core.report import markdown_table, parameter_breakdown
 
 BLOCK_BUDGETS = (1.0, 0.83, 0.67, 0.5)
@@ -61,116 +41,24 @@ QUICK_BLOCK_BUDGETS = (1.0, 0.5)
 # Budgets counted over all unique parameters (embeddings included), for the methods that take any budget.
 TOTAL_BUDGETS = (0.9, 0.84, 0.75, 0.65)
 ANY_BUDGET = ("drop-even", "basis", "svd", "shortgpt", "laco", "prune")
-# --quick (CI's smoke test of this script, inside CI's time limit): a row of each kind of fold, not a table —
-# MiniLM a tie, width pruning and a factorisation at the block budget, SmolLM2 a tie (no "of all" budget).
 QUICK_MINILM_METHODS = ("original", "tie-cycle", "prune", "svd")
 GEMMA3_TOTAL_BUDGETS = (0.84,)  # one "of all" budget for the 270M model (the time limit of make bench)
 
 
-@dataclass
-class Task:
-    model: str
-    path: Path
-    metric: str
-    cap: str
-    measure: Callable[[torch.nn.Module], float]
-    calibration_source: DataSource
-    calibration_tokens: int
-    calibration_text: str
-    total_budgets: tuple[float, ...]
-    block_methods: tuple[str, ...] | None = None  # methods run at the block budgets (None: all)
-    runtime_inputs: dict | None = None  # texts (encoders) or token_ids (decoders) for the run-time cost
-    accuracies: Callable[[torch.nn.Module], dict] | None = None  # lm-eval's zero-shot accuracies (decoders)
-    # Text unlike the calibration data: (what it is, f(model, original) → value), common.off_domain_*.
-    off_domain: tuple[str, Callable] | None = None
-
-
-def sts_task(
-    model: str, path: Path, quick: bool, one_domain: bool, block_methods: tuple[str, ...] | None = None
-) -> Task:
-    """An encoder on STS-B test (Spearman × 100), calibrated on STS-B train sentences (and pydoc paragraphs)."""
-    pairs = read_sts(DATA / "stsbenchmark" / "sts-test.csv", limit=300 if quick else None)
-    tokenizer = load_tokenizer(path)
-    source, what = calibration_data(DATA / "stsbenchmark" / "sts-train.csv", "STS-B train sentences",
-                                    one_domain=one_domain)  # fmt: skip
-    return Task(
-        model,
-        path,
-        "spearman",
-        f"STS-B test, {len(pairs)} pairs",
-        lambda m: sts_spearman(m, tokenizer, pairs)["value"],
-        source,
-        8192 if quick else 32768,
-        what,
-        (),
-        block_methods=block_methods,
-        runtime_inputs={"texts": [s for p in pairs for s in (p.first, p.second)]},
-        off_domain=off_domain_fidelity(tokenizer, 128 if quick else 512),
-    )
-
-
-def minilm_task(quick: bool, one_domain: bool) -> Task:
-    methods = QUICK_MINILM_METHODS if quick else None
-    return sts_task("all-MiniLM-L6-v2", default_model_path(), quick, one_domain, block_methods=methods)
-
-
+# Per model: the methods run at the block budgets (None: all) and the "of all" budgets; --quick (CI's smoke test
+# of this script): a row of each kind of fold, not a table — MiniLM a tie, width pruning and a factorisation,
+# SmolLM2 an unrelaxed tie (the "of all" budget is smoke-tested on MiniLM), MPNet and Gemma two to four rows (a row costs
+# them one to two minutes). SmolLM2's training-free methods of issue 5 run at the "of all" budgets (make bench's
+# time limit), MPNet and Gemma fewer methods; encoders have no "of all" rows.
 MPNET_METHODS = ("original", "drop-even", "shortgpt", "tie-cycle", "svd", "basis")
-
-
-def mpnet_task(quick: bool, one_domain: bool) -> Task:
-    """all-mpnet-base-v2 (MPNet, 12 layers, six times MiniLM's size): fewer methods, at the block budgets only
-    (the time limit of make bench); --quick leaves out the two removal rows (CI's time limit)."""
-    methods = ("original", "tie-cycle", "svd", "basis") if quick else MPNET_METHODS
-    return sts_task("all-mpnet-base-v2", mpnet_dir(), quick, one_domain, block_methods=methods)
-
-
-def causal_task(
-    model: str, path: Path, quick: bool, one_domain: bool, total_budgets, block_methods: tuple[str, ...]
-) -> Task:
-    """A causal LM on WikiText-2 (second half) perplexity and lm-eval's GLUE accuracies, calibrated on the first
-    half (and pydoc paragraphs)."""
-    tokens = 2048 if quick else 4096
-    wikitext = DATA / "wikitext-2-raw" / "wiki.test.raw"
-    tokenizer = load_tokenizer(path)
-    ids = tokenize_text(tokenizer, wikitext_half(wikitext, "second"), tokens)
-    # The run-time cost's prompt and prefill sequence: 1,024 tokens of the evaluation half (only timed).
-    runtime_ids = tokenize_text(tokenizer, wikitext_half(wikitext, "second"), 1024)
-    first_half = written_text("wikitext-2-test-first-half.txt", wikitext_half(wikitext, "first"))
-    source, what = calibration_data(first_half, "WikiText-2 test, first half", one_domain=one_domain)
-    return Task(
-        model,
-        path,
-        "perplexity",
-        f"WikiText-2 test, second half (cut at the middle character), first {ids.numel()} tokens, "
-        "non-overlapping 1,024-token windows",
-        lambda m: perplexity(m, ids, max_length=1024, stride=1024)["value"],
-        source,
-        8192 if quick else 65536,
-        f"{what}, 2,048-token windows",
-        total_budgets,
-        block_methods,
-        runtime_inputs={"token_ids": runtime_ids.flatten().tolist()},
-        accuracies=lambda m: lm_eval_accuracies(m, tokenizer, quick),
-        off_domain=off_domain_perplexity(tokenizer, tokens),
-    )
-
-
-def smollm2_task(quick: bool, one_domain: bool) -> Task:
-    # The training-free methods of issue 5 run at the "of all" budgets here (the time limit of make bench).
-    methods = ("original", "drop-first", "drop-even", "tie-cycle", "tie-sequence", "delta")
-    if quick:  # CI's time limit: one tie at the block budget (the "of all" budget is smoke-tested on MiniLM)
-        methods = ("original", "tie-cycle")
-    budgets = () if quick else TOTAL_BUDGETS
-    return causal_task("SmolLM2-135M", smollm2_dir(), quick, one_domain, budgets, methods)
-
-
-def gemma3_task(quick: bool, one_domain: bool) -> Task:
-    """gemma-3-270m (base model, 18 layers, a 262k vocabulary: 63 % of its parameters are the embedding): the
-    methods of the MPNet rows at the block budgets (two of them in --quick: a row costs one to two minutes), and
-    (not in --quick) 84 % of all for the methods that take it."""
-    methods = ("original", "svd") if quick else MPNET_METHODS
-    budgets = () if quick else GEMMA3_TOTAL_BUDGETS
-    return causal_task("gemma-3-270m", gemma3_dir(), quick, one_domain, budgets, methods)
+SMOLLM2_METHODS = ("original", "drop-first", "drop-even", "tie-cycle", "tie-sequence", "delta")
+SWEEP = {
+    "minilm": {False: (None, ()), True: (QUICK_MINILM_METHODS, ())},
+    "mpnet": {False: (MPNET_METHODS, ()), True: (("original", "tie-cycle", "svd", "basis"), ())},
+    "smollm2": {False: (SMOLLM2_METHODS, TOTAL_BUDGETS), True: (("original", "tie-cycle"), ())},
+    "gemma3": {False: (MPNET_METHODS, GEMMA3_TOTAL_BUDGETS), True: (("original", "svd"), ())},
+}
+DECODERS = ("smollm2", "gemma3")
 
 
 LM_EVAL_TASKS = ["glue_sst2_dev", "glue_rte_dev"]
@@ -185,12 +73,16 @@ def lm_eval_accuracies(model, tokenizer, quick: bool) -> dict:
     return {"accuracies": result["accuracies"], "examples": result["examples"]}
 
 
-TASKS = {"minilm": minilm_task, "smollm2": smollm2_task, "mpnet": mpnet_task, "gemma3": gemma3_task}
+def task_for(name: str, quick: bool, one_domain: bool = False) -> Task:
+    """The sweep's task of a model (tasks.TEST_TASKS), with lm-eval's accuracies for the decoders."""
+    options = {"accuracies": lambda m, tokenizer: lm_eval_accuracies(m, tokenizer, quick)} if name in DECODERS else {}
+    return TEST_TASKS[name](quick, one_domain, **options)
 
 
-def jobs_for(task: Task, quick: bool) -> list[tuple[registry.Method, Budget, dict]]:
+def jobs_for(name: str, quick: bool) -> list[tuple[registry.Method, Budget, dict]]:
+    block_methods, total_budgets = SWEEP[name][quick]
     budgets = [Budget(b, blocks_only=True) for b in (QUICK_BLOCK_BUDGETS if quick else BLOCK_BUDGETS)]
-    budgets += [Budget(b) for b in task.total_budgets]
+    budgets += [Budget(b) for b in total_budgets]
     jobs = []
     for budget in budgets:
         for method in registry.REGISTRY.values():
@@ -198,26 +90,29 @@ def jobs_for(task: Task, quick: bool) -> list[tuple[registry.Method, Budget, dic
                 continue
             if not budget.blocks_only and method.name not in ANY_BUDGET:
                 continue
-            if budget.blocks_only and task.block_methods is not None and method.name not in task.block_methods:
+            if budget.blocks_only and block_methods is not None and method.name not in block_methods:
                 continue
-            for options in method.variants(quick):
-                jobs.append((method, budget, options))
+            variants = method.variants(quick)
+            if quick and name == "smollm2":  # its smoke test: the first variant (a tie of rank 0; CI's time limit)
+                variants = variants[:1]
+            jobs += [(method, budget, options) for options in variants]
     return jobs
 
 
 def sweep(task_name: str, quick: bool, one_domain: bool = False) -> tuple[list[dict], Task, dict]:
-    task = TASKS[task_name](quick, one_domain)
+    task = task_for(task_name, quick, one_domain)
     original = load_source(task.path)
     base = parameter_breakdown(original)
     start = time.perf_counter()
     batches = calibration_batches(
-        original, load_tokenizer(task.path), task.calibration_source, tokens=task.calibration_tokens
+        original, load_tokenizer(task.path), task.calibration, tokens=task.tokens
     )
     calibration = Calibration(original, batches, {"data": task.calibration_text})
-    calibration.statistics()  # once, before any row, so that rows' seconds exclude it
+    if not (quick and task_name == "smollm2"):  # SmolLM2's quick rows fit nothing to calibration data
+        calibration.statistics()  # once, before any row, so that rows' seconds exclude it
     calibration_info = {**calibration.settings, "seconds": round(time.perf_counter() - start, 1)}
     rows = []
-    for method, budget, options in tqdm(jobs_for(task, quick), desc=task.model, unit="run"):
+    for method, budget, options in tqdm(jobs_for(task_name, quick), desc=task.model, unit="run"):
         start = time.perf_counter()
         row = {
             "model": task.model,
@@ -245,7 +140,7 @@ def sweep(task_name: str, quick: bool, one_domain: bool = False) -> tuple[list[d
             continue
         params = parameter_breakdown(model)
         with torch.no_grad():
-            value = task.measure(model)
+            value = task.value(model, original)
             off_domain = task.off_domain[1](model, original) if task.off_domain else None
         lm_eval = task.accuracies(model) if task.accuracies is not None else None
         seconds = round(time.perf_counter() - start, 1)
@@ -490,27 +385,24 @@ def render(payload: dict, out: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few rows and small caps (a smoke test)")
-    parser.add_argument("--models", default=",".join(TASKS), help=f"comma-separated, from: {', '.join(TASKS)}")
+    parser = bench_parser(__doc__, models=",".join(SWEEP))
     parser.add_argument("--render", action="store_true", help="only redraw table and chart from latest.json")
     parser.add_argument("--one-domain", action="store_true", help="calibrate on each model's own domain only "
                         "(the protocol before the mix; see common.calibration_data)")  # fmt: skip
     args = parser.parse_args()
-    out = RESULTS / "quick" if args.quick else RESULTS
+    out = results_dir(args.quick)
     if args.render:
         print(render(json.loads((out / "latest.json").read_text()), out))
         return
     torch.manual_seed(0)
     start = time.perf_counter()
     all_rows, caps, calibrations, off_domain = [], {}, {}, {}
-    for name in args.models.split(","):
+    for name in (args.models or ",".join(SWEEP)).split(","):
         rows, task, calibration = sweep(name, args.quick, args.one_domain)
         all_rows.extend(rows)
         caps[task.model] = task.cap
         calibrations[task.model] = calibration
         off_domain[task.model] = task.off_domain[0] if task.off_domain else None
-    out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc)
     payload = {
         "date": stamp.isoformat(timespec="seconds"),

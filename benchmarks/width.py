@@ -35,7 +35,6 @@ figures only. Writes benchmarks/results/width.{json,md} and a dated copy.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import json
@@ -46,18 +45,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import (
-    CACHE,
-    DATA,
-    RESULTS,
-    RUNTIME_KEYS,
-    off_domain_fidelity,
-    off_domain_perplexity,
-    ratios_to,
-    write_results,
-)
-from relax_forms import minilm as minilm_setup
-from relax_forms import smollm2 as smollm2_setup
+from common import CACHE, DATA, RESULTS, RUNTIME_KEYS, bench_parser, merge_models, ratios_to, write_results
+from tasks import DEV_TASKS, Task
 from tqdm.auto import tqdm
 
 import layerfold
@@ -68,7 +57,7 @@ from layerfold.jobs.compress import plan_for_budget, planning_analysis, prepare
 from layerfold.core.texts import read_sts
 from layerfold.core.errors import LayerfoldError
 from layerfold.evaluation.metrics import runtime_cost
-from layerfold.checkpoints.folded import load_source, load_tokenizer
+from layerfold.checkpoints.folded import load_source
 from layerfold.methods.planner import Proxy
 from layerfold.core.report import markdown_table, parameter_breakdown
 
@@ -87,6 +76,8 @@ PRUNE_ROWS = {  # the method's defaults: activation, heads and channels, min_kee
     "prune-activation-both-uncompensated": {"compensate": False},
 }
 SVD = {"allocation": "sensitivity", "whole": [0, -1]}
+# --quick (CI's smoke test): MiniLM at its middle budget, a uniform prune (exported and timed) and svd
+QUICK_ROWS = ("prune-activation-both-uniform", "svd")
 MODELS = {
     "minilm": {"budgets": (0.83, 0.67, 0.5), "blocks_only": True, "peer": "textpruner",  # fisher = activation there
                "rows": [r for r in PRUNE_ROWS if "fisher" not in r]},
@@ -165,33 +156,22 @@ def torch_pruning_row(original, calibration: Calibration, budget: Budget) -> tup
 
 
 # ---- rows ------------------------------------------------------------------------------------------------------
-def setup(name: str) -> dict:
-    task = minilm_setup() if name == "minilm" else smollm2_setup()
-    tokenizer = load_tokenizer(task["path"])
+def setup(name: str, quick: bool) -> Task:
+    """relax_forms' development task (tasks.DEV_TASKS) with the off-domain figure in place of its first-half one."""
+    task = DEV_TASKS[name](quick=quick)
     if name == "minilm":
-        what, off = off_domain_fidelity(tokenizer, 512)
-        key = "WikiText cosine (off-domain)"
-    else:
-        what, off = off_domain_perplexity(tokenizer, 4096)
-        key = "Shakespeare test ppl (off-domain)"
-    measure = task["measure"]
-
-    def measure_all(model, original) -> dict:
-        figures = measure(model, original)
-        figures.pop("WikiText cosine", None)  # relax_forms' first-half paragraphs: the off-domain one is below
-        figures.pop("Shakespeare dev ppl", None)
-        return {**figures, key: off(model, original)}
-
-    return {**task, "tokenizer": tokenizer, "measure": measure_all, "off_domain": what}
+        return task.keeping("STS-B dev", "STS-B test", **{"WikiText cosine (off-domain)": task.off_domain[1]})
+    return task.keeping("WikiText dev ppl", "WikiText test ppl", **{"Shakespeare test ppl (off-domain)":
+                                                                    task.off_domain[1]})  # fmt: skip
 
 
 RUNTIME_TRIES = 3
 
 
-def best_runtime(path: Path, inputs: dict) -> dict:
+def best_runtime(path: Path, inputs: dict, quick: bool) -> dict:
     """The best of RUNTIME_TRIES fresh-process measurements (one run varied by up to 30 % here): the highest
-    throughputs, the lowest memory."""
-    tries = [runtime_cost(path, **inputs) for _ in range(RUNTIME_TRIES)]
+    throughputs, the lowest memory (--quick: one, with the quick protocol)."""
+    tries = [runtime_cost(path, quick=quick, **inputs) for _ in range(1 if quick else RUNTIME_TRIES)]
     best = dict(tries[0])
     for key in ("decode_tokens_per_second", "prefill_tokens_per_second", "sentences_per_second"):
         if key in best:
@@ -200,47 +180,36 @@ def best_runtime(path: Path, inputs: dict) -> dict:
     return best
 
 
-def export_runtime(model, task: dict, work: Path, inputs: dict) -> dict:
+def export_runtime(model, task: Task, work: Path, quick: bool) -> dict:
     """Save, export to the plain architecture, and measure the export's and the original's run-time cost, each
     the best of three fresh processes, one after the other (so that both see the machine in the same state)."""
     folded, plain = work / "folded", work / "plain"
-    layerfold.save(model, folded, source=task["path"], overwrite=True)
+    layerfold.save(model, folded, source=task.path, overwrite=True)
     layerfold.export(folded, plain, overwrite=True)
-    runtime = best_runtime(plain, inputs)
-    original = best_runtime(task["path"], inputs)
+    runtime = best_runtime(plain, task.runtime_inputs, quick)
+    original = best_runtime(task.path, task.runtime_inputs, quick)
     runtime["ratios"] = ratios_to(runtime, original)
     runtime["original"] = {k: v for k, v in original.items() if k in RUNTIME_KEYS}
     return runtime
 
 
-def runtime_inputs(name: str, task: dict) -> dict:
-    if name == "minilm":
-        test = read_sts(DATA / "stsbenchmark" / "sts-test.csv")
-        return {"texts": [s for p in test for s in (p.first, p.second)]}
-    from layerfold.core.texts import wikitext_half
-    from layerfold.evaluation.metrics import tokenize_text
-
-    second = wikitext_half(DATA / "wikitext-2-raw" / "wiki.test.raw", "second")
-    return {"token_ids": tokenize_text(task["tokenizer"], second, 1024).flatten().tolist()}
-
-
-def run(name: str, budgets, wanted: list[str] | None, work: Path) -> dict:
+def run(name: str, budgets, wanted: list[str] | None, work: Path, quick: bool = False) -> dict:
     spec = MODELS[name]
-    task = setup(name)
-    original = load_source(task["path"], dtype=torch.float32)
-    batches = calibration_batches(original, task["tokenizer"], task["calibration"], tokens=task["tokens"])
-    calibration = Calibration(original, batches, {"data": task["what"]}, mask_token_id=task["tokenizer"].mask_token_id)
+    task = setup(name, quick)
+    tokenizer = task.tokenizer
+    original = load_source(task.path, dtype=torch.float32)
+    batches = calibration_batches(original, tokenizer, task.calibration, tokens=task.tokens)
+    calibration = Calibration(original, batches, {"data": task.calibration_text}, mask_token_id=tokenizer.mask_token_id)
     calibration.statistics()
     base = parameter_breakdown(original)
-    inputs = runtime_inputs(name, task)
-    rows = [{"budget": 1.0, "row": "original", **task["measure"](original, original),
-             "runtime": best_runtime(task["path"], inputs)}]  # fmt: skip
+    rows = [{"budget": 1.0, "row": "original", **task.figures(original, original),
+             "runtime": best_runtime(task.path, task.runtime_inputs, quick)}]  # fmt: skip
     names = [*spec["rows"], "svd", "auto", spec["peer"]]
     names = [n for n in names if wanted is None or n in wanted]
     prepared = analysis = proxy = None
     for keep in budgets:
         budget = Budget(keep, blocks_only=spec["blocks_only"])
-        for row_name in tqdm(names, desc=f"{task['model']} {keep:g}", unit="row"):
+        for row_name in tqdm(names, desc=f"{task.model} {keep:g}", unit="row"):
             start = time.perf_counter()
             row = {"budget": keep, "row": row_name}
             try:
@@ -253,7 +222,7 @@ def run(name: str, budgets, wanted: list[str] | None, work: Path) -> dict:
                     row["detail"] = "sensitivity ranks, ends whole"
                 elif row_name == "auto":
                     if prepared is None:
-                        prepared = prepare(task["path"], task["calibration"], tokens=task["tokens"])
+                        prepared = prepare(task.path, task.calibration, tokens=task.tokens)
                         analysis = planning_analysis(prepared, progress=False)
                         proxy = Proxy(prepared.model, prepared.proxy_batches)
                     _, result = plan_for_budget(prepared, budget, analysis=analysis, proxy=proxy, refit=calibration,
@@ -261,7 +230,7 @@ def run(name: str, budgets, wanted: list[str] | None, work: Path) -> dict:
                     model = result.best_model
                     row["detail"] = f"{result.best.name}: {result.best.plan.describe()}"
                 elif row_name == "textpruner":
-                    model, row["detail"], row["kept (masks)"] = textpruner_row(original, task["tokenizer"], budget)
+                    model, row["detail"], row["kept (masks)"] = textpruner_row(original, tokenizer, budget)
                 else:
                     model, row["detail"], row["kept (masks)"] = torch_pruning_row(original, calibration, budget)
             except (LayerfoldError, ImportError) as err:
@@ -277,31 +246,23 @@ def run(name: str, budgets, wanted: list[str] | None, work: Path) -> dict:
                 fractions["keep"] = (base["total"] - removed) / base["total"]
             row.update({k: round(v, 4) for k, v in fractions.items()})
             with torch.no_grad():
-                row.update(task["measure"](model, original))
+                row.update(task.figures(model, original))
             if row_name.endswith("uniform"):
-                row["runtime"] = export_runtime(model, task, work / row_name, inputs)
+                row["runtime"] = export_runtime(model, task, work / row_name, quick)
             rows.append(row)
             tqdm.write(str({k: v for k, v in row.items() if k != "runtime"}))
             del model
-    return {"model": task["model"], "calibration": task["what"], "off_domain": task["off_domain"],
+    return {"model": task.model, "calibration": task.calibration_text, "off_domain": task.off_domain[0],
             "budget_counts": "blocks" if spec["blocks_only"] else "all", "rows": rows}  # fmt: skip
 
 
 def merged(old: list[dict], new: list[dict]) -> list[dict]:
     """``new``'s rows over ``old``'s, by model, budget and row, each row keeping the date it was measured."""
     today = datetime.date.today().isoformat()
-    results = {r["model"]: {**r, "rows": list(r["rows"])} for r in old}
-    for result in new:
-        target = results.setdefault(result["model"], {**result, "rows": []})
-        index = {(row["budget"], row["row"]): n for n, row in enumerate(target["rows"])}
-        for row in result["rows"]:
-            row = {**row, "measured": today}
-            if (row["budget"], row["row"]) in index:
-                target["rows"][index[row["budget"], row["row"]]] = row
-            else:
-                target["rows"].append(row)
-        target["rows"].sort(key=lambda row: (-row["budget"], row["row"] != "original"))
-    return list(results.values())
+    results = merge_models(old, new, key=lambda row: (row["budget"], row["row"]), stamp=lambda row: {"measured": today})
+    for result in results:
+        result["rows"].sort(key=lambda row: (-row["budget"], row["row"] != "original"))
+    return results
 
 
 def fmt(value) -> str:
@@ -333,25 +294,25 @@ def render(results: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="minilm,smollm2")
+    parser = bench_parser(__doc__, models="minilm,smollm2; --quick: minilm")
     parser.add_argument("--budgets", default=None, help="comma-separated fractions (default: each model's)")
     parser.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
     parser.add_argument("--merge", action="store_true", help="replace rows of results/width.json by model, budget "
                         "and row instead of starting it again")  # fmt: skip
     args = parser.parse_args()
-    wanted = args.rows.split(",") if args.rows else None
+    wanted = args.rows.split(",") if args.rows else list(QUICK_ROWS) if args.quick else None
     results = []
+    CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as work:
-        for name in args.models.split(","):
+        for name in (args.models or ("minilm" if args.quick else "minilm,smollm2")).split(","):
             budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else MODELS[name]["budgets"]
-            results.append(run(name, budgets, wanted, Path(work)))
+            results.append(run(name, budgets[1:2] if args.quick and not args.budgets else budgets, wanted, Path(work),
+                               args.quick))  # fmt: skip
     if args.merge and (RESULTS / "width.json").exists():
         results = merged(json.loads((RESULTS / "width.json").read_text())["results"], results)
     peers = {n: importlib.util.find_spec(m) is not None for n, m in (("textpruner", "textpruner"),
                                                                       ("torch-pruning", "torch_pruning"))}  # fmt: skip
-    path = write_results("width", {"results": results, "peers_installed": peers},
-                         render(results))  # fmt: skip
+    path = write_results("width", {"results": results, "peers_installed": peers}, render(results), quick=args.quick)
     print(render(results))
     print(f"wrote {path}")
 

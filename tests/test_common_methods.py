@@ -69,6 +69,6 @@ def test_every_method_on_every_family(name, family, tmp_path):
         source, streamed, lambda skeleton: method.streamed_plan(skeleton, BUDGET, **options), calibration=batches,
         progress=False,
     )  # fmt: skip
-    streamed_plan = FoldPlan.from_dict(report["plan"])
+    streamed_plan = FoldPlan.from_dict(report["plan"].to_dict())  # the plan as saved
     memory = in_memory_fold(source, streamed_plan, tmp_path / "memory", batches if streamed_plan.whitens() else None)
     assert_same_checkpoint(streamed, memory)

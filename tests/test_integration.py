@@ -65,7 +65,7 @@ def test_low_rank_fold_of_minilm_is_smaller_on_disk_and_in_parameters(minilm, tm
 def test_demo_command_prints_its_table():
     # A short heal: CI runs the README's `make demo` (30 steps) right after the tests.
     result = subprocess.run(
-        [sys.executable, "-m", "layerfold.cli.commands", "demo", "--heal-steps", "3", "--json"],
+        [sys.executable, "-m", "layerfold", "demo", "--heal-steps", "3", "--json"],
         capture_output=True,
         text=True,
         env=dict(os.environ, HF_HUB_OFFLINE="1"),

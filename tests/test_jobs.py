@@ -12,6 +12,7 @@ from conftest import build_tiny, save_tiny_with_tokenizer
 
 import layerfold
 from layerfold.cli import generate
+from layerfold.core.settings import options_of
 from layerfold.cli.commands import COMMANDS, RUNNERS, _named, load_command, main
 
 
@@ -20,7 +21,7 @@ def test_every_settings_field_is_an_option_whose_default_the_dataclass_states(na
     load_command(name)
     command = COMMANDS[name]
     parameters = RUNNERS[name].__signature__.parameters
-    for flag in generate.flags(_named(command.settings), command.changes):
+    for flag in options_of(_named(command.settings), command.changes):
         assert flag.name in parameters, f"{name}: {flag.name} has no option"
         default = flag.field.default
         typer_default = parameters[flag.name].default.default
@@ -34,7 +35,7 @@ def test_every_settings_field_is_an_option_whose_default_the_dataclass_states(na
 def test_one_calibration_default_for_every_command_that_calibrates():
     defaults = set()
     for name in ("fold", "analyze", "plan", "compress"):
-        for flag in generate.flags(_named(COMMANDS[name].settings)):
+        for flag in options_of(_named(COMMANDS[name].settings)):
             if flag.name == "calib_tokens":
                 defaults.add(flag.field.default)
     assert len(defaults) == 1

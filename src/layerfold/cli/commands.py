@@ -8,17 +8,18 @@ A command's settings (and with them torch) load only when that command runs or s
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import json
 import os
 import sys
 from dataclasses import dataclass, field
+from pkgutil import resolve_name as _named  # "module:name" -> the object
 from typing import Any, Callable
 
 import typer
 
 from ..core.errors import LayerfoldError
+from ..core.quiet import quietly
 from .entry import stop
 
 app = typer.Typer(
@@ -46,11 +47,11 @@ class Command:
 def _method_flags() -> dict[str, tuple[inspect.Parameter, Callable[[Any], Any]]]:
     """Every registered method's options as ``fold`` flags, each with its parser; the tie options' flags are
     fold's own (``TieSettings``) and reach the tie methods."""
+    from ..core.settings import options_of
     from ..jobs.settings import TieSettings
     from ..methods import registry
-    from .generate import flags
 
-    own = {flag.name for flag in flags(TieSettings)}
+    own = {flag.name for flag in options_of(TieSettings)}
     found = {}
     for name, (annotation, text, parse) in registry.option_flags().items():
         if name not in own:
@@ -90,11 +91,6 @@ COMMANDS = {
     "demo": Command("Compress the embedded default model (all-MiniLM-L6-v2) with pydoc text and show the cost.",
                     "layerfold.jobs.demo:run_demo_command", "layerfold.jobs.settings:DemoSettings"),
 }  # fmt: skip
-
-
-def _named(path: str) -> Any:
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def _runner(name: str) -> Callable[..., None]:
@@ -160,45 +156,13 @@ def _options(
     # --quiet is acted on by main, which must silence stderr before the app starts.
 
 
-class _QuietStderr:
-    """stderr while --quiet: nothing is written until the app returns (``main`` prints errors afterwards)."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
-
-
-def _silence_libraries() -> None:
-    """Library progress bars and warnings off (those that write to the real stderr, not sys.stderr)."""
-    import logging
-    import warnings
-
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
-    warnings.simplefilter("ignore")
-    logging.disable(logging.WARNING)
-    if "transformers" in sys.modules:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
         command_at = next((i for i, a in enumerate(args) if not a.startswith("-")), len(args))
         if command_at < len(args) and args[command_at] in COMMANDS:
             load_command(args[command_at])
-        quiet = any(a in ("--quiet", "-q") for a in args[:command_at])
-        with contextlib.redirect_stderr(_QuietStderr()) if quiet else contextlib.nullcontext():
-            if quiet:
-                _silence_libraries()
+        with quietly(any(a in ("--quiet", "-q") for a in args[:command_at])):
             result = app(args=args, prog_name="layerfold", standalone_mode=False)
     except LayerfoldError as err:
         typer.echo(f"layerfold: error: {err}", err=True)
@@ -220,7 +184,3 @@ def main(argv: list[str] | None = None) -> int:
         line, result = stop()
         typer.echo(line, err=True)
     return result if isinstance(result, int) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

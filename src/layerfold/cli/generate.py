@@ -1,7 +1,7 @@
 """A command's options, generated from its job's settings dataclass (``core.settings.setting``).
 
-Each field with CLI metadata is an option (a field whose type is a dataclass is a group: its fields are options
-too); its help is the metadata's, with the field's default appended, so that every default is stated once, in the
+Each field with CLI metadata is an option (``core.settings.options_of``; a field whose type is a dataclass is a
+group: its fields are options too); its help is the metadata's, with the field's default appended, so that every default is stated once, in the
 dataclass. What the command line gives is turned back into the settings (``settings_from``): an option not given
 keeps the dataclass's default.
 """
@@ -11,47 +11,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
-from dataclasses import dataclass
 from enum import Enum
 from functools import cache
 from typing import Any, Optional
 
 import typer
 
-from ..core.settings import build_settings, present_type
-
-
-@dataclass
-class Flag:
-    """One option: where its value goes in the settings (``path``), its field and its metadata."""
-
-    path: tuple[str, ...]
-    field: dataclasses.Field
-    hint: Any
-    meta: dict
-
-    @property
-    def name(self) -> str:
-        return self.path[-1]
-
-
-def _is_settings(hint: Any) -> bool:
-    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
-
-
-def flags(settings: type, changes: dict | None = None, path: tuple[str, ...] = ()) -> list[Flag]:
-    """The options of a settings dataclass, its groups' flattened in; ``changes`` overrides metadata by field
-    name (a command's own help for a shared option)."""
-    found = []
-    hints = typing.get_type_hints(settings)
-    for item in dataclasses.fields(settings):
-        hint = hints[item.name]
-        if _is_settings(hint):
-            found += flags(hint, changes, path + (item.name,))
-        elif "cli" in item.metadata:
-            meta = {**item.metadata["cli"], **(changes or {}).get(item.name, {})}
-            found.append(Flag(path + (item.name,), item, hint, meta))
-    return found
+from ..core.settings import Option, build_settings, options_of, present_type
 
 
 @cache
@@ -66,27 +32,9 @@ def _choices(meta: dict) -> tuple[str, ...] | None:
     return tuple(choices) if choices is not None else None
 
 
-def _default(flag: Flag) -> Any:
-    if flag.field.default is not dataclasses.MISSING:
-        return flag.field.default
-    if flag.field.default_factory is not dataclasses.MISSING:
-        return flag.field.default_factory()
-    return dataclasses.MISSING
-
-
-def _default_text(flag: Flag, default: Any) -> str:
-    if flag.meta["default_text"] is not None:
-        return flag.meta["default_text"]
-    if default is None or default is dataclasses.MISSING or default is False or default == []:
-        return ""
-    if isinstance(default, (list, tuple)):
-        return ",".join(str(v) for v in default)
-    return "on" if default is True else f"{default:,}" if isinstance(default, int) and default >= 10**4 else str(default)
-
-
-def parameter(flag: Flag) -> inspect.Parameter:
+def parameter(flag: Option) -> inspect.Parameter:
     """The typer parameter of one option."""
-    meta, default = flag.meta, _default(flag)
+    meta, default = flag.meta, flag.default
     kind = present_type(flag.hint)
     choices = _choices(meta)
     required = default is dataclasses.MISSING or meta.get("required", False)
@@ -99,7 +47,7 @@ def parameter(flag: Flag) -> inspect.Parameter:
     else:
         annotation = Optional[kind] if not (kind is bool and not meta["negatable"]) else bool
     help_text = meta["help"]() if callable(meta["help"]) else meta["help"]
-    shown = _default_text(flag, default)
+    shown = flag.default_text()
     if shown and not required:
         help_text += f" [default: {shown}]"
     help_text = help_text.replace("%", "%%")
@@ -116,16 +64,16 @@ def parameter(flag: Flag) -> inspect.Parameter:
 
 
 def signature(settings: type, changes: dict | None = None, extra: list[inspect.Parameter] = ()) -> inspect.Signature:
-    own = [parameter(flag) for flag in flags(settings, changes)]
+    own = [parameter(flag) for flag in options_of(settings, changes)]
     return inspect.Signature(own + list(extra))
 
 
 def settings_from(settings: type, values: dict, changes: dict | None = None) -> Any:
     """The settings the command line gives: each option's text parsed, an option not given left at its default."""
     given: dict[str, Any] = {}
-    for flag in flags(settings, changes):
+    for flag in options_of(settings, changes):
         value = values.pop(flag.name)
-        if value is None or (isinstance(value, list) and not value and _default(flag) is None):
+        if value is None or (isinstance(value, list) and not value and flag.default is None):
             continue
         if isinstance(value, Enum):
             value = value.value

@@ -4,6 +4,7 @@ the typed result of a job with its Markdown."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -146,7 +147,7 @@ class Report(Mapping):
             if f.metadata.get("merged"):
                 out.update(value)
             elif value is not ABSENT and not f.metadata.get("hidden"):
-                out[f.name] = value
+                out[f.name] = value.to_dict() if hasattr(value, "to_dict") else value  # a typed part (plan, size)
         return out
 
     def to_json(self) -> str:
@@ -163,3 +164,15 @@ class Report(Mapping):
 
     def __len__(self) -> int:
         return len(self.to_dict())
+
+
+@dataclass(eq=False)
+class Size(Report):
+    """A model's size: its unique parameters by role (``parameter_breakdown``) and, for a folder, the bytes of
+    its weight files."""
+
+    parameters: dict[str, int]
+    bytes_on_disk: int | None = None
+
+    def markdown(self) -> str:
+        return markdown_table(["", "value"], [[k, human_count(v)] for k, v in self.parameters.items()])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import types
 import typing
-from dataclasses import MISSING, field, fields, is_dataclass
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from typing import Any, Callable
 
 from .errors import LayerfoldError
@@ -71,3 +71,54 @@ def build_settings(kind: type, given: dict[str, Any], where: str) -> Any:
     if missing:
         raise LayerfoldError(f"{where}: give {', '.join(missing)}")
     return kind(**values)
+
+
+@dataclass
+class Option:
+    """One option a settings dataclass declares: where its value goes (``path``: its groups' names, then its
+    own), its field, type hint and CLI metadata."""
+
+    path: tuple[str, ...]
+    field: Field
+    hint: Any
+    meta: dict
+
+    @property
+    def name(self) -> str:
+        return self.path[-1]
+
+    @property
+    def default(self) -> Any:
+        if self.field.default is not MISSING:
+            return self.field.default
+        if self.field.default_factory is not MISSING:
+            return self.field.default_factory()
+        return MISSING
+
+    def default_text(self) -> str:
+        """The default as the help states it ('' for none, off or empty)."""
+        default = self.default
+        if self.meta["default_text"] is not None:
+            return self.meta["default_text"]
+        if default is None or default is MISSING or default is False or default == []:
+            return ""
+        if isinstance(default, (list, tuple)):
+            return ",".join(str(v) for v in default)
+        if default is True:
+            return "on"
+        return f"{default:,}" if isinstance(default, int) and default >= 10**4 else str(default)
+
+
+def options_of(kind: type, changes: dict | None = None, path: tuple[str, ...] = ()) -> list[Option]:
+    """The options of a settings dataclass, its groups' flattened in; ``changes`` overrides metadata by field
+    name (a command's own help for a shared option)."""
+    found = []
+    hints = typing.get_type_hints(kind)
+    for item in fields(kind):
+        hint = hints[item.name]
+        if isinstance(hint, type) and is_dataclass(hint):
+            found += options_of(hint, changes, path + (item.name,))
+        elif "cli" in item.metadata:
+            meta = {**item.metadata["cli"], **(changes or {}).get(item.name, {})}
+            found.append(Option(path + (item.name,), item, hint, meta))
+    return found

@@ -45,8 +45,10 @@ class Context:
 
 
 def implementation(op: Operation) -> ModuleType:
-    """The ``build`` module beside an operation's ``spec``: how it builds, what it stores, how it computes."""
-    return importlib.import_module(type(op).__module__.rpartition(".")[0] + ".build")
+    """Where an operation's build functions are (how it builds, what it stores, how it computes): the ``build``
+    module beside its ``spec`` in an operation's folder, or the spec's own module for a one-file operation."""
+    package, _, leaf = type(op).__module__.rpartition(".")
+    return importlib.import_module(package + ".build" if leaf == "spec" else type(op).__module__)
 
 
 # ---- structure ------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from ..core.families import family_of
 from ..checkpoints.folded import weights_metadata, write_folded_config
 from ..checkpoints.output_guard import atomic_output_dir, check_output
 from ..operations.plan import FoldPlan
-from ..core.report import parameter_breakdown, weight_bytes
+from ..core.report import Size, parameter_breakdown, weight_bytes
 from ..checkpoints.originals import concrete_class, source_config
 
 def _build(model_class, config, dtype: torch.dtype) -> nn.Module:
@@ -134,7 +134,7 @@ def stream_fold(
     folded = _build(model_class, config, dtype)
     layer_prefix = layer_prefixes(original, family)
     apply_structure(folded, plan, base_config=original.config.to_dict(), base_architecture=type(original).__name__)
-    before = {"parameters": parameter_breakdown(original), "bytes_on_disk": weight_bytes(source)}
+    before = Size(parameter_breakdown(original), weight_bytes(source))
     after_parameters = parameter_breakdown(folded)
     recipes, aliases = recipes_for(folded, plan, layer_prefix)
     originals = Originals(checkpoint.read, layer_prefix, plan, _Resolver(checkpoint, original))
@@ -183,10 +183,10 @@ def stream_fold(
         "model_type": config.model_type,
         "out": str(out),
         "dtype": str(dtype).removeprefix("torch."),
-        "plan": plan.to_dict(),
+        "plan": plan,
         "plan_summary": plan.describe(),
         "before": before,
-        "after": {"parameters": after_parameters, "bytes_on_disk": weight_bytes(out)},
+        "after": Size(after_parameters, weight_bytes(out)),
         "streamed": True,
         "units": len(units),
         "source_bytes": checkpoint.nbytes(),

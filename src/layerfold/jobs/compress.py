@@ -22,7 +22,8 @@ from ..core.families import family_of
 from ..checkpoints.folded import load, load_source, load_tokenizer, write_folded
 from ..checkpoints.output_guard import REPORT_HEADER, atomic_output_dir, check_output, write_files_atomically
 from ..methods.planner import PlanSearch, Proxy, parse_allow, search
-from ..core.report import ABSENT, Report, markdown_table, size_table
+from ..core.report import ABSENT, Report, Size, markdown_table, size_table
+from ..operations.plan import FoldPlan
 from ..core.texts import single_source
 from .settings import CALIB_TOKENS, AnalyzeSettings, CompressSettings, PlanSettings
 
@@ -204,7 +205,7 @@ def plan_model_dir(
     return PlanReport(
         model=str(model_dir),
         out=str(out),
-        plan=result.best.plan.to_dict(),
+        plan=result.best.plan,
         plan_summary=result.best.plan.describe(),
         search=result.to_dict(),
         analysis_seconds=analysis.seconds,
@@ -271,9 +272,9 @@ def compress_model_dir(
             model_type=prepared.model.config.model_type,
             out=str(out),
             data=prepared.data,
-            budget=budget.to_dict(),
+            budget=budget,
             **kept_fractions(before["parameters"], after["parameters"]),
-            plan=result.best.plan.to_dict(),
+            plan=result.best.plan,
             plan_summary=result.best.plan.describe(),
             search=result.to_dict(),
             proxy={"name": result.proxy_name, "tokens": result.proxy_tokens, **fidelity},
@@ -316,7 +317,7 @@ class PlanReport(Report):
 
     model: str
     out: str
-    plan: dict
+    plan: FoldPlan
     plan_summary: str
     search: dict
     analysis_seconds: dict
@@ -336,17 +337,17 @@ class CompressReport(Report):
     model_type: str
     out: str | None
     data: str
-    budget: dict
+    budget: Budget
     keep: float
     keep_blocks: float
-    plan: dict
+    plan: FoldPlan
     plan_summary: str
     search: dict
     proxy: dict
     heal: dict | None
     analysis_seconds: dict
-    before: dict
-    after: dict
+    before: Size
+    after: Size
     seconds: float
     explanation: str = ABSENT  # the search's explanation (in compress.md; not in compress.json)
 

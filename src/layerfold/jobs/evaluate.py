@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -20,12 +20,32 @@ from .settings import EvalSettings
 
 
 @dataclass(eq=False)
+class Score(Report):
+    """What a measurement gives: its task, metric and value, the settings it ran with and the task's own keys
+    (``details``: e.g. fidelity's ``min`` and ``reference``, lm-eval's ``accuracies``)."""
+
+    task: str
+    metric: str
+    value: float
+    settings: dict = field(default_factory=dict)
+    details: dict = merged()
+
+    @classmethod
+    def from_dict(cls, result: dict) -> Score:
+        own = {k: result[k] for k in ("task", "metric", "value", "settings") if k in result}
+        return cls(**own, details={k: v for k, v in result.items() if k not in own})
+
+    def markdown(self) -> str:
+        return f"{self.task}: {self.metric} {self.value}"
+
+
+@dataclass(eq=False)
 class EvalReport(Report):
     """``layerfold eval``: one measurement (``result``: task, metric, value, settings and the task's own keys)."""
 
     model: str
     data: str | None
-    result: dict = merged()
+    result: Score = merged()
 
     def markdown(self) -> str:
         result = self.to_dict()
@@ -86,5 +106,5 @@ def run_evaluate(settings: EvalSettings, *, progress: bool = True) -> EvalReport
     model = load_any(model_path)
     if measure.causal is not None:
         ev.require_kind(model, task, causal=measure.causal)
-    result = measure.run(model, settings)
+    result = Score.from_dict(measure.run(model, settings))
     return EvalReport(model=str(model_path), data=str(data) if data is not None else None, result=result)

@@ -25,16 +25,16 @@ from ..checkpoints.folded import (
 from ..methods import registry
 from ..checkpoints.output_guard import check_output
 from ..operations.plan import FoldPlan
-from ..core.report import ABSENT, Report, merged, parameter_breakdown, size_table, weight_bytes
+from ..core.report import ABSENT, Report, Size, merged, parameter_breakdown, size_table, weight_bytes
 from ..core.store import fold_state
 from ..folding.streamed import stream_fold
 from ..core.settings import build_settings
 from .settings import CALIB_TOKENS, FoldSettings
 
 
-def size_report(model, path: str | Path | None = None) -> dict:
+def size_report(model, path: str | Path | None = None) -> Size:
     """Unique parameters split by role, and the bytes of the weight files at ``path`` if given."""
-    return {"parameters": parameter_breakdown(model), "bytes_on_disk": weight_bytes(path) if path else None}
+    return Size(parameter_breakdown(model), weight_bytes(path) if path else None)
 
 
 @dataclass(eq=False)
@@ -44,13 +44,13 @@ class FoldReport(Report):
     model: str
     model_type: str
     out: str
-    plan: dict
+    plan: FoldPlan
     plan_summary: str
-    before: dict
-    after: dict
+    before: Size
+    after: Size
     seconds: float
     method: str = ABSENT  # a fold by a method at a budget
-    budget: dict = ABSENT
+    budget: Budget = ABSENT
     keep: float = ABSENT
     keep_blocks: float = ABSENT
     calibration: dict | None = ABSENT
@@ -63,8 +63,8 @@ class FoldReport(Report):
                 f"Plan: {self.plan_summary}",
                 *(
                     [
-                        f"Budget: {self.budget['fraction']:g} of the "
-                        f"{'block' if self.budget['counts'] == 'blocks' else 'unique'} parameters; kept "
+                        f"Budget: {self.budget.keep:g} of the "
+                        f"{'block' if self.budget.blocks_only else 'unique'} parameters; kept "
                         f"{self.keep:.1%} of all unique parameters and {self.keep_blocks:.1%} of the block "
                         "parameters."
                     ]
@@ -93,7 +93,7 @@ class FoldReport(Report):
         )
 
 
-def _card_figures(before: dict, folded) -> dict:
+def _card_figures(before: Size, folded) -> dict:
     """What a fold's model card states beside its own size: the original's size and the kept fractions."""
     fractions = kept_fractions(before["parameters"], parameter_breakdown(folded))
     return {
@@ -150,7 +150,7 @@ def fold_model_dir(
         model=str(model_dir),
         model_type=model.config.model_type,
         out=str(out),
-        plan=plan.to_dict(),
+        plan=plan,
         plan_summary=plan.describe(),
         before=before,
         after=after,
@@ -227,10 +227,10 @@ def fold_with_method(
         model_type=model.config.model_type,
         out=str(out),
         method=method,
-        budget=budget.to_dict(),
+        budget=budget,
         **kept_fractions(before["parameters"], after["parameters"]),
         calibration=calibration.settings if calibration is not None else None,
-        plan=plan.to_dict(),
+        plan=plan,
         plan_summary=plan.describe(),
         before=before,
         after=after,
@@ -295,7 +295,7 @@ def fold_streamed(
     }
     folded = FoldReport(**own, streaming=report)
     if budget is not None:
-        folded.method, folded.budget = method, budget.to_dict()
+        folded.method, folded.budget = method, budget
         fractions = kept_fractions(folded.before["parameters"], folded.after["parameters"])
         folded.keep, folded.keep_blocks = fractions["keep"], fractions["keep_blocks"]
     return folded

@@ -1,8 +1,9 @@
-"""The operations a fold plan is an ordered list of, one folder each: ``spec.py`` (the plan entry: a dataclass
-that checks itself), ``modules.py`` (the modules it puts in a model, if any) and ``build.py`` (how it builds
-them, which original tensors each stored tensor is computed from, and the computation; the engine finds it
-beside the spec). Registering an operation is one line here; the plan reads and writes every registered
-kind by its ``kind`` name."""
+"""The operations a fold plan is an ordered list of: each one file (the plan entry — a dataclass that checks and
+describes itself —, the modules it puts in a model, if any, and its build functions: how it builds them, which
+original tensors each stored tensor is computed from, and the computation), or, once it outgrows a file, a
+folder of ``spec.py``, ``modules.py`` and ``build.py`` (the engine finds ``build.py`` beside the spec).
+Registering an operation is one line here; the plan reads and writes every registered kind by its ``kind``
+name."""
 
 from __future__ import annotations
 

@@ -88,6 +88,13 @@ class Operation:
     def validate(self, family, layers, where: str) -> None:
         """Checks that need the model: ``family`` and its block list ``layers``."""
 
+    @classmethod
+    def example(cls, model: nn.Module) -> list["Operation"]:
+        """A small plan's operations that use this kind on a 4-layer model (calibrated where the kind can be, so
+        that its fitted path is tested too): what the common tester (tests/test_common_operations.py) folds,
+        saves, loads, exports and streams on every family layout."""
+        raise NotImplementedError(f"operation {cls.kind} has no example plan for the common tester")
+
     def to_dict(self) -> dict[str, Any]:
         data = {"op": self.kind}
         for f in fields(self):

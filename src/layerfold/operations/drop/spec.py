@@ -21,3 +21,7 @@ class Drop(Operation):
 
     def check(self, num_layers: int, where: str) -> None:
         check_layer_list(self.layers, num_layers, f"{where}.layers")
+
+    @classmethod
+    def example(cls, model) -> list[Operation]:
+        return [cls(layers=[3])]

@@ -58,3 +58,9 @@ class Factor(Operation):
                 f"{where}.rank: {self.rank} is larger than {self.projection} of "
                 f"{len(self.layers)} layer(s) allows (at most {limit})"
             )
+
+    @classmethod
+    def example(cls, model) -> list[Operation]:
+        from ...core.families import family_of
+
+        return [cls(layers=[0, 1], projection=family_of(model).projections[0], rank=4)]

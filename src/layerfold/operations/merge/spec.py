@@ -25,3 +25,9 @@ class Merge(Operation):
     def check(self, num_layers: int, where: str) -> None:
         check_layer(self.into, num_layers, f"{where}.into")
         check_layer_list(self.layers, num_layers, f"{where}.layers")
+
+    @classmethod
+    def example(cls, model) -> list[Operation]:
+        from ..drop.spec import Drop
+
+        return [cls(into=1, layers=[2]), Drop(layers=[2])]  # a merge needs the drop that removes the merged-away layer

@@ -21,3 +21,11 @@ class PruneChannels(Prune):
 
     def validate(self, family, layers, where: str) -> None:
         self.check_widths({i: channel_width(layers[i], family) for i in self.layers}, where)
+
+    @classmethod
+    def example(cls, model) -> list:
+        from ...core.families import family_of
+
+        family = family_of(model)
+        half = list(range(0, channel_width(family.layer_list(model)[0], family), 2))
+        return [cls(layers=[1, 3], keep=[half] * 2)]

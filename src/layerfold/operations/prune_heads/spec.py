@@ -23,3 +23,7 @@ class PruneHeads(Prune):
         self.check_widths({i: layout.heads for i, layout in layouts.items()}, where)
         for i in self.layers:
             kept_groups(self.kept(i), layouts[i], f"{where}.keep: layer {i}")
+
+    @classmethod
+    def example(cls, model) -> list:
+        return [cls(layers=[1], keep=[[0, 1]])]  # one whole key/value group under GQA

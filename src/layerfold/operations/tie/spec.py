@@ -152,6 +152,10 @@ class Tie(Operation):
         form_options = {k: v for k, v in data.items() if k in FORM_OPTION_NAMES}
         return super().from_dict({**own, "form_options": {**own.get("form_options", {}), **form_options}}, where)
 
+    @classmethod
+    def example(cls, model) -> list[Operation]:
+        return [cls(layers=[0, 2], rank=2, fit="lstsq", whiten=True)]
+
 
 def _per_projection(value: Any, projection: str, kind: str, default: Any) -> Any:
     """A tie setting for one projection: the value itself, or from a mapping by path, name or kind."""
