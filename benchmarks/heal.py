@@ -70,7 +70,7 @@ def heal_task(name: str, quick: bool, one_domain: bool = False) -> Task:
         return smollm2(quick, one_domain, eval_tokens=4096, tokens=32768, windows="")
     task = minilm(quick, one_domain)
     if quick:
-        task.heal = dataclasses.replace(task.heal, steps=10, eval_every=5, block_steps=20, seq_len=64)
+        task.heal = dataclasses.replace(task.heal, steps=5, eval_every=5, block_steps=10, seq_len=64)
     return task
 
 

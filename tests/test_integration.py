@@ -63,9 +63,10 @@ def test_low_rank_fold_of_minilm_is_smaller_on_disk_and_in_parameters(minilm, tm
 
 
 def test_demo_command_prints_its_table():
-    # A short heal: CI runs the README's `make demo` (30 steps) right after the tests.
+    # The quick demo (a quarter of the calibration and gate steps) and one heal step: CI runs the README's full
+    # `make demo` (30 steps) right after the tests.
     result = subprocess.run(
-        [sys.executable, "-m", "layerfold", "demo", "--heal-steps", "3", "--json"],
+        [sys.executable, "-m", "layerfold", "demo", "--quick", "--heal-steps", "1", "--json"],
         capture_output=True,
         text=True,
         env=dict(os.environ, HF_HUB_OFFLINE="1"),
@@ -75,7 +76,7 @@ def test_demo_command_prints_its_table():
     import json
 
     report = json.loads(result.stdout)
-    assert report["keep_blocks"] <= 0.5 and report["heal"]["steps"] == 3
+    assert report["keep_blocks"] <= 0.5 and report["heal"]["steps"] == 1
     assert report["after"]["parameters"]["total"] < report["before"]["parameters"]["total"]
     assert report["search"]["best"]["name"] == report["search"]["candidates"][0]["name"]
     assert 0 < report["held_out_cosine"]["mean"] < 1

@@ -246,5 +246,6 @@ class DemoSettings:
     out: Optional[Path] = setting(help="Keep the compressed model here.", default_text="a temporary folder")
     keep_blocks: float = setting(0.5, help="Fraction of the block parameters to keep.")
     heal_steps: int = setting(30, help="Distillation steps after folding.")
+    quick: bool = setting(False, help="A faster demo: a quarter of the calibration tokens and of the gates' steps.")
     overwrite: bool = setting(False, help="Replace --out if it exists.")
     json: bool = setting(False, help="Print the report as one JSON object.")
