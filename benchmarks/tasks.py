@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -64,7 +65,7 @@ class Task:
         if self.heal_data is None:
             self.heal_data = self.calibration
 
-    @property
+    @cached_property
     def tokenizer(self):
         return load_tokenizer(self.path)
 
@@ -110,8 +111,8 @@ def wikitext_test(model: str, path: Path, *, eval_tokens: int, tokens: int, one_
     """A causal LM on WikiText-2 (second half) perplexity, calibrated and healed on the first half (and pydoc
     paragraphs); the run-time prompt is the first 1,024 tokens of the second half (only timed)."""
     tokenizer = load_tokenizer(path)
-    ids = tokenize_text(tokenizer, wikitext_half(WIKITEXT, "second"), eval_tokens)
-    runtime_ids = tokenize_text(tokenizer, wikitext_half(WIKITEXT, "second"), 1024)
+    ids = tokenize_text(tokenizer, wikitext_half(WIKITEXT, "second"))  # the whole half, tokenized once
+    runtime_ids, ids = ids[:1024], ids[:eval_tokens]
     first_half = written_text("wikitext-2-test-first-half.txt", wikitext_half(WIKITEXT, "first"))
     source, what = calibration_data(first_half, "WikiText-2 test, first half", one_domain=one_domain)
     return Task(
